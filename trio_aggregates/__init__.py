@@ -1,0 +1,115 @@
+"""trio_aggregates: a nursery-owning aggregate registry and event-sourced aggregates for Trio."""
+
+import contextlib
+
+from ._exceptions import (
+    AggregateCrashed as AggregateCrashed,
+)
+from ._exceptions import (
+    AggregateDeclined as AggregateDeclined,
+)
+from ._exceptions import (
+    AggregateGone as AggregateGone,
+)
+from ._exceptions import (
+    AggregateNotFound as AggregateNotFound,
+)
+from ._exceptions import (
+    AggregateStartError as AggregateStartError,
+)
+from ._exceptions import (
+    AlreadyExists as AlreadyExists,
+)
+from ._exceptions import (
+    CallAlreadyAnswered as CallAlreadyAnswered,
+)
+from ._exceptions import (
+    CallTimeout as CallTimeout,
+)
+from ._exceptions import (
+    CommandRejected as CommandRejected,
+)
+from ._exceptions import (
+    ConcurrencyConflict as ConcurrencyConflict,
+)
+from ._exceptions import (
+    EventDecodeError as EventDecodeError,
+)
+from ._exceptions import (
+    InvalidKey as InvalidKey,
+)
+from ._exceptions import (
+    KeyAlreadyRegistered as KeyAlreadyRegistered,
+)
+from ._exceptions import (
+    RegistryClosed as RegistryClosed,
+)
+from ._exceptions import (
+    StoreError as StoreError,
+)
+from ._exceptions import (
+    StreamDeleted as StreamDeleted,
+)
+from ._exceptions import (
+    TrioAggregatesError as TrioAggregatesError,
+)
+from ._exceptions import (
+    UnknownCommand as UnknownCommand,
+)
+from ._exceptions import (
+    UnknownEventType as UnknownEventType,
+)
+from ._exceptions import (
+    WrongExpectedVersion as WrongExpectedVersion,
+)
+from ._registry import (
+    AggregateFunction as AggregateFunction,
+)
+from ._registry import (
+    Call as Call,
+)
+from ._registry import (
+    Mailbox as Mailbox,
+)
+from ._registry import (
+    Registry as Registry,
+)
+from ._registry import (
+    RegistryStatistics as RegistryStatistics,
+)
+from ._registry import (
+    open_registry as open_registry,
+)
+from ._store import (
+    EventStore as EventStore,
+)
+from ._store import (
+    InMemoryEventStore as InMemoryEventStore,
+)
+from ._store import (
+    NewEvent as NewEvent,
+)
+from ._store import (
+    RecordedEvent as RecordedEvent,
+)
+from ._store import (
+    Snapshot as Snapshot,
+)
+from ._store import (
+    read_stream as read_stream,
+)
+
+__version__ = "0.1.0"
+
+
+def _fix_module_names() -> None:
+    # Show public names as trio_aggregates.X (as trio does), not trio_aggregates._module.X.
+    prefix = __name__ + "._"
+    for name, value in list(globals().items()):
+        if not name.startswith("_") and getattr(value, "__module__", "").startswith(prefix):
+            with contextlib.suppress(AttributeError, TypeError):
+                value.__module__ = __name__
+
+
+_fix_module_names()
+del _fix_module_names

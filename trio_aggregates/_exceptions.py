@@ -1,0 +1,208 @@
+"""The library's exception hierarchy.
+
+Every error a public call raises is a :class:`TrioAggregatesError`. Where the
+meaning matches a builtin or a Trio exception, the class subclasses that too
+(:class:`InvalidKey` is a :class:`TypeError`, :class:`CallTimeout` is a
+:class:`trio.TooSlowError`), so existing ``except`` clauses keep working.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+__all__ = [
+    "AggregateCrashed",
+    "AggregateDeclined",
+    "AggregateGone",
+    "AggregateNotFound",
+    "AggregateStartError",
+    "AlreadyExists",
+    "CallAlreadyAnswered",
+    "CallTimeout",
+    "CommandRejected",
+    "ConcurrencyConflict",
+    "EventDecodeError",
+    "InvalidKey",
+    "KeyAlreadyRegistered",
+    "RegistryClosed",
+    "StoreError",
+    "StreamDeleted",
+    "TrioAggregatesError",
+    "UnknownCommand",
+    "UnknownEventType",
+    "WrongExpectedVersion",
+]
+
+
+class TrioAggregatesError(Exception):
+    """The root of every error raised by trio_aggregates."""
+
+
+class InvalidKey(TrioAggregatesError, TypeError):
+    """Raised by every registry call given a key that cannot be a dict key.
+
+    Keys must be hashable; an unhashable key (a list, a dict) is refused before
+    anything else happens, and the registry is unchanged.
+    """
+
+
+class KeyAlreadyRegistered(TrioAggregatesError):
+    """Raised by :meth:`Registry.register` when the key already has a live aggregate.
+
+    Attributes:
+        key: the key that was asked for.
+        existing: the send end of the aggregate already registered under it.
+    """
+
+    def __init__(self, key: Any, existing: trio.MemorySendChannel[Any]) -> None:
+        super().__init__(f"key {key!r} is already registered")
+        self.key = key
+        self.existing = existing
+
+
+class AggregateDeclined(TrioAggregatesError):
+    """Raised when the aggregate function returned without calling ``task_status.started()``.
+
+    This is the Trio form of ``init/1`` returning ``:ignore``: nothing was
+    registered and nothing was logged. ``key`` is the key asked for.
+    """
+
+    def __init__(self, key: Any) -> None:
+        super().__init__(f"aggregate {key!r} declined to start")
+        self.key = key
+
+
+class AggregateStartError(TrioAggregatesError):
+    """Raised when an aggregate's start-up raised (``init/1`` returning ``{:stop, reason}``).
+
+    The exception raised by the start-up is the ``__cause__``. Nothing was
+    registered; the registry and its other aggregates carry on.
+    """
+
+    def __init__(self, key: Any, reason: BaseException | None = None) -> None:
+        super().__init__(f"aggregate {key!r} failed to start: {reason!r}")
+        self.key = key
+        self.reason = reason
+
+
+class AggregateCrashed(TrioAggregatesError):
+    """The answer to a call whose aggregate raised while the call was in its hands.
+
+    The exception the aggregate raised is the ``__cause__``. The aggregate has
+    ended; the next message to its key activates a fresh one.
+    """
+
+    def __init__(self, key: Any, reason: BaseException | None = None) -> None:
+        super().__init__(f"aggregate {key!r} crashed: {reason!r}")
+        self.key = key
+        self.reason = reason
+
+
+class AggregateGone(TrioAggregatesError):
+    """The aggregate ended before it answered the call.
+
+    :meth:`Registry.call` re-routes a call once to a fresh activation when the
+    aggregate ended before taking it; this error means that did not help (or
+    that the aggregate took the call and returned without answering it).
+    """
+
+    def __init__(self, key: Any, detail: str = "ended before answering") -> None:
+        super().__init__(f"aggregate {key!r} {detail}")
+        self.key = key
+
+
+class RegistryClosed(TrioAggregatesError):
+    """The registry is shutting down or has shut down.
+
+    Raised by calls made after the registry's ``async with`` block ended, and
+    the answer to every call still queued in a mailbox at shutdown.
+    """
+
+
+class CallTimeout(TrioAggregatesError, trio.TooSlowError):
+    """Raised by :meth:`Registry.call` when no answer came within ``timeout``."""
+
+
+class CallAlreadyAnswered(TrioAggregatesError, RuntimeError):
+    """Raised by :meth:`Call.reply` / :meth:`Call.fail` on a call already answered."""
+
+
+# -- event sourcing ---------------------------------------------------------
+
+
+class AggregateNotFound(TrioAggregatesError, LookupError):
+    """An existing aggregate was asked for, but its stream has no events."""
+
+    def __init__(self, key: Any) -> None:
+        super().__init__(f"aggregate {key!r} does not exist")
+        self.key = key
+
+
+class AlreadyExists(TrioAggregatesError):
+    """A new aggregate was asked for, but its stream already has events."""
+
+    def __init__(self, key: Any) -> None:
+        super().__init__(f"aggregate {key!r} already exists")
+        self.key = key
+
+
+class UnknownCommand(TrioAggregatesError):
+    """The aggregate has no handler for this command (or the server no route for it)."""
+
+
+class CommandRejected(TrioAggregatesError):
+    """Base class for domain errors: a command handler refused the command.
+
+    Subclass it for your domain's errors. A rejected command leaves the
+    aggregate alive and unchanged; the caller gets the error itself.
+    """
+
+
+class WrongExpectedVersion(TrioAggregatesError):
+    """A command carried an expected version that the aggregate is not at."""
+
+    def __init__(self, key: Any, expected: int, actual: int) -> None:
+        super().__init__(f"aggregate {key!r} is at version {actual}, not {expected}")
+        self.key = key
+        self.expected = expected
+        self.actual = actual
+
+
+class StoreError(TrioAggregatesError):
+    """The event store failed (connection lost, disk error, ...).
+
+    The driver's own exception is the ``__cause__``.
+    """
+
+
+class ConcurrencyConflict(StoreError):
+    """An append's expected version did not match the stream's version.
+
+    Raised by stores when another writer appended first; the aggregate runtime
+    retries a bounded number of times before answering with it.
+    """
+
+    def __init__(self, stream: str, expected: int, actual: int | None = None) -> None:
+        detail = "" if actual is None else f", stream is at {actual}"
+        super().__init__(f"stream {stream!r}: expected version {expected}{detail}")
+        self.stream = stream
+        self.expected = expected
+        self.actual = actual
+
+
+class StreamDeleted(StoreError):
+    """The stream was soft-deleted (tombstoned) and cannot be appended to."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(f"stream {stream!r} is deleted")
+        self.stream = stream
+
+
+class EventDecodeError(StoreError):
+    """A stored event could not be decoded (bad data, wrong shape)."""
+
+
+class UnknownEventType(EventDecodeError):
+    """A stored event names a type that no event class is registered under."""
