@@ -2,6 +2,33 @@
 
 import contextlib
 
+from ._aggregate import (
+    NO_REPLY as NO_REPLY,
+)
+from ._aggregate import (
+    Aggregate as Aggregate,
+)
+from ._aggregate import (
+    Decision as Decision,
+)
+from ._aggregate import (
+    applies as applies,
+)
+from ._aggregate import (
+    handles as handles,
+)
+from ._codec import (
+    EventCodec as EventCodec,
+)
+from ._codec import (
+    Upcaster as Upcaster,
+)
+from ._codec import (
+    event_type as event_type,
+)
+from ._codec import (
+    type_name_of as type_name_of,
+)
 from ._exceptions import (
     AggregateCrashed as AggregateCrashed,
 )
@@ -79,6 +106,15 @@ from ._registry import (
 )
 from ._registry import (
     open_registry as open_registry,
+)
+from ._repository import (
+    AggregateRepository as AggregateRepository,
+)
+from ._repository import (
+    StoredEvent as StoredEvent,
+)
+from ._repository import (
+    open_aggregates as open_aggregates,
 )
 from ._store import (
     EventStore as EventStore,

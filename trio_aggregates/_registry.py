@@ -607,12 +607,13 @@ class Registry:
                 return await self._activate(key, fn, idle)
             await pending.done.wait()
 
-    async def ensure(self, key: Hashable) -> SendEnd:
+    async def ensure(self, key: Hashable, aggregate: AggregateFunction | None = None) -> SendEnd:
         """Return the live aggregate's send end for ``key``, activating it if needed.
 
         Many tasks ensuring the same key at once produce exactly one activation
-        (with the registry's default aggregate function) and all get the same
-        send end. A checkpoint even when the aggregate is live.
+        and all get the same send end. The activation runs ``aggregate``, or
+        the registry's default aggregate function. A checkpoint even when the
+        aggregate is live.
 
         Cancellation: as :meth:`register`; a waiter that is cancelled does not
         disturb the others.
@@ -631,9 +632,10 @@ class Registry:
             self._check_open()
             pending = self._starting.get(key)
             if pending is None:
-                if self._aggregate is None:
+                fn = aggregate if aggregate is not None else self._aggregate
+                if fn is None:
                     raise AggregateNotFound(key)
-                return await self._activate(key, self._aggregate, self._idle_timeout)
+                return await self._activate(key, fn, self._idle_timeout)
             await pending.done.wait()
             error = pending.error
             if error is not None:
@@ -776,10 +778,18 @@ class Registry:
 
     # -- calls --
 
-    async def call(self, key: Hashable, message: Any, *, timeout: float | None = None) -> Any:
+    async def call(
+        self,
+        key: Hashable,
+        message: Any,
+        *,
+        timeout: float | None = None,
+        aggregate: AggregateFunction | None = None,
+    ) -> Any:
         """Send ``message`` to the aggregate under ``key`` and return its answer.
 
-        Activates the aggregate if needed (:meth:`ensure`), puts a :class:`Call`
+        Activates the aggregate if needed (:meth:`ensure`, with ``aggregate``
+        or the default aggregate function), puts a :class:`Call`
         in its mailbox (waiting while the mailbox is full), and waits for the
         aggregate's :meth:`Call.reply` or :meth:`Call.fail`. If the aggregate
         ended before taking the call, the call is re-routed once to a fresh
@@ -798,16 +808,16 @@ class Registry:
             Whatever exception the aggregate answered with via :meth:`Call.fail`.
         """
         if timeout is None:
-            return await self._call(key, message)
+            return await self._call(key, message, aggregate)
         with trio.move_on_after(timeout):
-            return await self._call(key, message)
+            return await self._call(key, message, aggregate)
         raise CallTimeout(f"no answer from {key!r} within {timeout} seconds")
 
-    async def _call(self, key: Any, message: Any) -> Any:
+    async def _call(self, key: Any, message: Any, aggregate: AggregateFunction | None) -> Any:
         for _ in range(2):
             send = self.get(key)
             if send is None:
-                send = await self.ensure(key)
+                send = await self.ensure(key, aggregate)
             call = Call(message)
             try:
                 try:

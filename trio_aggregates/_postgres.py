@@ -1,0 +1,652 @@
+"""The PostgreSQL event store.
+
+Driver: psycopg 3's *synchronous* API, run in worker threads with
+:func:`trio.to_thread.run_sync`. psycopg's ``AsyncConnection`` cannot be used
+under Trio: psycopg 3.3 waits on its sockets with asyncio (its ``waiting``
+module calls ``asyncio.get_running_loop()``; under Trio connecting fails with
+``RuntimeError: no running event loop``), and it has no AnyIO backend.
+
+Connections: a small pool of our own (:class:`_Pool`), not
+``psycopg_pool.ConnectionPool``. That pool reconnects from background threads
+with an exponential back-off (1 s, 2 s, 4 s, ...), so after the database came
+back a call could still time out for seconds, and while the database is down
+every call waits its full timeout. Ours connects on demand in the calling
+worker thread: a call fails at once when the server refuses connections, and
+the first call after the server is back reconnects. A connection that failed
+is closed, and the idle ones opened before the failure are checked before use.
+
+Writes use group commit like the SQLite store (:class:`._sqlite._GroupCommit`):
+the writes queued while a transaction runs share the next transaction, each
+in its own savepoint, sorted by stream name (so that two processes' batches
+lock streams in the same order and cannot deadlock). The expected-version check
+is enforced by the database: the stream's row is locked (``FOR UPDATE``) and
+``(stream_id, version)`` is the events' primary key, so two processes racing
+on a stream can never both win; a unique violation becomes
+:exc:`ConcurrencyConflict`.
+
+Schema: tables ``trio_aggregates_streams``, ``trio_aggregates_events``,
+``trio_aggregates_snapshots``, created and migrated by the library; applied
+versions are rows of ``trio_aggregates_schema``. Migrations run in one
+transaction under a transaction-scoped advisory lock, so processes opening the
+store at once are safe, and opening again is a no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar, final
+
+import attrs
+import outcome
+import psycopg
+import psycopg.errors
+import trio
+from psycopg.pq import TransactionStatus
+
+from ._exceptions import ConcurrencyConflict, StoreError, StreamDeleted
+from ._sqlite import StoreStatistics, _BatchResult, _GroupCommit
+from ._store import NewEvent, RecordedEvent, Snapshot
+
+__all__ = ["PostgresEventStore", "open_postgres_store"]
+
+logger = logging.getLogger("trio_aggregates.postgres")
+
+T = TypeVar("T")
+Conn = psycopg.Connection[Any]
+
+_LIVE, _SOFT_DELETED, _TOMBSTONE = 0, 1, 2
+
+# pg_advisory_xact_lock key guarding migrations: the bytes "trioaggr".
+_MIGRATION_LOCK = 0x7472696F61676772
+
+_MIGRATIONS: list[tuple[str, ...]] = [
+    # version 1
+    (
+        """
+        CREATE TABLE trio_aggregates_streams (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            name text NOT NULL,
+            state smallint NOT NULL DEFAULT 0 CHECK (state IN (0, 1, 2))
+        )
+        """,
+        """
+        CREATE UNIQUE INDEX trio_aggregates_streams_name
+            ON trio_aggregates_streams (name) WHERE state <> 1
+        """,
+        """
+        CREATE TABLE trio_aggregates_events (
+            position bigint GENERATED ALWAYS AS IDENTITY UNIQUE,
+            stream_id bigint NOT NULL REFERENCES trio_aggregates_streams (id),
+            version bigint NOT NULL CHECK (version >= 1),
+            type text NOT NULL,
+            data bytea NOT NULL,
+            metadata bytea NOT NULL,
+            recorded_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (stream_id, version)
+        )
+        """,
+        """
+        CREATE TABLE trio_aggregates_snapshots (
+            stream_id bigint PRIMARY KEY REFERENCES trio_aggregates_streams (id),
+            version bigint NOT NULL,
+            schema integer NOT NULL,
+            type text NOT NULL,
+            data bytea NOT NULL
+        )
+        """,
+    ),
+]
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+def _wrap(exc: BaseException, action: str) -> StoreError:
+    error = StoreError(f"PostgreSQL failed to {action}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+def _check_name(stream: object) -> None:
+    if not isinstance(stream, str):
+        raise TypeError(f"stream names are str, not {type(stream).__name__}")
+
+
+# -- connections ------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class _Idle:
+    conn: Conn
+    since: float
+    generation: int
+
+
+@final
+@attrs.define(eq=False)
+class _Pool:
+    """At most ``max_size`` connections, made on demand in worker threads.
+
+    ``run(fn)`` runs ``fn(connection)`` in a worker thread, never abandoned on
+    cancellation. An idle connection is checked (an empty query) before use if
+    it sat idle longer than ``check_after`` seconds or if a connection failed
+    since it was last used; a failed check or a broken connection is replaced
+    by a new one.
+    """
+
+    conninfo: str
+    max_size: int
+    connect_timeout: float
+    check_after: float = 1.0
+    _idle: list[_Idle] = attrs.field(factory=list, init=False)
+    _limiter: trio.CapacityLimiter = attrs.field(init=False)
+    _generation: int = attrs.field(default=0, init=False)
+    _in_use: int = attrs.field(default=0, init=False)
+    _all_returned: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _closed: bool = attrs.field(default=False, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._limiter = trio.CapacityLimiter(self.max_size)
+
+    def _connect(self) -> Conn:
+        return psycopg.connect(
+            self.conninfo,
+            autocommit=True,
+            connect_timeout=max(2, round(self.connect_timeout)),
+            application_name="trio_aggregates",
+        )
+
+    async def fill(self, count: int) -> None:
+        """Open ``count`` connections now (to fail early on a bad DSN)."""
+        for _ in range(count):
+            conn = await trio.to_thread.run_sync(self._connect)
+            self._idle.append(_Idle(conn, time.monotonic(), self._generation))
+
+    def _prepare(self, idle: _Idle | None, generation: int) -> Conn:
+        """In a worker thread: a usable connection (checked or new)."""
+        if idle is not None:
+            conn = idle.conn
+            stale = (
+                idle.generation != generation
+                or time.monotonic() - idle.since > self.check_after
+                or conn.broken
+                or conn.closed
+            )
+            if not stale:
+                return conn
+            try:
+                conn.execute("")
+            except psycopg.Error:
+                conn.close()
+            else:
+                return conn
+        return self._connect()
+
+    async def run(self, fn: Callable[[Conn], T]) -> T:
+        """Run ``fn`` on a connection in a worker thread; return its result.
+
+        Raises what ``fn`` raises, or :exc:`psycopg.Error` if no connection
+        could be made.
+        """
+        if self._closed:
+            raise StoreError("the PostgreSQL event store is closed")
+        async with self._limiter:
+            idle = self._idle.pop() if self._idle else None
+            generation = self._generation
+            self._in_use += 1
+
+            def work() -> tuple[Conn | None, outcome.Outcome[T]]:
+                conn: Conn | None = None
+                try:
+                    conn = self._prepare(idle, generation)
+                    result: outcome.Outcome[T] = outcome.Value(fn(conn))
+                except Exception as exc:
+                    result = outcome.Error(exc)
+                if conn is not None and (
+                    conn.broken or conn.info.transaction_status != TransactionStatus.IDLE
+                ):
+                    conn.close()
+                if conn is not None and conn.closed:
+                    conn = None
+                return conn, result
+
+            try:
+                conn, result = await trio.to_thread.run_sync(work)
+            finally:
+                self._in_use -= 1
+            if conn is None:
+                # A connection failed: check the other idle ones before use.
+                self._generation += 1
+            elif self._closed:
+                await trio.to_thread.run_sync(conn.close)
+            else:
+                self._idle.append(_Idle(conn, time.monotonic(), self._generation))
+            if self._in_use == 0:
+                self._all_returned.set()
+        return result.unwrap()
+
+    async def aclose(self) -> None:
+        """Wait for the connections in use, then close all of them."""
+        self._closed = True
+        while self._in_use:
+            self._all_returned = trio.Event()
+            await self._all_returned.wait()
+        idle, self._idle = self._idle, []
+
+        def close_all() -> None:
+            for entry in idle:
+                entry.conn.close()
+
+        await trio.to_thread.run_sync(close_all)
+
+
+def _migrate(conn: Conn) -> None:
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS trio_aggregates_schema ("
+            " version integer PRIMARY KEY,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        row = conn.execute(
+            "SELECT coalesce(max(version), 0) FROM trio_aggregates_schema"
+        ).fetchone()
+        current = 0 if row is None else int(row[0])
+        if current > SCHEMA_VERSION:
+            raise StoreError(
+                f"the database's schema version {current} is newer than this library's "
+                f"({SCHEMA_VERSION})"
+            )
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[version - 1]:
+                conn.execute(statement)
+            conn.execute("INSERT INTO trio_aggregates_schema (version) VALUES (%s)", (version,))
+
+
+# -- write operations, run inside a savepoint --------------------------------
+
+
+@attrs.frozen
+class _Append:
+    stream: str
+    events: Sequence[NewEvent]
+    expected_version: int | None
+
+
+@attrs.frozen
+class _SaveSnapshot:
+    snapshot: Snapshot
+
+
+@attrs.frozen
+class _Delete:
+    stream: str
+    hard: bool
+
+
+_WriteOp = _Append | _SaveSnapshot | _Delete
+
+
+def _op_stream(op: _WriteOp) -> str:
+    return op.snapshot.stream if isinstance(op, _SaveSnapshot) else op.stream
+
+
+def _lock_stream(conn: Conn, stream: str) -> tuple[int, int] | None:
+    row = conn.execute(
+        "SELECT id, state FROM trio_aggregates_streams WHERE name = %s AND state <> 1 FOR UPDATE",
+        (stream,),
+    ).fetchone()
+    return None if row is None else (int(row[0]), int(row[1]))
+
+
+def _live_stream_id(conn: Conn, stream: str, *, create: bool) -> int | None:
+    row = _lock_stream(conn, stream)
+    if row is None and create:
+        conn.execute(
+            "INSERT INTO trio_aggregates_streams (name) VALUES (%s) "
+            "ON CONFLICT (name) WHERE state <> 1 DO NOTHING",
+            (stream,),
+        )
+        # Either our row, or the one another transaction committed meanwhile.
+        row = _lock_stream(conn, stream)
+        assert row is not None
+    if row is None:
+        return None
+    if row[1] == _TOMBSTONE:
+        raise StreamDeleted(stream)
+    return row[0]
+
+
+def _version_of(conn: Conn, stream_id: int | None) -> int:
+    if stream_id is None:
+        return 0
+    row = conn.execute(
+        "SELECT coalesce(max(version), 0) FROM trio_aggregates_events WHERE stream_id = %s",
+        (stream_id,),
+    ).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def _apply(conn: Conn, op: _WriteOp) -> Any:
+    if isinstance(op, _Append):
+        stream_id = _live_stream_id(conn, op.stream, create=bool(op.events))
+        version = _version_of(conn, stream_id)
+        if op.expected_version is not None and op.expected_version != version:
+            raise ConcurrencyConflict(op.stream, op.expected_version, version)
+        if not op.events:
+            return version
+        try:
+            with conn.cursor() as cursor:
+                cursor.executemany(
+                    "INSERT INTO trio_aggregates_events"
+                    " (stream_id, version, type, data, metadata) VALUES (%s, %s, %s, %b, %b)",
+                    [
+                        (stream_id, version + i, e.type, e.data, e.metadata)
+                        for i, e in enumerate(op.events, 1)
+                    ],
+                )
+        except psycopg.errors.UniqueViolation as exc:
+            # Only reachable if the row lock were bypassed; the key still holds.
+            expected = version if op.expected_version is None else op.expected_version
+            raise ConcurrencyConflict(op.stream, expected) from exc
+        return version + len(op.events)
+    if isinstance(op, _SaveSnapshot):
+        s = op.snapshot
+        stream_id = _live_stream_id(conn, s.stream, create=True)
+        conn.execute(
+            "INSERT INTO trio_aggregates_snapshots (stream_id, version, schema, type, data)"
+            " VALUES (%s, %s, %s, %s, %b) ON CONFLICT (stream_id) DO UPDATE SET"
+            " version = excluded.version, schema = excluded.schema,"
+            " type = excluded.type, data = excluded.data",
+            (stream_id, s.version, s.schema, s.type, s.data),
+        )
+        return None
+    row = _lock_stream(conn, op.stream)
+    if row is not None and row[1] == _TOMBSTONE:
+        raise StreamDeleted(op.stream)
+    if op.hard:
+        if row is None:
+            conn.execute(
+                "INSERT INTO trio_aggregates_streams (name, state) VALUES (%s, 2) "
+                "ON CONFLICT (name) WHERE state <> 1 DO NOTHING",
+                (op.stream,),
+            )
+        else:
+            conn.execute("DELETE FROM trio_aggregates_events WHERE stream_id = %s", (row[0],))
+            conn.execute("DELETE FROM trio_aggregates_snapshots WHERE stream_id = %s", (row[0],))
+            conn.execute("UPDATE trio_aggregates_streams SET state = 2 WHERE id = %s", (row[0],))
+    elif row is not None:
+        conn.execute("UPDATE trio_aggregates_streams SET state = 1 WHERE id = %s", (row[0],))
+    return None
+
+
+def _describe(op: _WriteOp) -> str:
+    if isinstance(op, _Append):
+        return f"append to stream {op.stream!r}"
+    if isinstance(op, _SaveSnapshot):
+        return f"save a snapshot of stream {op.snapshot.stream!r}"
+    return f"delete stream {op.stream!r}"
+
+
+def _write_batch(conn: Conn, ops: list[_WriteOp]) -> _BatchResult:
+    """In a worker thread: write ``ops`` in one transaction, a savepoint each."""
+    outcomes: list[outcome.Outcome[Any]] = [outcome.Value(None)] * len(ops)
+    # Stable sort: one stream's writes keep their order; every process locks
+    # streams in the same order.
+    order = sorted(range(len(ops)), key=lambda i: _op_stream(ops[i]))
+    try:
+        with conn.transaction():
+            for i in order:
+                op = ops[i]
+                try:
+                    with conn.transaction():
+                        outcomes[i] = outcome.Value(_apply(conn, op))
+                except Exception as exc:
+                    if conn.broken:
+                        raise
+                    if isinstance(exc, psycopg.Error):
+                        exc = _wrap(exc, _describe(op))
+                    outcomes[i] = outcome.Error(exc)
+    except Exception as exc:
+        # The transaction failed as a whole (connection lost, ...): none of it
+        # is written -- unless the connection was lost during COMMIT, when the
+        # outcome is unknown.
+        error = exc if isinstance(exc, StoreError) else _wrap(exc, "write a transaction")
+        return _BatchResult([outcome.Error(error) for _ in ops], committed=False)
+    return _BatchResult(outcomes, committed=True)
+
+
+_READ = """
+SELECT s.state, e.version, e.type, e.data, e.metadata, extract(epoch FROM e.recorded_at)::float8
+FROM trio_aggregates_streams s
+LEFT JOIN LATERAL (
+    SELECT version, type, data, metadata, recorded_at FROM trio_aggregates_events
+    WHERE stream_id = s.id AND version >= %s ORDER BY version LIMIT %s
+) e ON true
+WHERE s.name = %s AND s.state <> 1
+ORDER BY e.version
+"""
+
+_VERSION = """
+SELECT s.state,
+    (SELECT coalesce(max(version), 0) FROM trio_aggregates_events WHERE stream_id = s.id)
+FROM trio_aggregates_streams s WHERE s.name = %s AND s.state <> 1
+"""
+
+_SNAPSHOT = """
+SELECT s.state, n.version, n.schema, n.type, n.data
+FROM trio_aggregates_streams s LEFT JOIN trio_aggregates_snapshots n ON n.stream_id = s.id
+WHERE s.name = %s AND s.state <> 1
+"""
+
+
+@final
+@attrs.define(eq=False)
+class PostgresEventStore:
+    """An :class:`~trio_aggregates.EventStore` in PostgreSQL. Make one with
+    :func:`open_postgres_store`.
+
+    Every call runs in a worker thread and is a checkpoint. Calls are not
+    abandoned on cancellation: a cancelled call finishes its statement first.
+    Writes go through group commit; a cancelled write either committed
+    entirely or not at all: if it was still queued it is withdrawn and
+    :exc:`trio.Cancelled` is raised; if its transaction had begun, the call
+    returns its result and the cancellation takes effect at the next
+    checkpoint.
+
+    Errors: every driver error (``psycopg.Error``: connection refused or lost,
+    ...) comes out as :exc:`StoreError` with the driver's exception as
+    ``__cause__``. A failed write leaves nothing behind, except when the
+    connection was lost during ``COMMIT``: then the write may or may not have
+    happened. After the database comes back, the store works again: a failed
+    connection is replaced at the next call. Calls after :meth:`aclose` raise
+    :exc:`StoreError`.
+    """
+
+    _pool: _Pool
+    _group: _GroupCommit[_WriteOp] = attrs.field(init=False)
+    _closed: bool = attrs.field(default=False, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._group = _GroupCommit(self._run_batch, lambda op: isinstance(op, _Append))
+
+    def statistics(self) -> StoreStatistics:
+        """Return the writer's counters (transactions, appends, ...). Not a checkpoint."""
+        return self._group.statistics()
+
+    async def _run_batch(self, ops: list[_WriteOp]) -> _BatchResult:
+        try:
+            return await self._pool.run(lambda conn: _write_batch(conn, ops))
+        except (psycopg.Error, StoreError) as exc:
+            error = exc if isinstance(exc, StoreError) else _wrap(exc, "connect")
+            return _BatchResult([outcome.Error(error) for _ in ops], committed=False)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("the PostgreSQL event store is closed")
+
+    async def _write(self, op: _WriteOp) -> Any:
+        self._check_open()
+        return await self._group.submit(op)
+
+    async def append(
+        self, stream: str, events: Sequence[NewEvent], *, expected_version: int | None
+    ) -> int:
+        """Append ``events`` atomically; return the stream's new version.
+
+        Raises:
+            ConcurrencyConflict: the stream is not at ``expected_version``
+                (also when another process appended first).
+            StreamDeleted: the stream was hard-deleted.
+            StoreError: PostgreSQL failed; nothing was appended.
+        """
+        _check_name(stream)
+        version: int = await self._write(_Append(stream, tuple(events), expected_version))
+        return version
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        """Store ``snapshot``, replacing the stream's previous one.
+
+        Raises:
+            StreamDeleted: the stream was hard-deleted.
+            StoreError: PostgreSQL failed; the previous snapshot is kept.
+        """
+        _check_name(snapshot.stream)
+        await self._write(_SaveSnapshot(snapshot))
+
+    async def delete_stream(self, stream: str, *, hard: bool = False) -> None:
+        """Soft- or hard-delete ``stream`` (see :mod:`trio_aggregates._store`).
+
+        Raises:
+            StreamDeleted: the stream was already hard-deleted.
+            StoreError: PostgreSQL failed; nothing changed.
+        """
+        _check_name(stream)
+        await self._write(_Delete(stream, hard))
+
+    async def _query(self, query: str, params: tuple[Any, ...], action: str) -> list[Any]:
+        self._check_open()
+
+        def run(conn: Conn) -> list[Any]:
+            with conn.cursor(binary=True) as cursor:
+                cursor.execute(query, params)
+                return cursor.fetchall()
+
+        try:
+            return await self._pool.run(run)
+        except psycopg.Error as exc:
+            raise _wrap(exc, action) from exc
+
+    async def read(
+        self, stream: str, *, from_version: int = 1, limit: int | None = None
+    ) -> list[RecordedEvent]:
+        """Return up to ``limit`` events of ``stream`` from ``from_version`` on.
+
+        Raises:
+            StreamDeleted: the stream was hard-deleted.
+            StoreError: PostgreSQL failed.
+        """
+        _check_name(stream)
+        count = None if limit is None else max(limit, 0)
+        rows = await self._query(
+            _READ, (max(from_version, 1), count, stream), f"read stream {stream!r}"
+        )
+        if not rows:
+            return []
+        if rows[0][0] == _TOMBSTONE:
+            raise StreamDeleted(stream)
+        return [
+            RecordedEvent(stream, int(v), t, bytes(d), bytes(m), float(r))
+            for _, v, t, d, m, r in rows
+            if v is not None
+        ]
+
+    async def stream_version(self, stream: str) -> int:
+        """Return the stream's version (0 for a stream with no events).
+
+        Raises:
+            StreamDeleted: the stream was hard-deleted.
+            StoreError: PostgreSQL failed.
+        """
+        _check_name(stream)
+        rows = await self._query(_VERSION, (stream,), f"read the version of {stream!r}")
+        if not rows:
+            return 0
+        if rows[0][0] == _TOMBSTONE:
+            raise StreamDeleted(stream)
+        return int(rows[0][1])
+
+    async def load_snapshot(self, stream: str) -> Snapshot | None:
+        """Return the stream's latest snapshot, or ``None``.
+
+        Raises:
+            StreamDeleted: the stream was hard-deleted.
+            StoreError: PostgreSQL failed.
+        """
+        _check_name(stream)
+        rows = await self._query(_SNAPSHOT, (stream,), f"load the snapshot of {stream!r}")
+        if not rows:
+            return None
+        state, version, schema, type_, data = rows[0]
+        if state == _TOMBSTONE:
+            raise StreamDeleted(stream)
+        if version is None:
+            return None
+        return Snapshot(stream, int(version), int(schema), type_, bytes(data))
+
+    async def aclose(self) -> None:
+        """Finish the queued writes, then close every connection. Idempotent.
+
+        Cancellation: closing is shielded; it waits for the writes already
+        queued and the calls in progress, then closes the connections.
+        """
+        with trio.CancelScope(shield=True):
+            if self._closed:
+                await trio.lowlevel.checkpoint()
+                return
+            self._closed = True
+            await self._group.wait_idle()
+            await self._pool.aclose()
+
+
+@asynccontextmanager
+async def open_postgres_store(
+    dsn: str, *, min_size: int = 1, max_size: int = 8, connect_timeout: float = 10.0
+) -> AsyncIterator[PostgresEventStore]:
+    """Connect to PostgreSQL, create or migrate the schema, and yield the store.
+
+    Usage::
+
+        async with open_postgres_store("postgresql://app@localhost/app") as store:
+            await store.append("order-1", [event], expected_version=0)
+
+    Args:
+        dsn: a libpq connection string or ``postgresql://`` URL.
+        min_size: connections opened at once (at least 1, which also runs
+            the migrations).
+        max_size: most connections open at a time (calls beyond wait).
+        connect_timeout: seconds to wait for a new connection (libpq rounds
+            it to whole seconds, at least 2).
+
+    Raises:
+        StoreError: the server could not be reached, or the migration failed
+            (the driver's exception is the ``__cause__``), or the database's
+            schema is newer than this library's.
+
+    On exit (also on error or cancellation) the store finishes its queued
+    writes and closes its connections.
+    """
+    if not 1 <= min_size <= max_size:
+        raise ValueError("need 1 <= min_size <= max_size")
+    pool = _Pool(dsn, max_size, connect_timeout)
+    store = PostgresEventStore(pool)
+    try:
+        try:
+            await pool.fill(min_size)
+            await pool.run(_migrate)
+        except psycopg.Error as exc:
+            raise _wrap(exc, "open the store") from exc
+        yield store
+    finally:
+        await store.aclose()

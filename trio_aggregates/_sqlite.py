@@ -1,0 +1,749 @@
+"""The SQLite event store, and the group-commit writer both durable stores share.
+
+:class:`SQLiteEventStore` keeps streams in one SQLite file, through the
+standard library's :mod:`sqlite3` driven from worker threads
+(:func:`trio.to_thread.run_sync`). The file is in WAL mode with
+``synchronous=FULL``: an append that returned is on disk.
+
+Writes (appends, snapshots, deletes) go through a single writer path with
+*group commit* (:class:`_GroupCommit`): the writes that arrive while a
+transaction is being written queue up, and the next transaction writes all of
+them, each inside its own ``SAVEPOINT``. So an append that fails (a version
+conflict) fails alone while the others in its batch commit, and many tasks
+appending at once pay for one ``fsync`` per batch instead of one each. Reads go
+through separate read connections, in parallel worker threads.
+
+Schema (``PRAGMA user_version`` holds its version; migrations are idempotent
+and run in one ``BEGIN IMMEDIATE`` transaction, so two processes opening the
+same new file at once are safe)::
+
+    streams(id INTEGER PRIMARY KEY, name TEXT, state INTEGER)  -- 0 live, 1 deleted, 2 tombstone
+        UNIQUE (name) WHERE state <> 1   -- one live stream (or tombstone) per name
+    events(position INTEGER PRIMARY KEY, stream_id, version, type, data, metadata, recorded_at)
+        UNIQUE (stream_id, version)
+    snapshots(stream_id PRIMARY KEY, version, schema, type, data)
+
+A soft delete marks the stream row deleted: its events stay, attached to the
+old row, and the name gets a fresh row (from version 0) at its next write. A
+hard delete erases the events and the snapshot and turns the row into a
+tombstone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from os import PathLike
+from typing import Any, Generic, TypeVar, final
+
+import attrs
+import outcome
+import trio
+
+from ._exceptions import ConcurrencyConflict, StoreError, StreamDeleted
+from ._store import NewEvent, RecordedEvent, Snapshot
+
+__all__ = ["SQLiteEventStore", "StoreStatistics", "open_sqlite_store"]
+
+logger = logging.getLogger("trio_aggregates.sqlite")
+
+_LIVE, _SOFT_DELETED, _TOMBSTONE = 0, 1, 2
+
+
+@attrs.frozen
+class StoreStatistics:
+    """Counters of a durable store's writer, from ``statistics()``.
+
+    Attributes:
+        transactions: write transactions committed. With group commit this is
+            far below ``writes`` when many tasks write at once.
+        appends: ``append`` calls that committed.
+        writes: write calls (appends, snapshots, deletes) that committed.
+        failed_writes: write calls that failed (conflicts, deleted streams,
+            driver errors).
+        pending_writes: write calls queued for the next transaction right now.
+    """
+
+    transactions: int
+    appends: int
+    writes: int
+    failed_writes: int
+    pending_writes: int
+
+
+# -- group commit ------------------------------------------------------------
+
+OpT = TypeVar("OpT")
+
+_PENDING, _PROMOTED, _TAKEN, _DONE = "pending", "promoted", "taken", "done"
+
+
+@attrs.define(eq=False)
+class _Request(Generic[OpT]):
+    op: OpT
+    state: str = _PENDING
+    result: outcome.Outcome[Any] | None = None
+    wakeup: trio.Event = attrs.Factory(trio.Event)
+
+
+@attrs.frozen
+class _BatchResult:
+    outcomes: list[outcome.Outcome[Any]]
+    committed: bool
+
+
+@final
+@attrs.define(eq=False)
+class _GroupCommit(Generic[OpT]):
+    """Batches writes from many tasks into one transaction, written in a worker thread.
+
+    There is no background task: the first writer to arrive becomes the
+    *leader*, takes every queued write, and awaits ``run_batch`` on them
+    (shielded from cancellation); writes arriving meanwhile queue up. When its batch is done,
+    the leader hands leadership to the first queued write's task, which writes
+    the next batch. ``run_batch`` must return one outcome per write, in order,
+    and ``committed`` (whether the transaction committed).
+
+    Cancellation: a write still queued is withdrawn (nothing is written). Once
+    taken into a batch it cannot be withdrawn: the call waits for the
+    transaction and returns its result (or raises its error); the cancellation
+    takes effect at the caller's next checkpoint. So a cancelled write was
+    either committed entirely or not at all.
+    """
+
+    _run_batch: Callable[[list[OpT]], Awaitable[_BatchResult]]
+    _is_append: Callable[[OpT], bool]
+    _pending: list[_Request[OpT]] = attrs.field(factory=list, init=False)
+    _leading: bool = attrs.field(default=False, init=False)
+    _idle: trio.Event = attrs.field(factory=trio.Event, init=False)
+    transactions: int = attrs.field(default=0, init=False)
+    appends: int = attrs.field(default=0, init=False)
+    writes: int = attrs.field(default=0, init=False)
+    failed_writes: int = attrs.field(default=0, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._idle.set()
+
+    def statistics(self) -> StoreStatistics:
+        return StoreStatistics(
+            transactions=self.transactions,
+            appends=self.appends,
+            writes=self.writes,
+            failed_writes=self.failed_writes,
+            pending_writes=len(self._pending),
+        )
+
+    async def submit(self, op: OpT) -> Any:
+        """Queue ``op`` for the next transaction; return its result or raise its error."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        request = _Request(op)
+        self._pending.append(request)
+        if not self._leading:
+            self._leading = True
+            self._idle = trio.Event()
+            request.state = _PROMOTED
+        else:
+            try:
+                await request.wakeup.wait()
+            except trio.Cancelled:
+                if request.state in (_PENDING, _PROMOTED):
+                    # Not written, and now never will be.
+                    self._pending.remove(request)
+                    if request.state == _PROMOTED:
+                        self._hand_off()
+                    raise
+                # Taken into a batch: its outcome is coming, wait for it.
+                with trio.CancelScope(shield=True):
+                    await request.wakeup.wait()
+        if request.state == _PROMOTED:
+            await self._lead()
+        assert request.result is not None
+        return request.result.unwrap()
+
+    async def _lead(self) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                # Let the writes of tasks woken in this same tick join the batch.
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                batch, self._pending = self._pending, []
+                for request in batch:
+                    request.state = _TAKEN
+                ops = [request.op for request in batch]
+                try:
+                    result = await self._run_batch(ops)
+                except BaseException as exc:  # pragma: no cover - run_batch catches all
+                    error = StoreError("internal error in the store's writer, please report")
+                    error.__cause__ = exc
+                    result = _BatchResult([outcome.Error(error) for _ in ops], committed=False)
+                if result.committed:
+                    self.transactions += 1
+                for request, res in zip(batch, result.outcomes, strict=True):
+                    request.result = res
+                    request.state = _DONE
+                    if isinstance(res, outcome.Value):
+                        self.writes += 1
+                        if self._is_append(request.op):
+                            self.appends += 1
+                    else:
+                        self.failed_writes += 1
+                    request.wakeup.set()
+            finally:
+                self._hand_off()
+
+    def _hand_off(self) -> None:
+        if self._pending:
+            successor = self._pending[0]
+            successor.state = _PROMOTED
+            successor.wakeup.set()
+        else:
+            self._leading = False
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Wait until every queued write is done."""
+        while self._leading:
+            await self._idle.wait()
+
+
+# -- the SQLite store -------------------------------------------------------
+
+_MIGRATIONS: list[tuple[str, ...]] = [
+    # version 1
+    (
+        """
+        CREATE TABLE streams (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL,
+            state INTEGER NOT NULL DEFAULT 0 CHECK (state IN (0, 1, 2))
+        )
+        """,
+        "CREATE UNIQUE INDEX streams_name ON streams (name) WHERE state <> 1",
+        """
+        CREATE TABLE events (
+            position INTEGER PRIMARY KEY,
+            stream_id INTEGER NOT NULL REFERENCES streams (id),
+            version INTEGER NOT NULL CHECK (version >= 1),
+            type TEXT NOT NULL,
+            data BLOB NOT NULL,
+            metadata BLOB NOT NULL,
+            recorded_at REAL NOT NULL,
+            UNIQUE (stream_id, version)
+        )
+        """,
+        """
+        CREATE TABLE snapshots (
+            stream_id INTEGER PRIMARY KEY REFERENCES streams (id),
+            version INTEGER NOT NULL,
+            schema INTEGER NOT NULL,
+            type TEXT NOT NULL,
+            data BLOB NOT NULL
+        )
+        """,
+    ),
+]
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+def _wrap(exc: BaseException, action: str) -> StoreError:
+    error = StoreError(f"SQLite failed to {action}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+# Errors of sqlite3 itself, and of text it cannot encode (lone surrogates).
+_DRIVER_ERRORS = (sqlite3.Error, UnicodeError, OverflowError)
+
+
+def _check_name(stream: object) -> None:
+    if not isinstance(stream, str):
+        raise TypeError(f"stream names are str, not {type(stream).__name__}")
+
+
+@attrs.define(eq=False)
+class _Connection:
+    """A sqlite3 connection and the lock that gives one thread at a time its use."""
+
+    db: sqlite3.Connection
+    lock: threading.Lock = attrs.Factory(threading.Lock)
+
+
+def _connect(target: str, *, uri: bool, busy_timeout: float) -> sqlite3.Connection:
+    db = sqlite3.connect(
+        target, uri=uri, isolation_level=None, check_same_thread=False, timeout=busy_timeout
+    )
+    try:
+        db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        db.execute("PRAGMA foreign_keys = ON")
+        db.execute("PRAGMA synchronous = FULL")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    (current,) = db.execute("PRAGMA user_version").fetchone()
+    if current >= SCHEMA_VERSION:
+        if current > SCHEMA_VERSION:
+            raise StoreError(
+                f"the database's schema version {current} is newer than this library's "
+                f"({SCHEMA_VERSION})"
+            )
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        # Read again inside the write lock: another process may have migrated.
+        (current,) = db.execute("PRAGMA user_version").fetchone()
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[version - 1]:
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {version}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+# Write operations, run by the writer thread inside a savepoint.
+
+
+@attrs.frozen
+class _Append:
+    stream: str
+    events: Sequence[NewEvent]
+    expected_version: int | None
+
+
+@attrs.frozen
+class _SaveSnapshot:
+    snapshot: Snapshot
+
+
+@attrs.frozen
+class _Delete:
+    stream: str
+    hard: bool
+
+
+_WriteOp = _Append | _SaveSnapshot | _Delete
+
+
+def _find_stream(db: sqlite3.Connection, stream: str) -> tuple[int, int] | None:
+    row: tuple[int, int] | None = db.execute(
+        "SELECT id, state FROM streams WHERE name = ? AND state <> 1", (stream,)
+    ).fetchone()
+    return row
+
+
+def _live_stream_id(db: sqlite3.Connection, stream: str, *, create: bool) -> int | None:
+    row = _find_stream(db, stream)
+    if row is None:
+        if not create:
+            return None
+        cursor = db.execute("INSERT INTO streams (name, state) VALUES (?, 0)", (stream,))
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+    stream_id, state = row
+    if state == _TOMBSTONE:
+        raise StreamDeleted(stream)
+    return stream_id
+
+
+def _version_of(db: sqlite3.Connection, stream_id: int | None) -> int:
+    if stream_id is None:
+        return 0
+    (version,) = db.execute(
+        "SELECT coalesce(max(version), 0) FROM events WHERE stream_id = ?", (stream_id,)
+    ).fetchone()
+    return int(version)
+
+
+def _apply(db: sqlite3.Connection, op: _WriteOp, now: float) -> Any:
+    if isinstance(op, _Append):
+        stream_id = _live_stream_id(db, op.stream, create=bool(op.events))
+        version = _version_of(db, stream_id)
+        if op.expected_version is not None and op.expected_version != version:
+            raise ConcurrencyConflict(op.stream, op.expected_version, version)
+        if not op.events:
+            return version
+        try:
+            db.executemany(
+                "INSERT INTO events (stream_id, version, type, data, metadata, recorded_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (stream_id, version + i, e.type, e.data, e.metadata, now)
+                    for i, e in enumerate(op.events, 1)
+                ],
+            )
+        except sqlite3.IntegrityError as exc:  # pragma: no cover - guarded by the check above
+            raise ConcurrencyConflict(op.stream, version) from exc
+        return version + len(op.events)
+    if isinstance(op, _SaveSnapshot):
+        s = op.snapshot
+        stream_id = _live_stream_id(db, s.stream, create=True)
+        db.execute(
+            "INSERT INTO snapshots (stream_id, version, schema, type, data) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, "
+            "schema = excluded.schema, type = excluded.type, data = excluded.data",
+            (stream_id, s.version, s.schema, s.type, s.data),
+        )
+        return None
+    row = _find_stream(db, op.stream)
+    if row is not None and row[1] == _TOMBSTONE:
+        raise StreamDeleted(op.stream)
+    if op.hard:
+        if row is None:
+            db.execute("INSERT INTO streams (name, state) VALUES (?, 2)", (op.stream,))
+        else:
+            db.execute("DELETE FROM events WHERE stream_id = ?", (row[0],))
+            db.execute("DELETE FROM snapshots WHERE stream_id = ?", (row[0],))
+            db.execute("UPDATE streams SET state = 2 WHERE id = ?", (row[0],))
+    elif row is not None:
+        db.execute("UPDATE streams SET state = 1 WHERE id = ?", (row[0],))
+    return None
+
+
+def _describe(op: _WriteOp) -> str:
+    if isinstance(op, _Append):
+        return f"append to stream {op.stream!r}"
+    if isinstance(op, _SaveSnapshot):
+        return f"save a snapshot of stream {op.snapshot.stream!r}"
+    return f"delete stream {op.stream!r}"
+
+
+@final
+@attrs.define(eq=False)
+class SQLiteEventStore:
+    """An :class:`~trio_aggregates.EventStore` in an SQLite file. Make one with
+    :func:`open_sqlite_store`.
+
+    Every call runs in a worker thread and is a checkpoint. Calls are not
+    abandoned on cancellation: a cancelled call finishes its statement first.
+    Writes go through group commit (see the module docstring); a cancelled
+    write either committed entirely or not at all: if it was still queued, it
+    is withdrawn and :exc:`trio.Cancelled` is raised; if its transaction had
+    begun, the call returns its result and the cancellation takes effect at
+    the next checkpoint.
+
+    Errors: every :mod:`sqlite3` error comes out as :exc:`StoreError` (or a
+    subclass) with the driver's exception as ``__cause__``; a failed write
+    leaves nothing behind. Calls after :meth:`aclose` raise :exc:`StoreError`.
+    """
+
+    _writer: _Connection
+    _readers: list[_Connection]
+    _path: str
+    _free_readers: list[_Connection] = attrs.field(init=False)
+    _reader_limiter: trio.CapacityLimiter = attrs.field(init=False)
+    _group: _GroupCommit[_WriteOp] = attrs.field(init=False)
+    _closed: bool = attrs.field(default=False, init=False)
+    _busy_readers: int = attrs.field(default=0, init=False)
+    _readers_idle: trio.Event = attrs.field(factory=trio.Event, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._free_readers = list(self._readers)
+        self._reader_limiter = trio.CapacityLimiter(len(self._readers))
+        self._group = _GroupCommit(self._run_batch, lambda op: isinstance(op, _Append))
+
+    @property
+    def path(self) -> str:
+        """The database file's path (or ``:memory:``)."""
+        return self._path
+
+    def statistics(self) -> StoreStatistics:
+        """Return the writer's counters (transactions, appends, ...). Not a checkpoint."""
+        return self._group.statistics()
+
+    # -- writing ----------------------------------------------------------
+
+    async def _run_batch(self, ops: list[_WriteOp]) -> _BatchResult:
+        return await trio.to_thread.run_sync(self._write_batch, ops)
+
+    def _write_batch(self, ops: list[_WriteOp]) -> _BatchResult:
+        """In the writer thread: write ``ops`` in one transaction, a savepoint each."""
+        conn = self._writer
+        now = time.time()
+        with conn.lock:
+            db = conn.db
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except _DRIVER_ERRORS as exc:
+                return _BatchResult(
+                    [outcome.Error(_wrap(exc, "begin a transaction")) for _ in ops], False
+                )
+            outcomes: list[outcome.Outcome[Any]] = []
+            try:
+                for op in ops:
+                    db.execute("SAVEPOINT write")
+                    try:
+                        value = _apply(db, op, now)
+                    except Exception as exc:
+                        # This write fails alone; the others of the batch go on.
+                        db.execute("ROLLBACK TO write")
+                        if isinstance(exc, _DRIVER_ERRORS):
+                            exc = _wrap(exc, _describe(op))
+                        outcomes.append(outcome.Error(exc))
+                    else:
+                        outcomes.append(outcome.Value(value))
+                    db.execute("RELEASE write")
+                db.execute("COMMIT")
+            except BaseException as exc:
+                # The transaction itself failed (disk full, I/O error, ...):
+                # nothing of this batch is written.
+                try:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                except _DRIVER_ERRORS:
+                    logger.exception("rollback failed")
+                error = _wrap(exc, "commit")
+                return _BatchResult([outcome.Error(error) for _ in ops], False)
+            return _BatchResult(outcomes, True)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("the SQLite event store is closed")
+
+    async def _write(self, op: _WriteOp) -> Any:
+        self._check_open()
+        return await self._group.submit(op)
+
+    async def append(
+        self, stream: str, events: Sequence[NewEvent], *, expected_version: int | None
+    ) -> int:
+        """Append ``events`` atomically; return the stream's new version.
+
+        Raises:
+            ConcurrencyConflict: the stream is not at ``expected_version``.
+            StreamDeleted: the stream was hard-deleted.
+            StoreError: SQLite failed; nothing was appended.
+        """
+        _check_name(stream)
+        version: int = await self._write(_Append(stream, tuple(events), expected_version))
+        return version
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        """Store ``snapshot``, replacing the stream's previous one.
+
+        Raises:
+            StreamDeleted: the stream was hard-deleted.
+            StoreError: SQLite failed; the previous snapshot is kept.
+        """
+        _check_name(snapshot.stream)
+        await self._write(_SaveSnapshot(snapshot))
+
+    async def delete_stream(self, stream: str, *, hard: bool = False) -> None:
+        """Soft- or hard-delete ``stream`` (see the module docstring).
+
+        Raises:
+            StreamDeleted: the stream was already hard-deleted.
+            StoreError: SQLite failed; nothing changed.
+        """
+        _check_name(stream)
+        await self._write(_Delete(stream, hard))
+
+    # -- reading ----------------------------------------------------------
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], Any], action: str) -> Any:
+        self._check_open()
+        async with self._reader_limiter:
+            conn = self._free_readers.pop()
+            self._busy_readers += 1
+            try:
+
+                def run() -> Any:
+                    with conn.lock:
+                        try:
+                            conn.db.execute("BEGIN")
+                            try:
+                                return fn(conn.db)
+                            finally:
+                                conn.db.execute("COMMIT")
+                        except _DRIVER_ERRORS as exc:
+                            raise _wrap(exc, action) from exc
+
+                return await trio.to_thread.run_sync(run)
+            finally:
+                self._free_readers.append(conn)
+                self._busy_readers -= 1
+                if self._busy_readers == 0:
+                    self._readers_idle.set()
+
+    async def read(
+        self, stream: str, *, from_version: int = 1, limit: int | None = None
+    ) -> list[RecordedEvent]:
+        """Return up to ``limit`` events of ``stream`` from ``from_version`` on.
+
+        Raises:
+            StreamDeleted: the stream was hard-deleted.
+            StoreError: SQLite failed.
+        """
+        _check_name(stream)
+        start = max(from_version, 1)
+        count = -1 if limit is None else max(limit, 0)
+
+        def query(db: sqlite3.Connection) -> list[RecordedEvent]:
+            row = _find_stream(db, stream)
+            if row is None:
+                return []
+            if row[1] == _TOMBSTONE:
+                raise StreamDeleted(stream)
+            rows = db.execute(
+                "SELECT version, type, data, metadata, recorded_at FROM events "
+                "WHERE stream_id = ? AND version >= ? ORDER BY version LIMIT ?",
+                (row[0], start, count),
+            ).fetchall()
+            return [RecordedEvent(stream, v, t, bytes(d), bytes(m), r) for v, t, d, m, r in rows]
+
+        events: list[RecordedEvent] = await self._read(query, f"read stream {stream!r}")
+        return events
+
+    async def stream_version(self, stream: str) -> int:
+        """Return the stream's version (0 for a stream with no events).
+
+        Raises:
+            StreamDeleted: the stream was hard-deleted.
+            StoreError: SQLite failed.
+        """
+        _check_name(stream)
+
+        def query(db: sqlite3.Connection) -> int:
+            row = _find_stream(db, stream)
+            if row is not None and row[1] == _TOMBSTONE:
+                raise StreamDeleted(stream)
+            return _version_of(db, None if row is None else row[0])
+
+        version: int = await self._read(query, f"read the version of stream {stream!r}")
+        return version
+
+    async def load_snapshot(self, stream: str) -> Snapshot | None:
+        """Return the stream's latest snapshot, or ``None``.
+
+        Raises:
+            StreamDeleted: the stream was hard-deleted.
+            StoreError: SQLite failed.
+        """
+        _check_name(stream)
+
+        def query(db: sqlite3.Connection) -> Snapshot | None:
+            row = _find_stream(db, stream)
+            if row is None:
+                return None
+            if row[1] == _TOMBSTONE:
+                raise StreamDeleted(stream)
+            found = db.execute(
+                "SELECT version, schema, type, data FROM snapshots WHERE stream_id = ?", (row[0],)
+            ).fetchone()
+            if found is None:
+                return None
+            version, schema, type_, data = found
+            return Snapshot(stream, version, schema, type_, bytes(data))
+
+        snapshot: Snapshot | None = await self._read(query, f"load the snapshot of {stream!r}")
+        return snapshot
+
+    # -- closing ----------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Finish the queued writes, then close every connection. Idempotent.
+
+        Cancellation: closing is shielded; it waits for the writes already
+        queued and the reads in progress, then closes the connections.
+        """
+        with trio.CancelScope(shield=True):
+            if self._closed:
+                await trio.lowlevel.checkpoint()
+                return
+            self._closed = True
+            await self._group.wait_idle()
+            while self._busy_readers:
+                self._readers_idle = trio.Event()
+                await self._readers_idle.wait()
+            connections = [self._writer, *(r for r in self._readers if r is not self._writer)]
+            await trio.to_thread.run_sync(_close_all, connections)
+
+
+def _close_all(connections: list[_Connection]) -> None:
+    for conn in connections:
+        with conn.lock:
+            try:
+                conn.db.close()
+            except sqlite3.Error:  # pragma: no cover
+                logger.exception("closing an SQLite connection failed")
+
+
+def _open_connections(path: str, readers: int, busy_timeout: float) -> list[_Connection]:
+    """In a worker thread: connect, set WAL mode, migrate; return writer + readers."""
+    opened: list[sqlite3.Connection] = []
+    try:
+        if path == ":memory:":
+            # A private in-memory database has one connection: reads and
+            # writes take turns on it.
+            writer = _connect(path, uri=False, busy_timeout=busy_timeout)
+            opened.append(writer)
+            _migrate(writer)
+            return [_Connection(writer)]
+        writer = _connect(path, uri=False, busy_timeout=busy_timeout)
+        opened.append(writer)
+        (mode,) = writer.execute("PRAGMA journal_mode = WAL").fetchone()
+        if str(mode).lower() != "wal":
+            raise StoreError(f"could not put {path!r} in WAL mode (journal_mode is {mode!r})")
+        _migrate(writer)
+        for _ in range(readers):
+            reader = _connect(path, uri=False, busy_timeout=busy_timeout)
+            opened.append(reader)
+            reader.execute("PRAGMA query_only = ON")
+        return [_Connection(db) for db in opened]
+    except BaseException as exc:
+        for db in opened:
+            db.close()
+        if isinstance(exc, StoreError):
+            raise
+        if isinstance(exc, _DRIVER_ERRORS):
+            raise _wrap(exc, f"open {path!r}") from exc
+        raise
+
+
+@asynccontextmanager
+async def open_sqlite_store(
+    path: str | PathLike[str], *, readers: int = 4, busy_timeout: float = 5.0
+) -> AsyncIterator[SQLiteEventStore]:
+    """Open (creating or migrating if needed) an SQLite event store.
+
+    Usage::
+
+        async with open_sqlite_store("events.db") as store:
+            await store.append("order-1", [event], expected_version=0)
+
+    Args:
+        path: the database file, created if missing. ``":memory:"`` makes a
+            private in-memory database (gone when the store closes; its reads
+            and writes share one connection).
+        readers: how many read connections (reads running at once).
+        busy_timeout: seconds to wait for another process's write lock.
+
+    Raises:
+        StoreError: the file could not be opened or is not a database, or its
+            schema is newer than this library's.
+
+    On exit (also on error or cancellation) the store finishes its queued
+    writes and closes its connections.
+    """
+    if readers < 1:
+        raise ValueError("readers must be at least 1")
+    if not math.isfinite(busy_timeout) or busy_timeout < 0:
+        raise ValueError("busy_timeout must be a finite number of seconds >= 0")
+    target = str(path)
+    connections = await trio.to_thread.run_sync(
+        _open_connections, target, readers, busy_timeout, abandon_on_cancel=False
+    )
+    writer, *rest = connections
+    store = SQLiteEventStore(writer, rest or [writer], target)
+    try:
+        yield store
+    finally:
+        await store.aclose()
