@@ -227,7 +227,9 @@ class Comparison:
         data = asdict(self)
         data["ratio"] = self.ratio
         data["met"] = self.met
-        data["target_op"] = None if self.target is None else ("<=" if self.better == "lower" else ">=")
+        data["target_op"] = (
+            None if self.target is None else ("<=" if self.better == "lower" else ">=")
+        )
         return data
 
 
@@ -313,6 +315,18 @@ class Report:
         self.context.append(context)
         return context
 
+    def sort(self, order: Sequence[str]) -> None:
+        """Order the figures by the first prefix of ``order`` their id starts with."""
+
+        def rank(id: str) -> int:
+            for n, prefix in enumerate(order):
+                if id.startswith(prefix):
+                    return n
+            return len(order)
+
+        self.comparisons.sort(key=lambda c: rank(c.id))
+        self.context.sort(key=lambda x: rank(x.id))
+
     @property
     def all_met(self) -> bool:
         return all(c.met is not False for c in self.comparisons)
@@ -386,7 +400,9 @@ def _json_default(value: Any) -> Any:
 def _print_rows(rows: Sequence[Sequence[str]], out: Any) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for n, row in enumerate(rows):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(), file=out)
+        print(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(), file=out
+        )
         if n == 0:
             print("  ".join("-" * w for w in widths), file=out)
 

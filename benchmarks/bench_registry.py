@@ -39,7 +39,7 @@ import trio
 from _common import Report, gc_disabled, interleaved, interleaved_async, parse_args
 
 import trio_aggregates
-from trio_aggregates import Call, Mailbox
+from trio_aggregates import Mailbox
 
 SECTIONS = ("get", "call", "activate", "memory")
 
@@ -413,9 +413,7 @@ async def activate_bare(keys: list[Any], no_gc: bool) -> float:
 
 
 async def activate_registry(keys: list[Any], no_gc: bool, how: str = "register") -> float:
-    async with trio_aggregates.open_registry(
-        echo_aggregate, mailbox_size=MAILBOX_SIZE
-    ) as registry:
+    async with trio_aggregates.open_registry(echo_aggregate, mailbox_size=MAILBOX_SIZE) as registry:
         activate = registry.register if how == "register" else registry.ensure
         with gc_disabled() if no_gc else _nothing():
             start = perf_counter()
@@ -498,9 +496,7 @@ async def memory_bare(keys: list[Any], server: Callable[..., Awaitable[None]]) -
 
 
 async def memory_registry(keys: list[Any]) -> float:
-    async with trio_aggregates.open_registry(
-        echo_aggregate, mailbox_size=MAILBOX_SIZE
-    ) as registry:
+    async with trio_aggregates.open_registry(echo_aggregate, mailbox_size=MAILBOX_SIZE) as registry:
         register = registry.register
         gc.collect()
         tracemalloc.start()
@@ -591,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
             await bench_memory(report, p)
 
     trio.run(run)
+    report.sort(["get", "call_sequential", "call_concurrent", "activate", "memory"])
     print()
     report.print_table()
     report.write_json(args.json)

@@ -1,6 +1,7 @@
 """trio_aggregates: a nursery-owning aggregate registry and event-sourced aggregates for Trio."""
 
 import contextlib
+from typing import TYPE_CHECKING, Any
 
 from ._aggregate import (
     NO_REPLY as NO_REPLY,
@@ -89,6 +90,7 @@ from ._exceptions import (
 from ._exceptions import (
     WrongExpectedVersion as WrongExpectedVersion,
 )
+from ._open_store import open_store as open_store
 from ._registry import (
     AggregateFunction as AggregateFunction,
 )
@@ -116,6 +118,15 @@ from ._repository import (
 from ._repository import (
     open_aggregates as open_aggregates,
 )
+from ._sqlite import (
+    SQLiteEventStore as SQLiteEventStore,
+)
+from ._sqlite import (
+    StoreStatistics as StoreStatistics,
+)
+from ._sqlite import (
+    open_sqlite_store as open_sqlite_store,
+)
 from ._store import (
     EventStore as EventStore,
 )
@@ -136,6 +147,26 @@ from ._store import (
 )
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from ._postgres import (
+        PostgresEventStore as PostgresEventStore,
+    )
+    from ._postgres import (
+        open_postgres_store as open_postgres_store,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    # The PostgreSQL store needs psycopg (the `postgres` extra): import it on first use.
+    if name in ("PostgresEventStore", "open_postgres_store"):
+        from . import _postgres
+
+        value = getattr(_postgres, name)
+        value.__module__ = __name__
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _fix_module_names() -> None:

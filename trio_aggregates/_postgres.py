@@ -34,6 +34,7 @@ store at once are safe, and opening again is a no-op.
 from __future__ import annotations
 
 import logging
+import select
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -130,9 +131,10 @@ class _Pool:
 
     ``run(fn)`` runs ``fn(connection)`` in a worker thread, never abandoned on
     cancellation. An idle connection is checked (an empty query) before use if
-    it sat idle longer than ``check_after`` seconds or if a connection failed
-    since it was last used; a failed check or a broken connection is replaced
-    by a new one.
+    it sat idle longer than ``check_after`` seconds, if a connection failed
+    since it was last used, or if its socket has something to read (an idle
+    connection has nothing to read unless the server closed it); a failed
+    check or a broken connection is replaced by a new one.
     """
 
     conninfo: str
@@ -167,11 +169,15 @@ class _Pool:
         """In a worker thread: a usable connection (checked or new)."""
         if idle is not None:
             conn = idle.conn
+            if conn.broken or conn.closed:
+                conn.close()
+                return self._connect()
             stale = (
                 idle.generation != generation
                 or time.monotonic() - idle.since > self.check_after
-                or conn.broken
-                or conn.closed
+                # An idle connection has nothing to read, unless the server
+                # said goodbye (shutdown, restart, terminated backend).
+                or bool(select.select([conn.fileno()], [], [], 0)[0])
             )
             if not stale:
                 return conn

@@ -164,9 +164,10 @@ class Call:
         holder = self._holder
         if holder is not None:
             self._holder = None
-            held = holder._held
-            if held is not None:
-                held.discard(self)
+            if holder._in_hand is self:
+                holder._in_hand = None
+            elif holder._held is not None:
+                holder._held.discard(self)
         task = self._task
         if task is not None:
             self._task = None
@@ -241,6 +242,9 @@ class Mailbox(trio.abc.ReceiveChannel[Any]):
         self._in_heap = False
         self._ended_by: str | None = None
         self._retired = False
+        # Calls taken and not yet answered: the latest one, and (rarely) older
+        # ones the aggregate kept to answer later. No allocation per call.
+        self._in_hand: Call | None = None
         self._held: set[Call] | None = None
 
     def __repr__(self) -> str:
@@ -278,12 +282,20 @@ class Mailbox(trio.abc.ReceiveChannel[Any]):
     def _took(self, message: Any) -> Any:
         if type(message) is Call:
             message._holder = self
-            held = self._held
-            if held is None:
-                self._held = {message}
-            else:
-                held.add(message)
+            previous = self._in_hand
+            if previous is not None:  # still unanswered: the aggregate kept it
+                if self._held is None:
+                    self._held = set()
+                self._held.add(previous)
+            self._in_hand = message
         return message
+
+    def _unanswered(self) -> list[Call]:
+        calls = [] if self._in_hand is None else [self._in_hand]
+        if self._held:
+            calls.extend(self._held)
+        self._in_hand = self._held = None
+        return calls
 
     def receive_nowait(self) -> Any:
         """Take a queued message without waiting.
@@ -715,21 +727,18 @@ class Registry:
         if self._mailboxes.get(key) is mailbox:
             del self._mailboxes[key]
             del self._live[key]
-        held = mailbox._held
-        if held:
-            mailbox._held = None
-            for call in held:
-                call._holder = None
-                if call._outcome is not None:
-                    continue
-                if crash is not None:
-                    error: TrioAggregatesError = AggregateCrashed(key, crash)
-                    error.__cause__ = crash
-                elif self._closed:
-                    error = RegistryClosed(f"the registry closed while {key!r} held the call")
-                else:
-                    error = AggregateGone(key, "ended without answering the call")
-                call._resolve(outcome.Error(error))
+        for call in mailbox._unanswered():
+            call._holder = None
+            if call._outcome is not None:
+                continue
+            if crash is not None:
+                error: TrioAggregatesError = AggregateCrashed(key, crash)
+                error.__cause__ = crash
+            elif self._closed:
+                error = RegistryClosed(f"the registry closed while {key!r} held the call")
+            else:
+                error = AggregateGone(key, "ended without answering the call")
+            call._resolve(outcome.Error(error))
         if mailbox._retired:
             return
         mailbox._retired = True

@@ -43,7 +43,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from typing import Any, Final, Generic, TypeVar, final
 
 import attrs
@@ -283,9 +283,10 @@ class AggregateRepository(Generic[A]):
         state = self._type()
         version = 0
         stream = self._type.stream_name(key)
-        async for record in read_stream(self._store, stream):
-            state.apply(self._codec.decode(record.type, record.data, where=_at(record)))
-            version = record.version
+        async with aclosing(read_stream(self._store, stream)) as records:
+            async for record in records:
+                state.apply(self._codec.decode(record.type, record.data, where=_at(record)))
+                version = record.version
         return state, version
 
     async def history(self, key: str | int | uuid.UUID) -> list[StoredEvent]:
@@ -293,13 +294,14 @@ class AggregateRepository(Generic[A]):
         _check_key(key)
         stream = self._type.stream_name(key)
         result = []
-        async for record in read_stream(self._store, stream):
-            event = self._codec.decode(record.type, record.data, where=_at(record))
-            try:
-                metadata = json.loads(record.metadata)
-            except ValueError as exc:
-                raise EventDecodeError(f"bad metadata at {_at(record)}") from exc
-            result.append(StoredEvent(record.version, event, metadata, record.recorded_at))
+        async with aclosing(read_stream(self._store, stream)) as records:
+            async for record in records:
+                event = self._codec.decode(record.type, record.data, where=_at(record))
+                try:
+                    metadata = json.loads(record.metadata)
+                except ValueError as exc:
+                    raise EventDecodeError(f"bad metadata at {_at(record)}") from exc
+                result.append(StoredEvent(record.version, event, metadata, record.recorded_at))
         return result
 
     # -- plumbing --
@@ -368,9 +370,12 @@ class AggregateRepository(Generic[A]):
         """Apply the events of ``stream`` after ``live.version``."""
         decode = self._codec.decode
         state = live.state
-        async for record in read_stream(self._store, stream, from_version=live.version + 1):
-            state.apply(decode(record.type, record.data, where=_at(record)))
-            live.version = record.version
+        async with aclosing(
+            read_stream(self._store, stream, from_version=live.version + 1)
+        ) as records:
+            async for record in records:
+                state.apply(decode(record.type, record.data, where=_at(record)))
+                live.version = record.version
 
     async def _serve(
         self,

@@ -31,7 +31,7 @@ driver's exception escape; the driver's exception is the ``__cause__``.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Protocol, runtime_checkable
 
 import attrs
@@ -150,7 +150,7 @@ class EventStore(Protocol):
 
 async def read_stream(
     store: EventStore, stream: str, *, from_version: int = 1, page_size: int = 1000
-) -> AsyncIterator[RecordedEvent]:
+) -> AsyncGenerator[RecordedEvent, None]:
     """Yield every event of ``stream`` from ``from_version`` on, reading in pages."""
     version = from_version
     while True:
