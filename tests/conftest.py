@@ -1,4 +1,4 @@
-"""Shared fixtures: a throwaway PostgreSQL server for the session, a fresh database per test.
+"""Shared fixtures: a throwaway PostgreSQL server for the session, a fresh schema per test.
 
 The PostgreSQL tests skip, with the reason shown, when no PostgreSQL server
 binaries are installed; when the ``CI`` environment variable is set they fail
@@ -13,7 +13,6 @@ from collections.abc import Iterator
 
 import attrs
 import pytest
-
 from _pgserver import PostgresNotFound, PostgresServer
 
 
@@ -50,24 +49,33 @@ def postgres_dsn(postgres_server: PostgresServer) -> str:
 
 @attrs.frozen
 class PostgresDatabase:
-    """A database made for one test: its name, a libpq DSN and a URL."""
+    """The place one test gets to itself: a fresh schema, first on the search path.
 
-    name: str
+    ``dsn`` and ``url`` connect with ``search_path`` set to the schema alone, so
+    everything a store creates lands there. (A schema per test instead of a
+    database per test: ``CREATE DATABASE`` costs about 0.3 s, a schema 5 ms.)
+    """
+
+    schema: str
     dsn: str
     url: str
 
 
 @pytest.fixture
 def postgres_database(postgres_server: PostgresServer) -> Iterator[PostgresDatabase]:
-    """A fresh, empty database for this test alone, dropped afterwards."""
+    """A fresh, empty schema for this test alone, dropped afterwards."""
     import psycopg
 
-    name = f"test_{uuid.uuid4().hex[:16]}"
+    schema = f"test_{uuid.uuid4().hex[:16]}"
     with psycopg.connect(postgres_server.dsn, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
+        admin.execute(f'CREATE SCHEMA "{schema}"')
     try:
-        yield PostgresDatabase(name, postgres_server.dsn_for(name), postgres_server.url_for(name))
+        yield PostgresDatabase(
+            schema,
+            f"{postgres_server.dsn} options='-csearch_path={schema}'",
+            f"{postgres_server.url_for('postgres')}?options=-csearch_path%3D{schema}",
+        )
     finally:
         if postgres_server.running:
             with psycopg.connect(postgres_server.dsn, autocommit=True) as admin:
-                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Iterator
 
@@ -9,9 +10,9 @@ import psycopg
 import pytest
 import trio
 import trio.testing
-
 from _pgserver import PostgresServer
 from conftest import PostgresDatabase, make_postgres_server
+
 from trio_aggregates._exceptions import ConcurrencyConflict, StoreError, StreamDeleted
 from trio_aggregates._postgres import SCHEMA_VERSION, PostgresEventStore, open_postgres_store
 from trio_aggregates._store import NewEvent, Snapshot
@@ -25,7 +26,7 @@ def ev(n: int | str) -> NewEvent:
 
 def query(dsn: str, sql: str, *params: object) -> list[tuple[object, ...]]:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        cursor = conn.execute(sql, params)  # type: ignore[arg-type]
+        cursor = conn.execute(sql, params)
         return cursor.fetchall() if cursor.description is not None else []
 
 
@@ -33,28 +34,28 @@ async def test_two_stores_racing_never_both_win(postgres_database: PostgresDatab
     """Two independent stores (think: two processes) on one database."""
     dsn = postgres_database.dsn
     async with open_postgres_store(dsn) as one, open_postgres_store(dsn) as two:
+        wins: dict[str, list[str]] = {}
+        conflicts: dict[str, list[str]] = {}
+
+        async def append(store: PostgresEventStore, who: str, stream: str) -> None:
+            try:
+                await store.append(stream, [ev(who)], expected_version=0)
+            except ConcurrencyConflict:
+                conflicts.setdefault(stream, []).append(who)
+            else:
+                wins.setdefault(stream, []).append(who)
+
         for round in range(20):
             stream = f"race-{round}"
-            wins: list[str] = []
-            conflicts: list[str] = []
-
-            async def append(store: PostgresEventStore, who: str, stream: str) -> None:
-                try:
-                    await store.append(stream, [ev(who)], expected_version=0)
-                except ConcurrencyConflict:
-                    conflicts.append(who)
-                else:
-                    wins.append(who)
-
             with trio.fail_after(60):
                 async with trio.open_nursery() as nursery:
                     for i in range(3):
                         nursery.start_soon(append, one, f"one-{i}", stream)
                         nursery.start_soon(append, two, f"two-{i}", stream)
-            assert len(wins) == 1, (wins, conflicts)
-            assert len(conflicts) == 5
+            assert len(wins[stream]) == 1, (wins, conflicts)
+            assert len(conflicts[stream]) == 5
             events = await two.read(stream)
-            assert [e.data for e in events] == [f"event-{wins[0]}".encode()]
+            assert [e.data for e in events] == [f"event-{wins[stream][0]}".encode()]
 
 
 async def test_two_stores_appending_anywhere_lose_nothing(
@@ -293,10 +294,8 @@ async def test_hard_delete_races_append_across_stores(
                 nursery.start_soon(functools.partial(two.delete_stream, stream, hard=True))
 
                 async def append(stream: str = stream) -> None:
-                    try:
+                    with contextlib.suppress(StreamDeleted):
                         await one.append(stream, [ev(1)], expected_version=None)
-                    except StreamDeleted:
-                        pass
 
                 nursery.start_soon(append)
             # Whatever the order, a tombstone holds no events.
@@ -308,3 +307,17 @@ async def test_hard_delete_races_append_across_stores(
                 stream,
             )
             assert rows == [(0,)]
+
+
+async def test_open_store_accepts_both_url_schemes(postgres_database: PostgresDatabase) -> None:
+    from trio_aggregates._open_store import open_store
+
+    for url in (
+        postgres_database.url,
+        postgres_database.url.replace("postgresql://", "postgres://"),
+    ):
+        async with open_store(url) as store:
+            assert isinstance(store, PostgresEventStore)
+            await store.append("s", [ev(url)], expected_version=None)
+    async with open_postgres_store(postgres_database.dsn) as store:
+        assert await store.stream_version("s") == 2

@@ -181,7 +181,7 @@ async def test_soft_delete_keeps_rows_hard_delete_erases_them(db_path: Path) -> 
 
 
 async def test_corrupt_file_gives_store_error(db_path: Path) -> None:
-    db_path.write_bytes(b"this is not an SQLite database, not at all. " * 200)
+    await trio.Path(db_path).write_bytes(b"this is not an SQLite database, not at all. " * 200)
     with pytest.raises(StoreError) as info:
         async with open_sqlite_store(db_path):
             pass  # pragma: no cover

@@ -108,9 +108,10 @@ def _mark(attr: str, what: str) -> Any:
 
         return mark
 
+    role = {"handles": "command handler", "applies": "event applier"}[what]
     decorator.__name__ = what
     decorator.__doc__ = (
-        f"Mark a method of an :class:`Aggregate` as the {what[:-1]}er for a type.\n\n"
+        f"Mark a method of an :class:`Aggregate` as the {role} for a type.\n\n"
         f"Use ``@{what}`` (the type is the annotation of the method's parameter)\n"
         f"or ``@{what}(SomeType, OtherType)``."
     )
@@ -154,7 +155,7 @@ class Aggregate:
     A subclass must be constructible with no arguments: that is the state
     before its first event.
 
-    Class settings:
+    Attributes:
         category: the stream-name prefix (default: the class's name); the
             stream of key ``k`` is ``f"{category}-{k}"``.
         snapshot_every: save a snapshot every N events (``None``: never).

@@ -119,7 +119,11 @@ class EventCodec:
         self._upcasters[old_name] = upcaster
 
     def name_for(self, event: object) -> str:
-        """The type name of ``event``'s class. Raises TypeError if unregistered."""
+        """The type name of ``event``'s class.
+
+        Raises:
+            TypeError: the class is not registered.
+        """
         try:
             return self._by_type[type(event)]
         except KeyError:

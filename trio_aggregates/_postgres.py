@@ -25,8 +25,10 @@ on a stream can never both win; a unique violation becomes
 :exc:`ConcurrencyConflict`.
 
 Schema: tables ``trio_aggregates_streams``, ``trio_aggregates_events``,
-``trio_aggregates_snapshots``, created and migrated by the library; applied
-versions are rows of ``trio_aggregates_schema``. Migrations run in one
+``trio_aggregates_snapshots`` and the function ``trio_aggregates_append`` (an
+append in one round trip), created in the first schema of the connection's
+``search_path`` and migrated by the library; applied versions are rows of
+``trio_aggregates_schema``. Migrations run in one
 transaction under a transaction-scoped advisory lock, so processes opening the
 store at once are safe, and opening again is a no-op.
 """
@@ -97,6 +99,51 @@ _MIGRATIONS: list[tuple[str, ...]] = [
             type text NOT NULL,
             data bytea NOT NULL
         )
+        """,
+        # One round trip per append: lock the stream's row (creating it if
+        # needed), check the expected version, insert. o_status: 0 appended,
+        # 1 version conflict (o_version is the stream's version), 2 tombstone.
+        """
+        CREATE FUNCTION trio_aggregates_append(
+            p_name text, p_expected bigint, p_types text[], p_data bytea[], p_metadata bytea[],
+            OUT o_status integer, OUT o_version bigint
+        ) LANGUAGE plpgsql AS $$
+        DECLARE
+            v_id bigint;
+            v_state smallint;
+            v_count integer := coalesce(cardinality(p_types), 0);
+        BEGIN
+            SELECT s.id, s.state INTO v_id, v_state FROM trio_aggregates_streams s
+                WHERE s.name = p_name AND s.state <> 1 FOR UPDATE;
+            IF NOT FOUND AND v_count > 0 THEN
+                INSERT INTO trio_aggregates_streams (name) VALUES (p_name)
+                    ON CONFLICT (name) WHERE state <> 1 DO NOTHING;
+                -- Ours, or the row another transaction committed meanwhile.
+                SELECT s.id, s.state INTO v_id, v_state FROM trio_aggregates_streams s
+                    WHERE s.name = p_name AND s.state <> 1 FOR UPDATE;
+            END IF;
+            IF v_state = 2 THEN
+                o_status := 2;
+                RETURN;
+            END IF;
+            o_version := 0;
+            IF v_id IS NOT NULL THEN
+                SELECT coalesce(max(e.version), 0) INTO o_version
+                    FROM trio_aggregates_events e WHERE e.stream_id = v_id;
+            END IF;
+            IF p_expected IS NOT NULL AND p_expected <> o_version THEN
+                o_status := 1;
+                RETURN;
+            END IF;
+            IF v_count > 0 THEN
+                INSERT INTO trio_aggregates_events (stream_id, version, type, data, metadata)
+                    SELECT v_id, o_version + i, p_types[i], p_data[i], p_metadata[i]
+                    FROM generate_subscripts(p_types, 1) AS i;
+                o_version := o_version + v_count;
+            END IF;
+            o_status := 0;
+        END
+        $$
         """,
     ),
 ]
@@ -218,18 +265,26 @@ class _Pool:
                 return conn, result
 
             try:
+                # Not abandoned on cancellation: ``work`` always finishes and
+                # hands its connection back. Raises only if cancelled before
+                # the thread started; then the idle connection was not used.
                 conn, result = await trio.to_thread.run_sync(work)
+            except BaseException:
+                if idle is not None:
+                    self._idle.append(idle)
+                raise
+            else:
+                if conn is None:
+                    # A connection failed: check the other idle ones before use.
+                    self._generation += 1
+                elif self._closed:
+                    conn.close()  # closing while closing the store: no thread hop
+                else:
+                    self._idle.append(_Idle(conn, time.monotonic(), self._generation))
             finally:
                 self._in_use -= 1
-            if conn is None:
-                # A connection failed: check the other idle ones before use.
-                self._generation += 1
-            elif self._closed:
-                await trio.to_thread.run_sync(conn.close)
-            else:
-                self._idle.append(_Idle(conn, time.monotonic(), self._generation))
-            if self._in_use == 0:
-                self._all_returned.set()
+                if self._in_use == 0:
+                    self._all_returned.set()
         return result.unwrap()
 
     async def aclose(self) -> None:
@@ -324,39 +379,34 @@ def _live_stream_id(conn: Conn, stream: str, *, create: bool) -> int | None:
     return row[0]
 
 
-def _version_of(conn: Conn, stream_id: int | None) -> int:
-    if stream_id is None:
-        return 0
-    row = conn.execute(
-        "SELECT coalesce(max(version), 0) FROM trio_aggregates_events WHERE stream_id = %s",
-        (stream_id,),
-    ).fetchone()
-    return 0 if row is None else int(row[0])
-
-
 def _apply(conn: Conn, op: _WriteOp) -> Any:
     if isinstance(op, _Append):
-        stream_id = _live_stream_id(conn, op.stream, create=bool(op.events))
-        version = _version_of(conn, stream_id)
-        if op.expected_version is not None and op.expected_version != version:
-            raise ConcurrencyConflict(op.stream, op.expected_version, version)
-        if not op.events:
-            return version
+        events = op.events
         try:
-            with conn.cursor() as cursor:
-                cursor.executemany(
-                    "INSERT INTO trio_aggregates_events"
-                    " (stream_id, version, type, data, metadata) VALUES (%s, %s, %s, %b, %b)",
-                    [
-                        (stream_id, version + i, e.type, e.data, e.metadata)
-                        for i, e in enumerate(op.events, 1)
-                    ],
-                )
+            row = conn.execute(
+                "SELECT o_status, o_version FROM trio_aggregates_append(%s, %s, %s, %b, %b)",
+                (
+                    op.stream,
+                    op.expected_version,
+                    [e.type for e in events] if events else None,
+                    [e.data for e in events] if events else None,
+                    [e.metadata for e in events] if events else None,
+                ),
+            ).fetchone()
         except psycopg.errors.UniqueViolation as exc:
-            # Only reachable if the row lock were bypassed; the key still holds.
-            expected = version if op.expected_version is None else op.expected_version
-            raise ConcurrencyConflict(op.stream, expected) from exc
-        return version + len(op.events)
+            # Unreachable while the function locks the stream's row; the
+            # primary key would still refuse a second writer.
+            raise ConcurrencyConflict(
+                op.stream, -1 if op.expected_version is None else op.expected_version
+            ) from exc
+        assert row is not None
+        status, version = row
+        if status == 2:
+            raise StreamDeleted(op.stream)
+        if status == 1:
+            assert op.expected_version is not None
+            raise ConcurrencyConflict(op.stream, op.expected_version, int(version))
+        return int(version)
     if isinstance(op, _SaveSnapshot):
         s = op.snapshot
         stream_id = _live_stream_id(conn, s.stream, create=True)

@@ -455,7 +455,12 @@ class _StartupStatus:
         status.started(mailbox._send)
 
 
-_UNSET: Final = object()
+class _Unset:
+    def __repr__(self) -> str:
+        return "<the registry's setting>"
+
+
+_UNSET: Final = _Unset()
 
 
 # -- the registry -----------------------------------------------------------
@@ -631,10 +636,12 @@ class Registry:
         disturb the others.
 
         Raises:
-            AggregateDeclined, AggregateStartError: as :meth:`register` (every
-                task waiting on the failed start-up gets its own copy).
-            AggregateNotFound: no live aggregate and no default aggregate function.
-            RegistryClosed, InvalidKey: as :meth:`register`.
+            AggregateDeclined: as :meth:`register` (every task waiting on the
+                declined start-up gets its own copy).
+            AggregateStartError: as :meth:`register` (likewise).
+            AggregateNotFound: no live aggregate and no aggregate function.
+            RegistryClosed: the registry is shutting down.
+            InvalidKey: ``key`` is not hashable.
         """
         while True:
             send = self.get(key)
@@ -699,14 +706,14 @@ class Registry:
                 raise AggregateStartError(key, exc) from exc
             self._counters.crashes += 1
             logger.warning("aggregate %r crashed: %r", key, exc, exc_info=exc)
-            self._retire(mailbox, exc)
+            self._retire(mailbox, ended=True, crash=exc)
             return
         except BaseException:
             # Cancelled (start-up cancelled, or the shutdown grace period ran
             # out), or KeyboardInterrupt: end cleanly, then let it propagate.
             if status.is_started:
                 self._counters.normal_ends += 1
-                self._retire(mailbox)
+                self._retire(mailbox, ended=True)
             else:
                 receive.close()
             raise
@@ -717,17 +724,25 @@ class Registry:
             self._counters.passivations += 1
         else:
             self._counters.normal_ends += 1
-        self._retire(mailbox)
+        self._retire(mailbox, ended=True)
 
     # -- retirement (synchronous: no other task runs in between) --
 
-    def _retire(self, mailbox: Mailbox, crash: BaseException | None = None) -> None:
-        """Take ``mailbox`` out of service: unregister, answer what it holds, close it."""
+    def _retire(
+        self, mailbox: Mailbox, *, ended: bool = False, crash: BaseException | None = None
+    ) -> None:
+        """Take ``mailbox`` out of service: unregister it, close it, deal with what it holds.
+
+        Queued messages are re-routed (or, at shutdown, answered with
+        RegistryClosed). Calls the aggregate took are left for it to answer
+        while its task runs (it finishes the message in hand); once the task
+        has ``ended``, those it never answered are failed.
+        """
         key = mailbox.key
         if self._mailboxes.get(key) is mailbox:
             del self._mailboxes[key]
             del self._live[key]
-        for call in mailbox._unanswered():
+        for call in mailbox._unanswered() if ended else ():
             call._holder = None
             if call._outcome is not None:
                 continue
@@ -812,9 +827,12 @@ class Registry:
                 activation and waiting for mailbox space).
             AggregateCrashed: the aggregate raised while handling the call.
             AggregateGone: the aggregate ended without answering, twice.
-            RegistryClosed, InvalidKey, AggregateDeclined, AggregateStartError,
-            AggregateNotFound: as :meth:`ensure`.
-            Whatever exception the aggregate answered with via :meth:`Call.fail`.
+            RegistryClosed: the registry is shutting down.
+            InvalidKey: ``key`` is not hashable.
+            AggregateDeclined: activation declined (as :meth:`ensure`).
+            AggregateStartError: activation failed (as :meth:`ensure`).
+            AggregateNotFound: no live aggregate and no aggregate function.
+            Exception: whatever the aggregate answered with :meth:`Call.fail`.
         """
         if timeout is None:
             return await self._call(key, message, aggregate)

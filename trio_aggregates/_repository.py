@@ -222,7 +222,9 @@ class AggregateRepository(Generic[A]):
             StoreError: the store failed (the aggregate reloads on next use).
             EventDecodeError: the stream holds an event that cannot be read.
             AggregateCrashed: a handler or applier raised unexpectedly.
-            CallTimeout, RegistryClosed, InvalidKey.
+            CallTimeout: no answer within ``timeout``.
+            RegistryClosed: the block of :func:`open_aggregates` has ended.
+            InvalidKey: ``key`` is not a str, int or UUID.
         """
         request = self._request(
             command, _EXISTING, expected_version, dry_run, verbose,
@@ -244,11 +246,11 @@ class AggregateRepository(Generic[A]):
     ) -> Any:
         """Run ``command`` on a new aggregate ``key``; return its version.
 
-        As :meth:`execute`, but the stream must be empty.
+        As :meth:`execute`, but the stream must be empty. Besides the errors
+        of :meth:`execute` (but for :class:`AggregateNotFound`), it raises:
 
         Raises:
             AlreadyExists: the stream of ``key`` already has events.
-            ...and the errors of :meth:`execute`.
         """
         request = self._request(
             command, _NEW, 0, dry_run, verbose, command_id, correlation_id, causation_id
