@@ -31,7 +31,6 @@ from typing import Any
 
 import attrs
 import outcome
-import pytest
 import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
@@ -201,7 +200,9 @@ def count_tasks(task: trio.lowlevel.Task) -> int:
 
 
 operation = st.one_of(
-    st.tuples(st.just("register"), st.sampled_from(KEYS), st.sampled_from(["ok", "decline", "fail"])),
+    st.tuples(
+        st.just("register"), st.sampled_from(KEYS), st.sampled_from(["ok", "decline", "fail"])
+    ),
     st.tuples(st.just("ensure"), st.sampled_from(KEYS)),
     st.tuples(
         st.just("call"),
@@ -282,11 +283,14 @@ async def scenario(data: st.DataObject) -> None:
     model = Model()
     ids = itertools.count()
     root = trio.lowlevel.current_root_task()
+    assert root is not None
     tasks_before = count_tasks(root)
     async with open_registry(make_aggregate(model), idle_timeout=IDLE_TIMEOUT) as registry:
         model.registry = registry
         async with trio.open_nursery() as requests:
-            steps = data.draw(st.lists(step, min_size=1, max_size=30), label="steps")
+            steps: list[tuple[Any, ...]] = data.draw(
+                st.lists(step, min_size=1, max_size=30), label="steps"
+            )
             for n, item in enumerate(steps):
                 if item[0] == "batch":
                     for op in item[1]:

@@ -1149,12 +1149,6 @@ async def test_leaving_the_block_ends_every_aggregate(target: Any) -> None:
     assert repo.aggregate_type is Account
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: at shutdown Registry._close() retires every mailbox and fails the call the "
-    "aggregate is still working on with RegistryClosed; the aggregate then finishes it (the "
-    "event IS stored) and its own reply raises CallAlreadyAnswered (logged as a crash)",
-)
 async def test_commands_still_queued_at_exit_get_an_answer() -> None:
     store = AppendGate()
     results: dict[int, object] = {}

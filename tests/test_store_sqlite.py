@@ -13,10 +13,10 @@ import trio
 import trio.testing
 
 from trio_aggregates._exceptions import ConcurrencyConflict, StoreError, StreamDeleted
+from trio_aggregates._groupcommit import StoreStatistics
 from trio_aggregates._sqlite import (
     SCHEMA_VERSION,
     SQLiteEventStore,
-    StoreStatistics,
     open_sqlite_store,
 )
 from trio_aggregates._store import NewEvent, Snapshot

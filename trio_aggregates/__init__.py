@@ -1,6 +1,7 @@
 """trio_aggregates: a nursery-owning aggregate registry and event-sourced aggregates for Trio."""
 
 import contextlib
+import inspect
 from typing import TYPE_CHECKING, Any
 
 from ._aggregate import (
@@ -90,6 +91,9 @@ from ._exceptions import (
 from ._exceptions import (
     WrongExpectedVersion as WrongExpectedVersion,
 )
+from ._groupcommit import (
+    StoreStatistics as StoreStatistics,
+)
 from ._open_store import open_store as open_store
 from ._registry import (
     AggregateFunction as AggregateFunction,
@@ -120,9 +124,6 @@ from ._repository import (
 )
 from ._sqlite import (
     SQLiteEventStore as SQLiteEventStore,
-)
-from ._sqlite import (
-    StoreStatistics as StoreStatistics,
 )
 from ._sqlite import (
     open_sqlite_store as open_sqlite_store,
@@ -163,17 +164,23 @@ def __getattr__(name: str) -> Any:
         from . import _postgres
 
         value = getattr(_postgres, name)
-        value.__module__ = __name__
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _fix_module_names() -> None:
-    # Show public names as trio_aggregates.X (as trio does), not trio_aggregates._module.X.
+    # Show exceptions and functions as trio_aggregates.X (as trio does), not
+    # trio_aggregates._module.X. Not other classes: typing.get_type_hints (and
+    # so cattrs, for snapshots) resolves a class's string annotations in the
+    # namespace of its __module__.
     prefix = __name__ + "._"
     for name, value in list(globals().items()):
-        if not name.startswith("_") and getattr(value, "__module__", "").startswith(prefix):
+        if name.startswith("_") or not getattr(value, "__module__", "").startswith(prefix):
+            continue
+        if inspect.isfunction(value) or (
+            isinstance(value, type) and issubclass(value, BaseException)
+        ):
             with contextlib.suppress(AttributeError, TypeError):
                 value.__module__ = __name__
 

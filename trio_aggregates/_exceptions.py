@@ -193,7 +193,7 @@ class ConcurrencyConflict(StoreError):
 
 
 class StreamDeleted(StoreError):
-    """The stream was soft-deleted (tombstoned) and cannot be appended to."""
+    """The stream was hard-deleted (a tombstone is left): it can be neither read nor appended to."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(f"stream {stream!r} is deleted")

@@ -15,7 +15,7 @@ worker thread: a call fails at once when the server refuses connections, and
 the first call after the server is back reconnects. A connection that failed
 is closed, and the idle ones opened before the failure are checked before use.
 
-Writes use group commit like the SQLite store (:class:`._sqlite._GroupCommit`):
+Writes use group commit like the SQLite store (``_groupcommit.py``):
 the writes queued while a transaction runs share the next transaction, each
 in its own savepoint, sorted by stream name (so that two processes' batches
 lock streams in the same order and cannot deadlock). The expected-version check
@@ -50,7 +50,7 @@ import trio
 from psycopg.pq import TransactionStatus
 
 from ._exceptions import ConcurrencyConflict, StoreError, StreamDeleted
-from ._sqlite import StoreStatistics, _BatchResult, _GroupCommit
+from ._groupcommit import StoreStatistics, _BatchResult, _GroupCommit
 from ._store import NewEvent, RecordedEvent, Snapshot
 
 __all__ = ["PostgresEventStore", "open_postgres_store"]

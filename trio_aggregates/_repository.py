@@ -472,7 +472,7 @@ class AggregateRepository(Generic[A]):
             await self._store.save_snapshot(
                 Snapshot(stream, live.version, cls.snapshot_schema, type_name_of(cls), data)
             )
-        except (StoreError, TypeError, ValueError) as exc:
+        except Exception as exc:  # a snapshot is an optimisation: never crash for one
             logger.warning("could not snapshot %r at version %d: %r", stream, live.version, exc)
             return
         live.snapshot_version = live.version

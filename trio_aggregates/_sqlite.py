@@ -1,4 +1,4 @@
-"""The SQLite event store, and the group-commit writer both durable stores share.
+"""The SQLite event store.
 
 :class:`SQLiteEventStore` keeps streams in one SQLite file, through the
 standard library's :mod:`sqlite3` driven from worker threads
@@ -6,7 +6,7 @@ standard library's :mod:`sqlite3` driven from worker threads
 ``synchronous=FULL``: an append that returned is on disk.
 
 Writes (appends, snapshots, deletes) go through a single writer path with
-*group commit* (:class:`_GroupCommit`): the writes that arrive while a
+*group commit* (see ``_groupcommit.py``): the writes that arrive while a
 transaction is being written queue up, and the next transaction writes all of
 them, each inside its own ``SAVEPOINT``. So an append that fails (a version
 conflict) fails alone while the others in its batch commit, and many tasks
@@ -36,181 +36,25 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from os import PathLike
-from typing import Any, Generic, TypeVar, final
+from typing import Any, final
 
 import attrs
 import outcome
 import trio
 
 from ._exceptions import ConcurrencyConflict, StoreError, StreamDeleted
+from ._groupcommit import StoreStatistics, _BatchResult, _GroupCommit
 from ._store import NewEvent, RecordedEvent, Snapshot
 
-__all__ = ["SQLiteEventStore", "StoreStatistics", "open_sqlite_store"]
+__all__ = ["SQLiteEventStore", "open_sqlite_store"]
 
 logger = logging.getLogger("trio_aggregates.sqlite")
 
 _LIVE, _SOFT_DELETED, _TOMBSTONE = 0, 1, 2
 
-
-@attrs.frozen
-class StoreStatistics:
-    """Counters of a durable store's writer, from ``statistics()``.
-
-    Attributes:
-        transactions: write transactions committed. With group commit this is
-            far below ``writes`` when many tasks write at once.
-        appends: ``append`` calls that committed.
-        writes: write calls (appends, snapshots, deletes) that committed.
-        failed_writes: write calls that failed (conflicts, deleted streams,
-            driver errors).
-        pending_writes: write calls queued for the next transaction right now.
-    """
-
-    transactions: int
-    appends: int
-    writes: int
-    failed_writes: int
-    pending_writes: int
-
-
-# -- group commit ------------------------------------------------------------
-
-OpT = TypeVar("OpT")
-
-_PENDING, _PROMOTED, _TAKEN, _DONE = "pending", "promoted", "taken", "done"
-
-
-@attrs.define(eq=False)
-class _Request(Generic[OpT]):
-    op: OpT
-    state: str = _PENDING
-    result: outcome.Outcome[Any] | None = None
-    wakeup: trio.Event = attrs.Factory(trio.Event)
-
-
-@attrs.frozen
-class _BatchResult:
-    outcomes: list[outcome.Outcome[Any]]
-    committed: bool
-
-
-@final
-@attrs.define(eq=False)
-class _GroupCommit(Generic[OpT]):
-    """Batches writes from many tasks into one transaction, written in a worker thread.
-
-    There is no background task: the first writer to arrive becomes the
-    *leader*, takes every queued write, and awaits ``run_batch`` on them
-    (shielded from cancellation); writes arriving meanwhile queue up. When its batch is done,
-    the leader hands leadership to the first queued write's task, which writes
-    the next batch. ``run_batch`` must return one outcome per write, in order,
-    and ``committed`` (whether the transaction committed).
-
-    Cancellation: a write still queued is withdrawn (nothing is written). Once
-    taken into a batch it cannot be withdrawn: the call waits for the
-    transaction and returns its result (or raises its error); the cancellation
-    takes effect at the caller's next checkpoint. So a cancelled write was
-    either committed entirely or not at all.
-    """
-
-    _run_batch: Callable[[list[OpT]], Awaitable[_BatchResult]]
-    _is_append: Callable[[OpT], bool]
-    _pending: list[_Request[OpT]] = attrs.field(factory=list, init=False)
-    _leading: bool = attrs.field(default=False, init=False)
-    _idle: trio.Event = attrs.field(factory=trio.Event, init=False)
-    transactions: int = attrs.field(default=0, init=False)
-    appends: int = attrs.field(default=0, init=False)
-    writes: int = attrs.field(default=0, init=False)
-    failed_writes: int = attrs.field(default=0, init=False)
-
-    def __attrs_post_init__(self) -> None:
-        self._idle.set()
-
-    def statistics(self) -> StoreStatistics:
-        return StoreStatistics(
-            transactions=self.transactions,
-            appends=self.appends,
-            writes=self.writes,
-            failed_writes=self.failed_writes,
-            pending_writes=len(self._pending),
-        )
-
-    async def submit(self, op: OpT) -> Any:
-        """Queue ``op`` for the next transaction; return its result or raise its error."""
-        await trio.lowlevel.checkpoint_if_cancelled()
-        request = _Request(op)
-        self._pending.append(request)
-        if not self._leading:
-            self._leading = True
-            self._idle = trio.Event()
-            request.state = _PROMOTED
-        else:
-            try:
-                await request.wakeup.wait()
-            except trio.Cancelled:
-                if request.state in (_PENDING, _PROMOTED):
-                    # Not written, and now never will be.
-                    self._pending.remove(request)
-                    if request.state == _PROMOTED:
-                        self._hand_off()
-                    raise
-                # Taken into a batch: its outcome is coming, wait for it.
-                with trio.CancelScope(shield=True):
-                    await request.wakeup.wait()
-        if request.state == _PROMOTED:
-            await self._lead()
-        assert request.result is not None
-        return request.result.unwrap()
-
-    async def _lead(self) -> None:
-        with trio.CancelScope(shield=True):
-            try:
-                # Let the writes of tasks woken in this same tick join the batch.
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                batch, self._pending = self._pending, []
-                for request in batch:
-                    request.state = _TAKEN
-                ops = [request.op for request in batch]
-                try:
-                    result = await self._run_batch(ops)
-                except BaseException as exc:  # pragma: no cover - run_batch catches all
-                    error = StoreError("internal error in the store's writer, please report")
-                    error.__cause__ = exc
-                    result = _BatchResult([outcome.Error(error) for _ in ops], committed=False)
-                if result.committed:
-                    self.transactions += 1
-                for request, res in zip(batch, result.outcomes, strict=True):
-                    request.result = res
-                    request.state = _DONE
-                    if isinstance(res, outcome.Value):
-                        self.writes += 1
-                        if self._is_append(request.op):
-                            self.appends += 1
-                    else:
-                        self.failed_writes += 1
-                    request.wakeup.set()
-            finally:
-                self._hand_off()
-
-    def _hand_off(self) -> None:
-        if self._pending:
-            successor = self._pending[0]
-            successor.state = _PROMOTED
-            successor.wakeup.set()
-        else:
-            self._leading = False
-            self._idle.set()
-
-    async def wait_idle(self) -> None:
-        """Wait until every queued write is done."""
-        while self._leading:
-            await self._idle.wait()
-
-
-# -- the SQLite store -------------------------------------------------------
 
 _MIGRATIONS: list[tuple[str, ...]] = [
     # version 1
