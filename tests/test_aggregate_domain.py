@@ -547,15 +547,6 @@ def test_corrupt_or_ill_fitting_data_is_a_decode_error(data: bytes) -> None:
     assert info.value.__cause__ is not None
 
 
-SNAPSHOT_BUG = (
-    "BUG: trio_aggregates/__init__.py rewrites Aggregate.__module__ to 'trio_aggregates', so "
-    "typing.get_type_hints() on any Aggregate subclass evaluates Aggregate's string "
-    "annotations (ClassVar[...], Mapping[...]) in the package namespace -> NameError; cattrs "
-    "cannot encode any aggregate state, so no snapshot is ever written"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=NameError, reason=SNAPSHOT_BUG)
 def test_type_hints_of_an_aggregate_subclass_resolve() -> None:
     # attrs.resolve_types / cattrs call this on every state they encode.
     hints = typing.get_type_hints(bank.Account)
@@ -563,7 +554,6 @@ def test_type_hints_of_an_aggregate_subclass_resolve() -> None:
     assert hints["snapshot_every"] == ClassVar[int | None]
 
 
-@pytest.mark.xfail(strict=True, raises=NameError, reason=SNAPSHOT_BUG)
 def test_state_round_trip_for_snapshots() -> None:
     codec = bank.Account.codec()
     state = opened(1234, overdraft=10)

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -38,12 +37,6 @@ async def test_run_bank_on_sqlite(tmp_path: Path) -> None:
     assert (tmp_path / "bank.db").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (see SNAPSHOT_BUG in test_repository.py): Account.snapshot_every = 50 and "
-    "no state can be encoded, so past 50 events each command crashes the account after its "
-    "reply, and transfers queued behind it fail with AggregateGone",
-)
 async def test_run_bank_with_busy_accounts() -> None:
     with trio.fail_after(60):
         summary = await bank.run_bank("memory://", accounts_count=10, transfers=2000, tasks=20)

@@ -33,7 +33,7 @@ import attrs
 import outcome
 import trio
 import trio.testing
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from trio_aggregates import (
@@ -162,7 +162,7 @@ def check_outcome(model: Model, op_id: int) -> None:
     result = model.outcomes[op_id]
     kind = op[0]
     if kind == "raw":
-        if result not in ("sent", "no target"):
+        if result not in ("sent", "stale", "no target"):
             model.violations.append(f"op {op} ended with {result!r}")
         return
     if kind in ("cancel-call", "cancel-ensure"):
@@ -248,12 +248,21 @@ async def run_op(model: Model, registry: Registry, op_id: int, op: tuple[Any, ..
                 result = outcome.Error(exc)
         model.record(op_id, result)
     elif kind == "raw":
+        # A raw message through a send end: the live one, or one just ensured (which may
+        # have gone stale by the time ensure returns: that must fail, not vanish).
         model.ops[op_id] = ("raw", key)
         send = registry.get(key)
         if send is None:
-            model.record(op_id, "no target")
-        else:
+            try:
+                send = await registry.ensure(key)
+            except (AggregateDeclined, AggregateStartError):
+                model.record(op_id, "no target")
+                return
+        try:
             send.send_nowait(("raw", op_id))  # never full: the mailbox holds 64
+        except trio.BrokenResourceError:
+            model.record(op_id, "stale")
+        else:
             model.raw_accepted.add(op_id)
             model.record(op_id, "sent")
 
@@ -310,6 +319,14 @@ async def scenario(data: st.DataObject) -> None:
             unanswered = [model.ops.get(i, i) for i in range(next(ids)) if i not in model.outcomes]
             assert unanswered == [], f"requests without an outcome: {unanswered}"
             check_invariants(model, registry, "at the end")
+            for op_id, result in model.outcomes.items():
+                if isinstance(result, outcome.Error):
+                    event(f"{model.ops[op_id][0]}: {type(result.error).__name__}")
+                else:
+                    shown = "ok" if isinstance(result, outcome.Value) else result
+                    event(f"{model.ops[op_id][0]}: {shown}")
+            stats = registry.statistics()
+            event(f"passivations > 0: {stats.passivations > 0}, crashes > 0: {stats.crashes > 0}")
             lost = {i: model.raw_received[i] for i in model.raw_accepted}
             assert all(count == 1 for count in lost.values()), f"raw deliveries: {lost}"
             assert set(model.raw_received) <= model.raw_accepted
@@ -320,7 +337,7 @@ async def scenario(data: st.DataObject) -> None:
     assert model.violations == []
 
 
-@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_registry_invariants_under_random_interleavings(data: st.DataObject) -> None:
     # Crashes are logged at WARNING by design; keep Hypothesis' many examples quiet.

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import pytest
@@ -56,14 +56,6 @@ Account = bank.Account
 OpenAccount, Deposit, Withdraw = bank.OpenAccount, bank.Deposit, bank.Withdraw
 Deposited, Withdrawn, AccountOpened = bank.Deposited, bank.Withdrawn, bank.AccountOpened
 
-SNAPSHOT_BUG = (
-    "BUG: __init__.py rewrites Aggregate.__module__ to 'trio_aggregates'; get_type_hints() of "
-    "any Aggregate subclass then raises NameError('ClassVar'), so cattrs cannot encode or "
-    "decode a state: no snapshot is ever saved (the aggregate crashes right after the reply "
-    "of every snapshot_every-th event) and a stored snapshot is never used"
-)
-
-
 # -- test domain: an account that can crash, and a ledger of multi-event commands --
 
 
@@ -75,7 +67,7 @@ class Boom:
 @attrs.define
 class FragileAccount(bank.Account):
     category = "Fragile"
-    snapshot_every = None  # see SNAPSHOT_BUG: keep these tests about crashes only
+    snapshot_every = None  # these tests are about crashes only
 
     @handles
     def boom(self, command: Boom) -> None:
@@ -97,7 +89,7 @@ class LineAdded:
 @attrs.define
 class Ledger(bank.Account):
     category = "Ledger"
-    snapshot_every = None  # see SNAPSHOT_BUG
+    snapshot_every = None
     lines: list[str] = attrs.Factory(list)
 
     @handles
@@ -350,12 +342,6 @@ async def test_create_on_an_existing_key_already_exists(target: Any) -> None:
         assert await repo.version("a") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a create whose command is rejected (or a create dry run) leaves an empty "
-    "aggregate registered; then load()/version() answer (Account(), 0) instead of "
-    "AggregateNotFound, and the key stays in the registry although no stream exists",
-)
 async def test_rejected_create_leaves_no_aggregate_behind() -> None:
     async with open_aggregates(Account, InMemoryEventStore()) as repo:
         with pytest.raises(bank.InvalidAmount):
@@ -467,12 +453,6 @@ async def test_commands_queued_behind_a_crash_are_answered_once_each() -> None:
         assert repo.registry.statistics().crashes == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: commands queued behind a crash are re-routed by each caller on its own, "
-    "so they reach the fresh activation in scheduler order (Trio randomly reverses its run "
-    "batches), not in the order they arrived",
-)
 async def test_commands_queued_behind_a_crash_keep_their_arrival_order() -> None:
     store = AppendGate()
     async with open_aggregates(FragileAccount, store) as repo:
@@ -578,12 +558,6 @@ async def test_concurrent_create_from_two_repositories_exactly_one_wins(target: 
         assert len(await repo.history("k")) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: create() sends expected_version=0, so when its append loses to another "
-    "writer the retry path raises WrongExpectedVersion(0, 1) before it reaches the "
-    "AlreadyExists check",
-)
 async def test_create_losing_to_another_writer_is_already_exists() -> None:
     store = InMemoryEventStore()
     async with open_aggregates(Account, store) as repo:
@@ -660,11 +634,6 @@ async def test_max_retries_zero_answers_the_first_conflict() -> None:
         assert await stored(store, Account, "a") == 2  # only the foreign event
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: with max_retries=0 the aggregate never catches up after a conflict: every "
-    "later command conflicts again, until the aggregate is passivated or crashes",
-)
 async def test_max_retries_zero_recovers_once_the_other_writer_stops() -> None:
     async with open_aggregates(Account, InMemoryEventStore(), max_retries=0) as repo:
         await repo.create("a", OpenAccount("ann"))
@@ -946,23 +915,22 @@ async def test_transfer_carries_its_correlation_id() -> None:
 # -- snapshots ----------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=SNAPSHOT_BUG)
 async def test_snapshot_is_saved_every_n_events(target: Any) -> None:
     async with open_aggregates(Snappy, target) as repo:
         await repo.create("s", OpenAccount("ann"))
         await repo.execute("s", Deposit(1))
         assert await repo.store.load_snapshot("Snappy-s") is None
         await repo.execute("s", Deposit(2))
+        # the snapshot is saved after the reply; the next message is taken after that
+        assert await repo.version("s") == 3
         snapshot = await repo.store.load_snapshot("Snappy-s")
         assert snapshot is not None
         assert (snapshot.version, snapshot.schema, snapshot.type) == (3, 1, "snappy")
         assert repo.registry.statistics().crashes == 0
 
 
-@pytest.mark.xfail(strict=True, reason=SNAPSHOT_BUG)
 async def test_account_keeps_serving_concurrent_commands_past_its_snapshot_interval() -> None:
-    # bank.Account has snapshot_every = 50: past version 50 every command crashes the
-    # aggregate after its reply, and commands queued behind it fail with AggregateGone.
+    # bank.Account has snapshot_every = 50: snapshots are taken between queued commands.
     async with open_aggregates(Account, InMemoryEventStore()) as repo:
         await repo.create("a", OpenAccount("ann"))
         failures: list[BaseException] = []
@@ -981,7 +949,6 @@ async def test_account_keeps_serving_concurrent_commands_past_its_snapshot_inter
         assert await repo.version("a") == 81
 
 
-@pytest.mark.xfail(strict=True, reason=SNAPSHOT_BUG)
 async def test_next_activation_uses_the_snapshot() -> None:
     store = CountingStore()
     async with open_aggregates(Snappy, store) as repo:
@@ -996,7 +963,6 @@ async def test_next_activation_uses_the_snapshot() -> None:
         assert store.events_read == 2  # only the events after the snapshot at 3
 
 
-@pytest.mark.xfail(strict=True, reason=SNAPSHOT_BUG)
 async def test_a_stored_snapshot_with_the_right_schema_is_used() -> None:
     # A snapshot that disagrees with the events (balance 999) shows that it was read.
     store = CountingStore()
@@ -1034,6 +1000,29 @@ async def test_an_unreadable_snapshot_falls_back_to_the_events() -> None:
     await store.save_snapshot(Snapshot("Snappy-s", 2, 1, "snappy", b"corrupt"))
     async with open_aggregates(Snappy, store) as repo:
         assert (await repo.load("s")).balance == 4
+
+
+@attrs.define
+class UpcastingAccount(bank.Account):
+    category = "Account"
+    snapshot_every = None
+    upcasters: ClassVar[dict[str, Any]] = {
+        "legacy.deposit": lambda d: ("account.deposited", {"amount": d["cents"], "reference": None})
+    }
+
+
+async def test_old_event_shapes_are_upcast_on_load() -> None:
+    store = InMemoryEventStore()
+    opened = NewEvent(*Account.codec().encode(AccountOpened("ann", 0)))
+    legacy = NewEvent("legacy.deposit", b'{"cents": 250}')
+    await store.append("Account-old", [opened, legacy], expected_version=0)
+    async with open_aggregates(UpcastingAccount, store) as repo:
+        assert (await repo.load("old")).balance == 250
+        assert await repo.execute("old", Withdraw(50)) == 3
+        assert [e.event for e in await repo.history("old")][1] == Deposited(250)
+    async with open_aggregates(Account, store) as repo:  # without the upcaster
+        with pytest.raises(UnknownEventType, match=r"legacy\.deposit"):
+            await repo.load("old")
 
 
 # -- bad data and failing stores ----------------------------------------------
@@ -1175,12 +1164,6 @@ async def test_commands_still_queued_at_exit_get_an_answer() -> None:
         assert references(await repo.history("a")) == [None, "r0"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: open_registry tests `group.subgroup(trio.Cancelled) is group`, which is "
-    "never true on CPython 3.11 (subgroup builds a new group), so an outside cancellation "
-    "of the block becomes TrioAggregatesError('internal error ... please report it')",
-)
 async def test_cancelling_the_block_is_a_clean_cancellation(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -79,10 +79,6 @@ logger = logging.getLogger("trio_aggregates.registry")
 
 SendEnd: TypeAlias = "trio.MemorySendChannel[Any]"
 
-#: The value a call is resolved with when its aggregate ended before taking it:
-#: ``Registry.call`` re-routes it; ``Call.wait`` turns it into AggregateGone.
-_REROUTE: Final = object()
-
 
 class AggregateFunction(Protocol):
     """The shape of an aggregate function.
@@ -124,7 +120,7 @@ class Call:
         message: what the caller sent.
     """
 
-    __slots__ = ("_abandoned", "_holder", "_outcome", "_task", "message")
+    __slots__ = ("_abandoned", "_holder", "_outcome", "_redelivered", "_task", "message")
 
     def __init__(self, message: Any) -> None:
         self.message = message
@@ -132,6 +128,7 @@ class Call:
         self._task: trio.lowlevel.Task | None = None
         self._holder: Mailbox | None = None
         self._abandoned = False
+        self._redelivered = False
 
     def __repr__(self) -> str:
         state = "answered" if self._outcome is not None else "pending"
@@ -199,10 +196,7 @@ class Call:
             AggregateGone: the aggregate ended before it took the call.
             trio.BusyResourceError: another task is already waiting for it.
         """
-        value = await self._wait()
-        if value is _REROUTE:
-            raise AggregateGone(None, "ended before it took the call")
-        return value
+        return await self._wait()
 
 
 # -- mailboxes --------------------------------------------------------------
@@ -225,6 +219,21 @@ class Mailbox(trio.abc.ReceiveChannel[Any]):
     tracked until answered, so that a crash or an early return answers them.
     """
 
+    __slots__ = (
+        "_ended_by",
+        "_fn",
+        "_heap_seq",
+        "_held",
+        "_idle_since",
+        "_idle_timeout",
+        "_in_hand",
+        "_receive",
+        "_registry",
+        "_retired",
+        "_send",
+        "key",
+    )
+
     def __init__(
         self,
         registry: Registry,
@@ -232,14 +241,16 @@ class Mailbox(trio.abc.ReceiveChannel[Any]):
         send: SendEnd,
         receive: trio.MemoryReceiveChannel[Any],
         idle_timeout: float | None,
+        fn: AggregateFunction,
     ) -> None:
         self.key = key
+        self._fn = fn
         self._registry = registry
         self._send = send
         self._receive = receive
         self._idle_timeout = idle_timeout
         self._idle_since = 0.0
-        self._in_heap = False
+        self._heap_seq = 0  # the seq of its live entry in the reaper's heap; 0: none
         self._ended_by: str | None = None
         self._retired = False
         # Calls taken and not yet answered: the latest one, and (rarely) older
@@ -277,7 +288,7 @@ class Mailbox(trio.abc.ReceiveChannel[Any]):
         if value is not None:
             self._idle_since = trio.current_time()
             if self._registry._mailboxes.get(self.key) is self:
-                self._registry._schedule(self)
+                self._registry._schedule(self, earlier=True)
 
     def _took(self, message: Any) -> Any:
         if type(message) is Call:
@@ -409,6 +420,8 @@ class _Pending:
 
     done: trio.Event = attrs.field(factory=trio.Event)
     error: TrioAggregatesError | None = None
+    #: Around the ``nursery.start``: shutdown bounds a start-up with its deadline.
+    scope: trio.CancelScope | None = None
 
 
 class _Declined(Exception):
@@ -511,7 +524,7 @@ class Registry:
         self._counters = _Counters()
         self._closed = False
         self._heap: list[tuple[float, int, Mailbox]] = []
-        self._seq = itertools.count()
+        self._seq = itertools.count(1)
         self._reaper_scope: trio.CancelScope | None = None
         self._reaper_started = False
 
@@ -660,11 +673,20 @@ class Registry:
             if error is not None:
                 raise _copy_error(error)
 
-    async def _activate(self, key: Any, fn: AggregateFunction, idle: float | None) -> SendEnd:
-        pending = _Pending()
+    async def _activate(
+        self,
+        key: Any,
+        fn: AggregateFunction,
+        idle: float | None,
+        pending: _Pending | None = None,
+    ) -> SendEnd:
+        if pending is None:
+            pending = _Pending()
         self._starting[key] = pending
+        send: SendEnd | None = None
         try:
-            send: SendEnd | None = await self._nursery.start(self._run, key, fn, idle)
+            with trio.CancelScope() as pending.scope:
+                send = await self._nursery.start(self._run, key, fn, idle)
         except _Declined:
             self._counters.declined += 1
             pending.error = AggregateDeclined(key)
@@ -695,7 +717,7 @@ class Registry:
         task_status: trio.TaskStatus[SendEnd | None],
     ) -> None:
         send, receive = trio.open_memory_channel[Any](self._mailbox_size)
-        mailbox = Mailbox(self, key, send, receive, idle)
+        mailbox = Mailbox(self, key, send, receive, idle, fn)
         status = _StartupStatus(mailbox, task_status)
         del task_status  # keep the idle task small: trio's status object stays behind
         try:
@@ -769,36 +791,76 @@ class Registry:
         receive.close()  # blocked senders and stale send ends now get BrokenResourceError
         if not leftovers:
             return
-        others: list[Any] = []
-        for message in leftovers:
-            if type(message) is Call:
-                if self._closed:
-                    message._resolve(outcome.Error(RegistryClosed("the registry closed")))
-                else:
-                    message._resolve(outcome.Value(_REROUTE))
-            else:
-                others.append(message)
-        if not others:
-            return
         if self._closed:
-            logger.warning(
-                "registry closed with %d undelivered message(s) for %r", len(others), key
-            )
-        else:
-            self._nursery.start_soon(self._redeliver, key, others)
+            self._undeliverable(key, leftovers, RegistryClosed("the registry closed"))
+            return
+        again = [m for m in leftovers if type(m) is not Call or not m._redelivered]
+        if len(again) < len(leftovers):
+            once = [m for m in leftovers if type(m) is Call and m._redelivered]
+            self._undeliverable(key, once, AggregateGone(key, "ended before it took the call"))
+        if not again:
+            return
+        # Re-deliver, in order, to a fresh activation. Reserving the start-up
+        # now makes later callers wait for it, so the leftovers go first.
+        pending = None if key in self._starting else _Pending()
+        if pending is not None:
+            self._starting[key] = pending
+        self._nursery.start_soon(
+            self._redeliver, key, mailbox._fn, mailbox._idle_timeout, again, pending
+        )
 
-    async def _redeliver(self, key: Any, messages: list[Any]) -> None:
-        """Send messages left in an ended aggregate's mailbox to a fresh activation."""
-        sent = 0
+    async def _redeliver(
+        self,
+        key: Any,
+        fn: AggregateFunction,
+        idle: float | None,
+        messages: list[Any],
+        pending: _Pending | None,
+    ) -> None:
+        """Send what an ended aggregate left in its mailbox to a fresh activation."""
+        for message in messages:
+            if type(message) is Call:
+                message._redelivered = True
         try:
-            send = await self.ensure(key)
-            for message in messages:
-                await send.send(message)
-                sent += 1
-        except (TrioAggregatesError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            logger.warning(
-                "could not re-deliver %d message(s) to %r: %r", len(messages) - sent, key, exc
-            )
+            if self._closed:
+                if pending is not None and self._starting.get(key) is pending:
+                    del self._starting[key]
+                    pending.done.set()
+                raise RegistryClosed("the registry closed")
+            if pending is not None:
+                send = await self._activate(key, fn, idle, pending)
+            else:
+                send = await self.ensure(key, fn)
+        except TrioAggregatesError as exc:
+            self._undeliverable(key, messages, exc)
+            return
+        except BaseException:
+            self._undeliverable(key, messages, RegistryClosed("the registry closed"))
+            raise
+        for i, message in enumerate(messages):
+            try:
+                try:
+                    send.send_nowait(message)
+                except trio.WouldBlock:
+                    await send.send(message)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                gone = AggregateGone(key, "ended before it took the call")
+                self._undeliverable(key, messages[i:], gone)
+                return
+            except BaseException:
+                self._undeliverable(key, messages[i:], RegistryClosed("the registry closed"))
+                raise
+
+    def _undeliverable(self, key: Any, messages: list[Any], error: TrioAggregatesError) -> None:
+        """Answer the calls among ``messages`` with ``error``; log the other messages as lost."""
+        lost = 0
+        for message in messages:
+            if type(message) is not Call:
+                lost += 1
+            elif message._outcome is None:
+                message._resolve(outcome.Error(_copy_error(error)))
+        if lost:
+            logger.warning("%d message(s) for %r could not be delivered: %r", lost, key, error)
 
     # -- calls --
 
@@ -852,21 +914,25 @@ class Registry:
                 except trio.WouldBlock:
                     await send.send(call)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                continue
-            value = await call._wait()
-            if value is not _REROUTE:
-                return value
+                continue  # it ended just now: once more, to a fresh activation
+            return await call._wait()
         raise AggregateGone(key, "ended before it took the call, twice")
 
     # -- idle passivation --
 
-    def _schedule(self, mailbox: Mailbox) -> None:
+    def _schedule(self, mailbox: Mailbox, *, earlier: bool = False) -> None:
+        """Give ``mailbox`` an entry in the reaper's heap, unless it has one.
+
+        Entries are lazy: a later deadline (the aggregate took a message) is
+        found when the entry comes up. With ``earlier`` (a shorter timeout
+        was set) a new entry replaces the old, which is skipped as stale.
+        """
         idle = mailbox._idle_timeout
-        if idle is None or mailbox._in_heap:
+        if idle is None or (mailbox._heap_seq and not earlier):
             return
         deadline = mailbox._idle_since + idle
-        mailbox._in_heap = True
-        heapq.heappush(self._heap, (deadline, next(self._seq), mailbox))
+        seq = mailbox._heap_seq = next(self._seq)
+        heapq.heappush(self._heap, (deadline, seq, mailbox))
         if not self._reaper_started:
             self._reaper_started = True
             self._nursery.start_soon(self._reap)
@@ -882,8 +948,10 @@ class Registry:
             self._reaper_scope = None
             now = trio.current_time()
             while heap and heap[0][0] <= now and not self._closed:
-                _, _, mailbox = heapq.heappop(heap)
-                mailbox._in_heap = False
+                _, seq, mailbox = heapq.heappop(heap)
+                if seq != mailbox._heap_seq:
+                    continue  # stale: replaced by an earlier entry
+                mailbox._heap_seq = 0
                 idle = mailbox._idle_timeout
                 if mailbox._retired or idle is None:
                     continue
@@ -911,7 +979,12 @@ class Registry:
         if self._reaper_scope is not None:
             self._reaper_scope.cancel()
         self._heap.clear()
-        self._nursery.cancel_scope.deadline = trio.current_time() + self._shutdown_timeout
+        deadline = trio.current_time() + self._shutdown_timeout
+        self._nursery.cancel_scope.deadline = deadline
+        for pending in self._starting.values():
+            # Start-ups run in their callers' tasks, outside the nursery's scope.
+            if pending.scope is not None:
+                pending.scope.deadline = deadline
 
 
 def _copy_error(error: TrioAggregatesError) -> TrioAggregatesError:
@@ -966,7 +1039,7 @@ async def open_registry(
             finally:
                 registry._close()
     except BaseExceptionGroup as group:
-        only_cancelled = group.subgroup(trio.Cancelled) is group
+        only_cancelled = group.split(trio.Cancelled)[1] is None
         if only_cancelled and body_error is None:
             raise
         if not only_cancelled:

@@ -406,17 +406,23 @@ class AggregateRepository(Generic[A]):
                 if type(request) is _Command:
                     result = await self._execute(key, stream, live, request)
                 elif type(request) is _Inspect:
+                    if live.version == 0:
+                        raise AggregateNotFound(key)
                     result = (copy.deepcopy(live.state), live.version)
                 else:
                     raise UnknownCommand(f"not a command envelope: {request!r}")
             except _REFUSALS as exc:
                 message.fail(exc)
+                if live.version == 0:
+                    return  # no stream (a refused create): do not stay registered
                 continue
             except StoreError as exc:
                 # Did the append land? Unknown: end, and reload on the next command.
                 message.fail(exc)
                 return
             message.reply(result)
+            if live.version == 0:
+                return  # no stream (a refused or dry-run create): do not stay registered
             every = self._type.snapshot_every
             if every and live.version // every > live.snapshot_version // every:
                 await self._save_snapshot(live, stream)
@@ -450,13 +456,16 @@ class AggregateRepository(Generic[A]):
             try:
                 version = await self._store.append(stream, new, expected_version=live.version)
             except ConcurrencyConflict:
-                if attempt == self._max_retries:
-                    raise
+                # Another writer got there first: learn what it wrote, then
+                # decide again (or give up). Always catch up, so that the next
+                # command starts from the stream as it is.
                 await self._catch_up(live, stream)
-                if expected is not None:
-                    raise WrongExpectedVersion(key, expected, live.version) from None
                 if request.mode == _NEW and live.version > 0:
                     raise AlreadyExists(key) from None
+                if expected is not None:
+                    raise WrongExpectedVersion(key, expected, live.version) from None
+                if attempt == self._max_retries:
+                    raise
                 continue
             state = live.state
             for event in events:
