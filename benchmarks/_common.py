@@ -484,3 +484,45 @@ def metadata() -> dict[str, Any]:
         "gc_threshold": list(gc.get_threshold()),
         "argv": sys.argv[1:],
     }
+
+
+# -- markdown ---------------------------------------------------------------
+
+
+def markdown(data: Mapping[str, Any]) -> str:
+    """A JSON file written by :meth:`Report.write_json`, as Markdown tables."""
+    lines = [
+        "| figure | bare Trio | trio_aggregates | ratio | paired | target | |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in data["comparisons"]:
+        target = "(info)" if c["target"] is None else f"{c['target_op']} {c['target']:g}x"
+        verdict = {True: "ok", False: "**MISSED**", None: ""}[c["met"]]
+        lines.append(
+            f"| {c['title']} | {fmt_value(c['bare'], c['unit'])} "
+            f"| {fmt_value(c['library'], c['unit'])} | {c['ratio']:.2f}x "
+            f"| {c['paired_median_ratio']:.2f}x | {target} | {verdict} |"
+        )
+    if data["context"]:
+        lines += ["", "| context | value | library vs this | |", "|---|---|---|---|"]
+        for x in data["context"]:
+            rel = "" if x["relative"] is None else f"{x['relative']:.2f}x"
+            lines.append(
+                f"| {x['title'].strip()} | {fmt_value(x['value'], x['unit'])} | {rel} "
+                f"| {x['note']} |"
+            )
+    m = data["metadata"]
+    load = m.get("loadavg_start") or [math.nan]
+    lines += [
+        "",
+        f"{data['benchmark']}{' --quick' if data['quick'] else ''}, {m['date']}: "
+        f"Python {m['python']}, Trio {m['trio']}, {m['cpu']} x{m['cpu_count']}, "
+        f"load average {load[0]:.1f} at start, commit {str(m['git_commit'])[:10]}.",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    # ``python benchmarks/_common.py results.json``: print it as Markdown.
+    for name in sys.argv[1:]:
+        print(markdown(json.loads(Path(name).read_text())))

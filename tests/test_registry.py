@@ -755,6 +755,32 @@ async def test_raw_messages_queued_at_a_crash_are_redelivered(
         assert registry.get("k") is not send
 
 
+async def test_leftovers_go_to_a_fresh_activation_of_the_same_function(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    default = Tracker()
+    explicit = Tracker()
+    release = trio.Event()
+    results: list[outcome.Outcome[Any]] = []
+    async with open_registry(make_aggregate(default)) as registry:
+        send = await registry.register("k", make_aggregate(explicit))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                capture, results, registry.call, "k", ("wait", release, ("crash", Boom()))
+            )
+            await trio.testing.wait_all_tasks_blocked()
+            send.send_nowait("raw")
+            nursery.start_soon(capture, results, registry.call, "k", ("whoami",))
+            await trio.testing.wait_all_tasks_blocked()
+            release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(AggregateCrashed):
+            results[0].unwrap()
+        assert results[1].unwrap() == ("k", 2)
+        assert explicit.messages("k", 2) == ["raw", ("whoami",)]
+        assert default.entered["k"] == 0  # not the registry's default function
+
+
 # -- crashes -------------------------------------------------------------------------------
 
 
@@ -1182,7 +1208,9 @@ async def test_cancelling_the_block_from_outside(autojump_clock: trio.testing.Mo
             await registry.ensure("k")
             await trio.sleep_forever()
     assert scope.cancelled_caught
+    assert trio.current_time() == 5  # cancelled at once, no grace period
     assert no_tasks_left(tracker)
+    assert tracker.finished == ["k"]
 
 
 async def test_cancelling_the_block_from_outside_with_no_aggregates(

@@ -65,6 +65,9 @@ from ._exceptions import (
     EventDecodeError as EventDecodeError,
 )
 from ._exceptions import (
+    InvalidArgument as InvalidArgument,
+)
+from ._exceptions import (
     InvalidKey as InvalidKey,
 )
 from ._exceptions import (

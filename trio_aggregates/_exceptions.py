@@ -24,6 +24,7 @@ __all__ = [
     "CommandRejected",
     "ConcurrencyConflict",
     "EventDecodeError",
+    "InvalidArgument",
     "InvalidKey",
     "KeyAlreadyRegistered",
     "RegistryClosed",
@@ -38,6 +39,15 @@ __all__ = [
 
 class TrioAggregatesError(Exception):
     """The root of every error raised by trio_aggregates."""
+
+
+class InvalidArgument(TrioAggregatesError, ValueError, TypeError):
+    """Raised by public calls given an argument of the wrong type or value.
+
+    A :class:`ValueError` and a :class:`TypeError` too, so that code catching
+    either keeps working: a bad ``mailbox_size`` or ``idle_timeout``, a
+    ``register`` with no aggregate function to run, a malformed store URL.
+    """
 
 
 class InvalidKey(TrioAggregatesError, TypeError):

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from urllib.parse import unquote, urlsplit
 
+from ._exceptions import InvalidArgument
 from ._store import EventStore, InMemoryEventStore
 
 __all__ = ["open_store"]
@@ -47,11 +48,11 @@ async def open_store(url: str) -> AsyncIterator[EventStore]:
     closed, also when the body raised or was cancelled.
     """
     if not isinstance(url, str):
-        raise TypeError(f"the store URL must be a str, not {type(url).__name__}")
+        raise InvalidArgument(f"the store URL must be a str, not {type(url).__name__}")
     scheme = urlsplit(url).scheme.lower() if "://" in url else ""
     if scheme == "memory":
         if url.lower() not in ("memory://", "memory:///"):
-            raise ValueError(f"a memory store URL is just 'memory://', not {url!r}")
+            raise InvalidArgument(f"a memory store URL is just 'memory://', not {url!r}")
         store = InMemoryEventStore()
         try:
             yield store
@@ -66,12 +67,12 @@ async def open_store(url: str) -> AsyncIterator[EventStore]:
         elif rest.startswith("/"):
             path = unquote(rest[1:].split("?", 1)[0])
         else:
-            raise ValueError(
+            raise InvalidArgument(
                 f"an SQLite URL is 'sqlite:///relative/path.db' or "
                 f"'sqlite:////absolute/path.db', not {url!r}"
             )
         if not path:
-            raise ValueError(f"the SQLite URL {url!r} names no file")
+            raise InvalidArgument(f"the SQLite URL {url!r} names no file")
         async with open_sqlite_store(path) as sqlite_store:
             yield sqlite_store
     elif scheme in ("postgresql", "postgres"):
@@ -80,4 +81,6 @@ async def open_store(url: str) -> AsyncIterator[EventStore]:
         async with open_postgres_store(url) as postgres_store:
             yield postgres_store
     else:
-        raise ValueError(f"unknown event store URL {url!r}: expected one of {', '.join(_SCHEMES)}")
+        raise InvalidArgument(
+            f"unknown event store URL {url!r}: expected one of {', '.join(_SCHEMES)}"
+        )

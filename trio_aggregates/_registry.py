@@ -60,6 +60,7 @@ from ._exceptions import (
     AggregateStartError,
     CallAlreadyAnswered,
     CallTimeout,
+    InvalidArgument,
     InvalidKey,
     KeyAlreadyRegistered,
     RegistryClosed,
@@ -151,7 +152,7 @@ class Call:
     def fail(self, exception: BaseException) -> None:
         """Answer the call with ``exception``; the caller's ``call`` raises it."""
         if not isinstance(exception, BaseException):
-            raise TypeError(f"fail() takes an exception, not {exception!r}")
+            raise InvalidArgument(f"fail() takes an exception, not {exception!r}")
         self._resolve(outcome.Error(exception))
 
     def _resolve(self, result: outcome.Outcome[Any]) -> None:
@@ -283,7 +284,7 @@ class Mailbox(trio.abc.ReceiveChannel[Any]):
     @idle_timeout.setter
     def idle_timeout(self, value: float | None) -> None:
         if value is not None and not value > 0:
-            raise ValueError(f"idle_timeout must be positive or None, not {value!r}")
+            raise InvalidArgument(f"idle_timeout must be positive or None, not {value!r}")
         self._idle_timeout = value
         if value is not None:
             self._idle_since = trio.current_time()
@@ -622,16 +623,21 @@ class Registry:
         """
         fn = aggregate if aggregate is not None else self._aggregate
         if fn is None:
-            raise TypeError("register() needs an aggregate function (the registry has no default)")
+            raise InvalidArgument(
+                "register() needs an aggregate function (the registry has no default)"
+            )
         idle = self._idle_timeout if idle_timeout is _UNSET else idle_timeout
         if idle is not None and not (isinstance(idle, int | float) and idle > 0):
-            raise ValueError(f"idle_timeout must be positive or None, not {idle!r}")
+            raise InvalidArgument(f"idle_timeout must be positive or None, not {idle!r}")
         while True:
             existing = self.get(key)
             self._check_open()
             if existing is not None:
                 await trio.lowlevel.checkpoint()
-                raise KeyAlreadyRegistered(key, existing)
+                existing = self.get(key)  # as it is now, after the checkpoint
+                if existing is not None:
+                    raise KeyAlreadyRegistered(key, existing)
+                continue
             pending = self._starting.get(key)
             if pending is None:
                 return await self._activate(key, fn, idle)
@@ -1024,9 +1030,9 @@ async def open_registry(
     wrapped in an exception group.
     """
     if not (isinstance(mailbox_size, int) or mailbox_size == math.inf) or mailbox_size < 0:
-        raise ValueError(f"mailbox_size must be an int >= 0 or math.inf, not {mailbox_size!r}")
+        raise InvalidArgument(f"mailbox_size must be an int >= 0 or math.inf, not {mailbox_size!r}")
     if idle_timeout is not None and not idle_timeout > 0:
-        raise ValueError(f"idle_timeout must be positive or None, not {idle_timeout!r}")
+        raise InvalidArgument(f"idle_timeout must be positive or None, not {idle_timeout!r}")
     body_error: BaseException | None = None
     reraise: BaseException | None = None
     try:

@@ -59,6 +59,7 @@ from ._exceptions import (
     CommandRejected,
     ConcurrencyConflict,
     EventDecodeError,
+    InvalidArgument,
     InvalidKey,
     StoreError,
     TrioAggregatesError,
@@ -153,7 +154,7 @@ class AggregateRepository(Generic[A]):
         max_concurrent_loads: int,
     ) -> None:
         if not (isinstance(aggregate_type, type) and issubclass(aggregate_type, Aggregate)):
-            raise TypeError(f"{aggregate_type!r} is not an Aggregate subclass")
+            raise InvalidArgument(f"{aggregate_type!r} is not an Aggregate subclass")
         self._type = aggregate_type
         self._store = store
         self._codec = aggregate_type.codec()
@@ -324,7 +325,7 @@ class AggregateRepository(Generic[A]):
             or not isinstance(expected_version, int)
             or expected_version < 0
         ):
-            raise ValueError(f"expected_version must be an int >= 0, not {expected_version!r}")
+            raise InvalidArgument(f"expected_version must be an int >= 0, not {expected_version!r}")
         command_id = command_id if command_id is not None else uuid.uuid4().hex
         metadata: dict[str, Any] = {"command_id": command_id}
         if correlation_id is not None:
@@ -519,7 +520,7 @@ async def open_aggregates(
     aggregate (commands still queued get :class:`RegistryClosed`).
     """
     if max_retries < 0 or max_concurrent_loads < 1:
-        raise ValueError("max_retries must be >= 0 and max_concurrent_loads >= 1")
+        raise InvalidArgument("max_retries must be >= 0 and max_concurrent_loads >= 1")
     async with AsyncExitStack() as stack:
         if isinstance(store, str):
             from ._open_store import open_store
