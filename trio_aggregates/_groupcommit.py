@@ -13,7 +13,7 @@ result, the cancellation taking effect at the next checkpoint.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar, final
 
 import attrs
@@ -21,6 +21,7 @@ import outcome
 import trio
 
 from ._exceptions import StoreError
+from ._store import NewEvent, Snapshot
 
 __all__ = ["StoreStatistics"]
 
@@ -181,3 +182,73 @@ class _GroupCommit(Generic[OpT]):
 
 
 # -- the SQLite store -------------------------------------------------------
+
+
+def _check_name(stream: object) -> None:
+    if not isinstance(stream, str):
+        raise TypeError(f"stream names are str, not {type(stream).__name__}")
+
+
+@attrs.frozen
+class _Append:
+    stream: str
+    events: Sequence[NewEvent]
+    expected_version: int | None
+
+
+@attrs.frozen
+class _SaveSnapshot:
+    snapshot: Snapshot
+
+
+@attrs.frozen
+class _Delete:
+    stream: str
+    hard: bool
+
+
+_WriteOp = _Append | _SaveSnapshot | _Delete
+
+
+class _GroupCommitStore:
+    """The write half of the durable stores: every write goes through group commit."""
+
+    __slots__ = ()
+
+    async def _write(self, op: _WriteOp) -> Any:
+        raise NotImplementedError
+
+    async def append(
+        self, stream: str, events: Sequence[NewEvent], *, expected_version: int | None
+    ) -> int:
+        """Append ``events`` atomically; return the stream's new version.
+
+        Raises:
+            ConcurrencyConflict: the stream is not at ``expected_version``
+                (also when another process appended first).
+            StreamDeleted: the stream was hard-deleted.
+            StoreError: the database failed; nothing was appended.
+        """
+        _check_name(stream)
+        version: int = await self._write(_Append(stream, tuple(events), expected_version))
+        return version
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        """Store ``snapshot``, replacing the stream's previous one.
+
+        Raises:
+            StreamDeleted: the stream was hard-deleted.
+            StoreError: the database failed; the previous snapshot is kept.
+        """
+        _check_name(snapshot.stream)
+        await self._write(_SaveSnapshot(snapshot))
+
+    async def delete_stream(self, stream: str, *, hard: bool = False) -> None:
+        """Soft- or hard-delete ``stream`` (see :class:`EventStore`).
+
+        Raises:
+            StreamDeleted: the stream was already hard-deleted.
+            StoreError: the database failed; nothing changed.
+        """
+        _check_name(stream)
+        await self._write(_Delete(stream, hard))

@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import select
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar, final
 
@@ -50,8 +50,17 @@ import trio
 from psycopg.pq import TransactionStatus
 
 from ._exceptions import ConcurrencyConflict, StoreError, StreamDeleted
-from ._groupcommit import StoreStatistics, _BatchResult, _GroupCommit
-from ._store import NewEvent, RecordedEvent, Snapshot
+from ._groupcommit import (
+    StoreStatistics,
+    _Append,
+    _BatchResult,
+    _check_name,
+    _GroupCommit,
+    _GroupCommitStore,
+    _SaveSnapshot,
+    _WriteOp,
+)
+from ._store import RecordedEvent, Snapshot
 
 __all__ = ["PostgresEventStore", "open_postgres_store"]
 
@@ -154,11 +163,6 @@ def _wrap(exc: BaseException, action: str) -> StoreError:
     error = StoreError(f"PostgreSQL failed to {action}: {exc}")
     error.__cause__ = exc
     return error
-
-
-def _check_name(stream: object) -> None:
-    if not isinstance(stream, str):
-        raise TypeError(f"stream names are str, not {type(stream).__name__}")
 
 
 # -- connections ------------------------------------------------------------
@@ -328,27 +332,6 @@ def _migrate(conn: Conn) -> None:
 # -- write operations, run inside a savepoint --------------------------------
 
 
-@attrs.frozen
-class _Append:
-    stream: str
-    events: Sequence[NewEvent]
-    expected_version: int | None
-
-
-@attrs.frozen
-class _SaveSnapshot:
-    snapshot: Snapshot
-
-
-@attrs.frozen
-class _Delete:
-    stream: str
-    hard: bool
-
-
-_WriteOp = _Append | _SaveSnapshot | _Delete
-
-
 def _op_stream(op: _WriteOp) -> str:
     return op.snapshot.stream if isinstance(op, _SaveSnapshot) else op.stream
 
@@ -499,7 +482,7 @@ WHERE s.name = %s AND s.state <> 1
 
 @final
 @attrs.define(eq=False)
-class PostgresEventStore:
+class PostgresEventStore(_GroupCommitStore):
     """An :class:`~trio_aggregates.EventStore` in PostgreSQL. Make one with
     :func:`open_postgres_store`.
 
@@ -545,41 +528,6 @@ class PostgresEventStore:
     async def _write(self, op: _WriteOp) -> Any:
         self._check_open()
         return await self._group.submit(op)
-
-    async def append(
-        self, stream: str, events: Sequence[NewEvent], *, expected_version: int | None
-    ) -> int:
-        """Append ``events`` atomically; return the stream's new version.
-
-        Raises:
-            ConcurrencyConflict: the stream is not at ``expected_version``
-                (also when another process appended first).
-            StreamDeleted: the stream was hard-deleted.
-            StoreError: PostgreSQL failed; nothing was appended.
-        """
-        _check_name(stream)
-        version: int = await self._write(_Append(stream, tuple(events), expected_version))
-        return version
-
-    async def save_snapshot(self, snapshot: Snapshot) -> None:
-        """Store ``snapshot``, replacing the stream's previous one.
-
-        Raises:
-            StreamDeleted: the stream was hard-deleted.
-            StoreError: PostgreSQL failed; the previous snapshot is kept.
-        """
-        _check_name(snapshot.stream)
-        await self._write(_SaveSnapshot(snapshot))
-
-    async def delete_stream(self, stream: str, *, hard: bool = False) -> None:
-        """Soft- or hard-delete ``stream`` (see :mod:`trio_aggregates._store`).
-
-        Raises:
-            StreamDeleted: the stream was already hard-deleted.
-            StoreError: PostgreSQL failed; nothing changed.
-        """
-        _check_name(stream)
-        await self._write(_Delete(stream, hard))
 
     async def _query(self, query: str, params: tuple[Any, ...], action: str) -> list[Any]:
         self._check_open()

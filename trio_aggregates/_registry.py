@@ -415,14 +415,32 @@ class _Counters:
 # -- start-up -------------------------------------------------------------
 
 
-@attrs.define(eq=False)
+@final
 class _Pending:
     """A start-up in progress, for the tasks that wait on it instead of starting another."""
 
-    done: trio.Event = attrs.field(factory=trio.Event)
-    error: TrioAggregatesError | None = None
-    #: Around the ``nursery.start``: shutdown bounds a start-up with its deadline.
-    scope: trio.CancelScope | None = None
+    __slots__ = ("_event", "error", "finished", "scope")
+
+    def __init__(self) -> None:
+        self._event: trio.Event | None = None  # made only if someone waits
+        self.finished = False
+        self.error: TrioAggregatesError | None = None
+        #: The scope of ``nursery.start``'s own nursery, around the start-up
+        #: alone: shutdown bounds a start-up with its deadline.
+        self.scope: trio.CancelScope | None = None
+
+    async def wait(self) -> None:
+        if self.finished:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._event is None:
+            self._event = trio.Event()
+        await self._event.wait()
+
+    def finish(self) -> None:
+        self.finished = True
+        if self._event is not None:
+            self._event.set()
 
 
 class _Declined(Exception):
@@ -641,7 +659,7 @@ class Registry:
             pending = self._starting.get(key)
             if pending is None:
                 return await self._activate(key, fn, idle)
-            await pending.done.wait()
+            await pending.wait()
 
     async def ensure(self, key: Hashable, aggregate: AggregateFunction | None = None) -> SendEnd:
         """Return the live aggregate's send end for ``key``, activating it if needed.
@@ -674,7 +692,7 @@ class Registry:
                 if fn is None:
                     raise AggregateNotFound(key)
                 return await self._activate(key, fn, self._idle_timeout)
-            await pending.done.wait()
+            await pending.wait()
             error = pending.error
             if error is not None:
                 raise _copy_error(error)
@@ -689,10 +707,8 @@ class Registry:
         if pending is None:
             pending = _Pending()
         self._starting[key] = pending
-        send: SendEnd | None = None
         try:
-            with trio.CancelScope() as pending.scope:
-                send = await self._nursery.start(self._run, key, fn, idle)
+            send: SendEnd | None = await self._nursery.start(self._run, key, fn, idle, pending)
         except _Declined:
             self._counters.declined += 1
             pending.error = AggregateDeclined(key)
@@ -702,14 +718,15 @@ class Registry:
             pending.error = exc
             raise
         except RuntimeError:
-            # The nursery refused the start: it is closing.
+            # The nursery refused the start (it is closing), or shutdown
+            # cancelled the start-up ("exited without calling started()").
             if self._closed:
                 raise RegistryClosed("the registry is closed") from None
             raise
         finally:
             if self._starting.get(key) is pending:
                 del self._starting[key]
-            pending.done.set()
+            pending.finish()
         if send is None:
             raise RegistryClosed("the registry closed while the aggregate was starting")
         return send
@@ -719,10 +736,21 @@ class Registry:
         key: Any,
         fn: AggregateFunction,
         idle: float | None,
+        pending: _Pending,
         *,
         task_status: trio.TaskStatus[SendEnd | None],
     ) -> None:
-        send, receive = trio.open_memory_channel[Any](self._mailbox_size)
+        # Until started(), this task runs in nursery.start's own nursery, in
+        # the caller's task tree: its scope covers the start-up and nothing else.
+        parent = trio.lowlevel.current_task().parent_nursery
+        if parent is not None:
+            pending.scope = parent.cancel_scope
+            if self._closed:
+                pending.scope.deadline = self._nursery.cancel_scope.deadline
+        del pending
+        send: SendEnd
+        receive: trio.MemoryReceiveChannel[Any]
+        send, receive = trio.open_memory_channel(self._mailbox_size)
         mailbox = Mailbox(self, key, send, receive, idle, fn)
         status = _StartupStatus(mailbox, task_status)
         del task_status  # keep the idle task small: trio's status object stays behind
@@ -831,7 +859,7 @@ class Registry:
             if self._closed:
                 if pending is not None and self._starting.get(key) is pending:
                     del self._starting[key]
-                    pending.done.set()
+                    pending.finish()
                 raise RegistryClosed("the registry closed")
             if pending is not None:
                 send = await self._activate(key, fn, idle, pending)
@@ -902,15 +930,16 @@ class Registry:
             AggregateNotFound: no live aggregate and no aggregate function.
             Exception: whatever the aggregate answered with :meth:`Call.fail`.
         """
-        if timeout is None:
-            return await self._call(key, message, aggregate)
-        with trio.move_on_after(timeout):
-            return await self._call(key, message, aggregate)
-        raise CallTimeout(f"no answer from {key!r} within {timeout} seconds")
-
-    async def _call(self, key: Any, message: Any, aggregate: AggregateFunction | None) -> Any:
+        if timeout is not None:
+            with trio.move_on_after(timeout):
+                return await self.call(key, message, aggregate=aggregate)
+            raise CallTimeout(f"no answer from {key!r} within {timeout} seconds")
+        # The hot path, written out flat: a round trip is two task switches.
         for _ in range(2):
-            send = self.get(key)
+            try:
+                send = self._live.get(key)
+            except TypeError:
+                raise InvalidKey(f"aggregate keys must be hashable, not {key!r}") from None
             if send is None:
                 send = await self.ensure(key, aggregate)
             call = Call(message)
@@ -921,7 +950,10 @@ class Registry:
                     await send.send(call)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 continue  # it ended just now: once more, to a fresh activation
-            return await call._wait()
+            if call._outcome is not None:
+                return await call._wait()
+            call._task = trio.lowlevel.current_task()
+            return await trio.lowlevel.wait_task_rescheduled(call._abort)
         raise AggregateGone(key, "ended before it took the call, twice")
 
     # -- idle passivation --

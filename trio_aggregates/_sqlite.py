@@ -36,7 +36,7 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from os import PathLike
 from typing import Any, final
@@ -46,8 +46,17 @@ import outcome
 import trio
 
 from ._exceptions import ConcurrencyConflict, StoreError, StreamDeleted
-from ._groupcommit import StoreStatistics, _BatchResult, _GroupCommit
-from ._store import NewEvent, RecordedEvent, Snapshot
+from ._groupcommit import (
+    StoreStatistics,
+    _Append,
+    _BatchResult,
+    _check_name,
+    _GroupCommit,
+    _GroupCommitStore,
+    _SaveSnapshot,
+    _WriteOp,
+)
+from ._store import RecordedEvent, Snapshot
 
 __all__ = ["SQLiteEventStore", "open_sqlite_store"]
 
@@ -103,11 +112,6 @@ def _wrap(exc: BaseException, action: str) -> StoreError:
 _DRIVER_ERRORS = (sqlite3.Error, UnicodeError, OverflowError)
 
 
-def _check_name(stream: object) -> None:
-    if not isinstance(stream, str):
-        raise TypeError(f"stream names are str, not {type(stream).__name__}")
-
-
 @attrs.define(eq=False)
 class _Connection:
     """A sqlite3 connection and the lock that gives one thread at a time its use."""
@@ -154,27 +158,6 @@ def _migrate(db: sqlite3.Connection) -> None:
 
 
 # Write operations, run by the writer thread inside a savepoint.
-
-
-@attrs.frozen
-class _Append:
-    stream: str
-    events: Sequence[NewEvent]
-    expected_version: int | None
-
-
-@attrs.frozen
-class _SaveSnapshot:
-    snapshot: Snapshot
-
-
-@attrs.frozen
-class _Delete:
-    stream: str
-    hard: bool
-
-
-_WriteOp = _Append | _SaveSnapshot | _Delete
 
 
 def _find_stream(db: sqlite3.Connection, stream: str) -> tuple[int, int] | None:
@@ -262,7 +245,7 @@ def _describe(op: _WriteOp) -> str:
 
 @final
 @attrs.define(eq=False)
-class SQLiteEventStore:
+class SQLiteEventStore(_GroupCommitStore):
     """An :class:`~trio_aggregates.EventStore` in an SQLite file. Make one with
     :func:`open_sqlite_store`.
 
@@ -355,40 +338,6 @@ class SQLiteEventStore:
     async def _write(self, op: _WriteOp) -> Any:
         self._check_open()
         return await self._group.submit(op)
-
-    async def append(
-        self, stream: str, events: Sequence[NewEvent], *, expected_version: int | None
-    ) -> int:
-        """Append ``events`` atomically; return the stream's new version.
-
-        Raises:
-            ConcurrencyConflict: the stream is not at ``expected_version``.
-            StreamDeleted: the stream was hard-deleted.
-            StoreError: SQLite failed; nothing was appended.
-        """
-        _check_name(stream)
-        version: int = await self._write(_Append(stream, tuple(events), expected_version))
-        return version
-
-    async def save_snapshot(self, snapshot: Snapshot) -> None:
-        """Store ``snapshot``, replacing the stream's previous one.
-
-        Raises:
-            StreamDeleted: the stream was hard-deleted.
-            StoreError: SQLite failed; the previous snapshot is kept.
-        """
-        _check_name(snapshot.stream)
-        await self._write(_SaveSnapshot(snapshot))
-
-    async def delete_stream(self, stream: str, *, hard: bool = False) -> None:
-        """Soft- or hard-delete ``stream`` (see the module docstring).
-
-        Raises:
-            StreamDeleted: the stream was already hard-deleted.
-            StoreError: SQLite failed; nothing changed.
-        """
-        _check_name(stream)
-        await self._write(_Delete(stream, hard))
 
     # -- reading ----------------------------------------------------------
 
