@@ -882,7 +882,7 @@ async def test_metadata_is_stored_with_every_event(target: Any) -> None:
         history = await repo.history("l")
         first, *lines = history
         assert first.metadata["command"] == "OpenAccount"
-        assert len(first.metadata["command_id"]) == 32  # a fresh uuid4 hex
+        assert len(first.metadata["command_id"]) == 32  # a fresh id: 32 hex digits
         int(first.metadata["command_id"], 16)
         assert "correlation_id" not in first.metadata
         assert len(lines) == 3
@@ -1172,3 +1172,22 @@ async def test_cancelling_the_block_is_a_clean_cancellation(
             await repo.create("a", OpenAccount("ann"))
             await trio.sleep_forever()
     assert scope.cancelled_caught
+
+
+async def test_metadata_ids_with_quotes_and_unicode_round_trip() -> None:
+    awkward = 'a"b\\c\n\u00e9\U0001f600'
+    async with open_aggregates(Account, InMemoryEventStore()) as repo:
+        await repo.create("q", OpenAccount("q"), correlation_id=awkward, causation_id="</x>")
+        (opened,) = await repo.history("q")
+    assert opened.metadata["correlation_id"] == awkward
+    assert opened.metadata["causation_id"] == "</x>"
+
+
+async def test_default_command_ids_are_unique() -> None:
+    async with open_aggregates(Account, InMemoryEventStore()) as repo:
+        await repo.create("u", OpenAccount("u"))
+        for _ in range(20):
+            await repo.execute("u", Deposit(1))
+        history = await repo.history("u")
+    ids = [e.metadata["command_id"] for e in history]
+    assert len(set(ids)) == len(ids) == 21

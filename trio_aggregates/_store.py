@@ -172,8 +172,10 @@ class _MemoryStream:
 class InMemoryEventStore:
     """An event store held in a dict: fast, for tests, examples and benchmarks.
 
-    Nothing survives the process. Every call is a checkpoint (so that code
-    written against a durable store behaves the same), and never fails.
+    Nothing survives the process. Every call checks for cancellation (a
+    cancelled call does nothing), but is not a schedule point: in memory there
+    is nothing to wait for. Calls never fail but for bad arguments and the
+    documented errors (conflicts, deleted streams).
     """
 
     _streams: dict[str, _MemoryStream] = attrs.field(factory=dict, init=False)
@@ -189,7 +191,7 @@ class InMemoryEventStore:
     async def append(
         self, stream: str, events: Sequence[NewEvent], *, expected_version: int | None
     ) -> int:
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()
         self._check(stream)
         entry = self._streams.get(stream)
         version = len(entry.events) if entry is not None else 0
@@ -209,7 +211,7 @@ class InMemoryEventStore:
     async def read(
         self, stream: str, *, from_version: int = 1, limit: int | None = None
     ) -> list[RecordedEvent]:
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()
         self._check(stream)
         entry = self._streams.get(stream)
         if entry is None:
@@ -219,13 +221,13 @@ class InMemoryEventStore:
         return entry.events[start:end]
 
     async def stream_version(self, stream: str) -> int:
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()
         self._check(stream)
         entry = self._streams.get(stream)
         return 0 if entry is None else len(entry.events)
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()
         self._check(snapshot.stream)
         entry = self._streams.get(snapshot.stream)
         if entry is None:
@@ -233,13 +235,13 @@ class InMemoryEventStore:
         entry.snapshot = snapshot
 
     async def load_snapshot(self, stream: str) -> Snapshot | None:
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()
         self._check(stream)
         entry = self._streams.get(stream)
         return None if entry is None else entry.snapshot
 
     async def delete_stream(self, stream: str, *, hard: bool = False) -> None:
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()
         self._check(stream)
         entry = self._streams.pop(stream, None)
         if hard:
@@ -248,4 +250,4 @@ class InMemoryEventStore:
             self._detached.append(entry)
 
     async def aclose(self) -> None:
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()
