@@ -113,9 +113,9 @@ class AggregateCrashed(TrioAggregatesError):
 class AggregateGone(TrioAggregatesError):
     """The aggregate ended before it answered the call.
 
-    :meth:`Registry.call` re-routes a call once to a fresh activation when the
-    aggregate ended before taking it; this error means that did not help (or
-    that the aggregate took the call and returned without answering it).
+    A call the aggregate did not take before it ended is re-delivered once to a
+    fresh activation; this error means that did not help (the fresh one ended
+    too), or that the aggregate took the call and returned without answering.
     """
 
     def __init__(self, key: Any, detail: str = "ended before answering") -> None:

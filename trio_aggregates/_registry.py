@@ -13,13 +13,14 @@ of sockets). Its rules, the Trio form of extreme_system's AggregateRegistry:
   passivates it, or when the registry shuts down. The receive end is closed at
   the same moment, so a send end kept after that fails at once with
   :class:`trio.BrokenResourceError`.
-* **No message is lost silently.** When an aggregate ends, the
-  :class:`Call` objects still queued in its mailbox are re-routed once by
-  their :meth:`Registry.call` to a fresh activation; other queued messages are
-  re-sent to a fresh activation by a background task of the registry. Calls
-  the aggregate took but never answered are failed (:class:`AggregateCrashed`
-  if it raised, :class:`AggregateGone` if it returned). At shutdown, queued
-  calls are answered with :class:`RegistryClosed`.
+* **No message is lost silently.** When an aggregate ends, the messages still
+  queued in its mailbox are re-delivered once, in order, to a fresh
+  activation, by a background task of the registry (the fresh start-up is
+  reserved at once, so later callers queue behind the leftovers). Calls the
+  aggregate took but never answered are failed (:class:`AggregateCrashed` if
+  it raised, :class:`AggregateGone` if it returned). At shutdown, queued calls
+  are answered with :class:`RegistryClosed`. A plain message that cannot be
+  re-delivered (the fresh start-up failed) is logged at WARNING.
 * **Failure is contained.** An exception in an aggregate is logged at WARNING
   and ends that aggregate only; nothing propagates into the registry's nursery.
 * **Nothing outlives the block.** Leaving ``async with open_registry()`` closes
