@@ -272,8 +272,17 @@ def best(samples: Sequence[float], better: Literal["lower", "higher"]) -> float:
 class Report:
     """Collects a script's figures; prints them as a table; writes the JSON file."""
 
-    def __init__(self, benchmark: str, *, quick: bool, parameters: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        benchmark: str,
+        *,
+        quick: bool,
+        parameters: Mapping[str, Any],
+        baseline_label: str = "bare Trio",
+    ) -> None:
         self.benchmark = benchmark
+        #: the heading of the baseline column ("bare Trio" unless a script says otherwise)
+        self.baseline_label = baseline_label
         self.quick = quick
         self.parameters = dict(parameters)
         self.comparisons: list[Comparison] = []
@@ -346,7 +355,7 @@ class Report:
 
     def print_table(self, file: Any = None) -> None:
         out = file or sys.stdout
-        rows = [("figure", "bare Trio", "trio_aggregates", "ratio", "paired", "target", "")]
+        rows = [("figure", self.baseline_label, "trio_aggregates", "ratio", "paired", "target", "")]
         for c in self.comparisons:
             verdict = {True: "ok", False: "MISSED", None: ""}[c.met]
             rows.append(
@@ -387,6 +396,7 @@ class Report:
         return {
             "benchmark": self.benchmark,
             "quick": self.quick,
+            "baseline_label": self.baseline_label,
             "parameters": self.parameters,
             "metadata": {
                 **self.meta,
@@ -491,8 +501,9 @@ def metadata() -> dict[str, Any]:
 
 def markdown(data: Mapping[str, Any]) -> str:
     """A JSON file written by :meth:`Report.write_json`, as Markdown tables."""
+    baseline = data.get("baseline_label", "bare Trio")
     lines = [
-        "| figure | bare Trio | trio_aggregates | ratio | paired | target | |",
+        f"| figure | {baseline} | trio_aggregates | ratio | paired | target | |",
         "|---|---|---|---|---|---|---|",
     ]
     for c in data["comparisons"]:

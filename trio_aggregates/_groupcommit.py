@@ -6,6 +6,10 @@ batch (in a worker thread, through the store's ``run_batch``), then hands the
 lead to the next queued task. There is no background task, so no hidden
 nursery and no exception group can escape a store's ``open_*``.
 
+A queued writer sleeps in :func:`trio.lowlevel.wait_task_rescheduled` (no
+``trio.Event`` per write): the leader wakes it directly with its outcome, or
+with the lead.
+
 Cancellation: a write still in the queue is withdrawn (nothing is written);
 once its transaction has begun, it completes and the caller gets its real
 result, the cancellation taking effect at the next checkpoint.
@@ -14,7 +18,7 @@ result, the cancellation taking effect at the next checkpoint.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Generic, TypeVar, final
+from typing import Any, Final, Generic, TypeVar, final
 
 import attrs
 import outcome
@@ -51,15 +55,26 @@ class StoreStatistics:
 
 OpT = TypeVar("OpT")
 
-_PENDING, _PROMOTED, _TAKEN, _DONE = "pending", "promoted", "taken", "done"
+# A request's states: queued; queued and handed the lead; taken into a batch.
+_PENDING: Final = 0
+_PROMOTED: Final = 1
+_TAKEN: Final = 2
+
+# What a queued writer is woken with when it becomes the leader (the results
+# of writes are ints or None, never this).
+_LEAD: Final = object()
 
 
-@attrs.define(eq=False)
+@final
 class _Request(Generic[OpT]):
-    op: OpT
-    state: str = _PENDING
-    result: outcome.Outcome[Any] | None = None
-    wakeup: trio.Event = attrs.Factory(trio.Event)
+    """One queued write: its op, its state, and the task sleeping on it."""
+
+    __slots__ = ("op", "state", "task")
+
+    def __init__(self, op: OpT, task: trio.lowlevel.Task | None) -> None:
+        self.op = op
+        self.state = _PENDING
+        self.task = task  # None for the leader's own write: it never sleeps
 
 
 @attrs.frozen
@@ -69,36 +84,54 @@ class _BatchResult:
 
 
 @final
-@attrs.define(eq=False)
 class _GroupCommit(Generic[OpT]):
     """Batches writes from many tasks into one transaction, written in a worker thread.
 
     There is no background task: the first writer to arrive becomes the
     *leader*, takes every queued write, and awaits ``run_batch`` on them
-    (shielded from cancellation); writes arriving meanwhile queue up. When its
-    batch is done, the leader hands leadership to the first queued write's
-    task, which writes the next batch. ``run_batch`` must return one outcome per write, in order,
-    and ``committed`` (whether the transaction committed).
+    (shielded from cancellation); writes arriving meanwhile queue up, each task
+    asleep in ``wait_task_rescheduled``. When its batch is done, the leader
+    reschedules every writer of the batch with its outcome, then hands
+    leadership to the first queued write's task, which writes the next batch.
+    ``run_batch`` must return one outcome per write, in order, and
+    ``committed`` (whether the transaction committed).
 
-    Cancellation: a write still queued is withdrawn (nothing is written). Once
-    taken into a batch it cannot be withdrawn: the call waits for the
+    Cancellation: a write still queued is withdrawn (nothing is written): the
+    abort function removes it from the queue. Once taken into a batch it cannot
+    be withdrawn (the abort function refuses): the call waits for the
     transaction and returns its result (or raises its error); the cancellation
     takes effect at the caller's next checkpoint. So a cancelled write was
-    either committed entirely or not at all.
+    either committed entirely or not at all. A write handed the lead has been
+    rescheduled already, so it leads (shielded) whatever happens.
     """
 
-    _run_batch: Callable[[list[OpT]], Awaitable[_BatchResult]]
-    _is_append: Callable[[OpT], bool]
-    _pending: list[_Request[OpT]] = attrs.field(factory=list, init=False)
-    _leading: bool = attrs.field(default=False, init=False)
-    _idle: trio.Event = attrs.field(factory=trio.Event, init=False)
-    transactions: int = attrs.field(default=0, init=False)
-    appends: int = attrs.field(default=0, init=False)
-    writes: int = attrs.field(default=0, init=False)
-    failed_writes: int = attrs.field(default=0, init=False)
+    __slots__ = (
+        "_idle",
+        "_is_append",
+        "_leading",
+        "_pending",
+        "_run_batch",
+        "appends",
+        "failed_writes",
+        "transactions",
+        "writes",
+    )
 
-    def __attrs_post_init__(self) -> None:
-        self._idle.set()
+    def __init__(
+        self,
+        run_batch: Callable[[list[OpT]], Awaitable[_BatchResult]],
+        is_append: Callable[[OpT], bool],
+    ) -> None:
+        self._run_batch = run_batch
+        self._is_append = is_append
+        self._pending: list[_Request[OpT]] = []
+        self._leading = False
+        # Made only when someone waits for the writer to go idle (aclose).
+        self._idle: trio.Event | None = None
+        self.transactions = 0
+        self.appends = 0
+        self.writes = 0
+        self.failed_writes = 0
 
     def statistics(self) -> StoreStatistics:
         return StoreStatistics(
@@ -112,39 +145,43 @@ class _GroupCommit(Generic[OpT]):
     async def submit(self, op: OpT) -> Any:
         """Queue ``op`` for the next transaction; return its result or raise its error."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        request = _Request(op)
-        self._pending.append(request)
         if not self._leading:
             self._leading = True
-            self._idle = trio.Event()
+            request = _Request(op, None)
             request.state = _PROMOTED
-        else:
-            try:
-                await request.wakeup.wait()
-            except trio.Cancelled:
-                if request.state in (_PENDING, _PROMOTED):
-                    # Not written, and now never will be.
-                    self._pending.remove(request)
-                    if request.state == _PROMOTED:
-                        self._hand_off()
-                    raise
-                # Taken into a batch: its outcome is coming, wait for it.
-                with trio.CancelScope(shield=True):
-                    await request.wakeup.wait()
-        if request.state == _PROMOTED:
-            await self._lead()
-        assert request.result is not None
-        return request.result.unwrap()
+            self._pending.append(request)
+            return await self._lead(request)
+        request = _Request(op, trio.lowlevel.current_task())
+        self._pending.append(request)
 
-    async def _lead(self) -> None:
+        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            if request.state == _PENDING:
+                # Not written, and now never will be.
+                self._pending.remove(request)
+                return trio.lowlevel.Abort.SUCCEEDED
+            # Taken into a batch: its outcome is coming; the cancellation waits
+            # for the next checkpoint.
+            return trio.lowlevel.Abort.FAILED
+
+        # Woken with the write's outcome (returned or raised), or with the lead.
+        result = await trio.lowlevel.wait_task_rescheduled(abort)
+        if result is _LEAD:
+            return await self._lead(request)
+        return result
+
+    async def _lead(self, own: _Request[OpT]) -> Any:
+        """Write the queued batch (``own`` among it); return ``own``'s result."""
+        own.task = None
+        own_result: outcome.Outcome[Any] | None = None
         with trio.CancelScope(shield=True):
             try:
                 # Let the writes of tasks woken in this same tick join the batch.
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 batch, self._pending = self._pending, []
+                ops = []
                 for request in batch:
                     request.state = _TAKEN
-                ops = [request.op for request in batch]
+                    ops.append(request.op)
                 try:
                     result = await self._run_batch(ops)
                 except BaseException as exc:  # pragma: no cover - run_batch catches all
@@ -153,31 +190,45 @@ class _GroupCommit(Generic[OpT]):
                     result = _BatchResult([outcome.Error(error) for _ in ops], committed=False)
                 if result.committed:
                     self.transactions += 1
+                writes = failed = appends = 0
+                is_append = self._is_append
+                reschedule = trio.lowlevel.reschedule
                 for request, res in zip(batch, result.outcomes, strict=True):
-                    request.result = res
-                    request.state = _DONE
-                    if isinstance(res, outcome.Value):
-                        self.writes += 1
-                        if self._is_append(request.op):
-                            self.appends += 1
+                    if type(res) is outcome.Value:
+                        writes += 1
+                        if is_append(request.op):
+                            appends += 1
                     else:
-                        self.failed_writes += 1
-                    request.wakeup.set()
+                        failed += 1
+                    if request.task is None:
+                        own_result = res
+                    else:
+                        reschedule(request.task, res)
+                self.writes += writes
+                self.appends += appends
+                self.failed_writes += failed
             finally:
                 self._hand_off()
+        assert own_result is not None
+        return own_result.unwrap()
 
     def _hand_off(self) -> None:
         if self._pending:
             successor = self._pending[0]
             successor.state = _PROMOTED
-            successor.wakeup.set()
+            assert successor.task is not None
+            trio.lowlevel.reschedule(successor.task, outcome.Value(_LEAD))
         else:
             self._leading = False
-            self._idle.set()
+            if self._idle is not None:
+                self._idle.set()
+                self._idle = None
 
     async def wait_idle(self) -> None:
         """Wait until every queued write is done."""
         while self._leading:
+            if self._idle is None:
+                self._idle = trio.Event()
             await self._idle.wait()
 
 
@@ -189,22 +240,33 @@ def _check_name(stream: object) -> None:
         raise TypeError(f"stream names are str, not {type(stream).__name__}")
 
 
-@attrs.frozen
+@final
 class _Append:
-    stream: str
-    events: Sequence[NewEvent]
-    expected_version: int | None
+    __slots__ = ("events", "expected_version", "stream")
+
+    def __init__(
+        self, stream: str, events: Sequence[NewEvent], expected_version: int | None
+    ) -> None:
+        self.stream = stream
+        self.events = events
+        self.expected_version = expected_version
 
 
-@attrs.frozen
+@final
 class _SaveSnapshot:
-    snapshot: Snapshot
+    __slots__ = ("snapshot",)
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
 
 
-@attrs.frozen
+@final
 class _Delete:
-    stream: str
-    hard: bool
+    __slots__ = ("hard", "stream")
+
+    def __init__(self, stream: str, hard: bool) -> None:
+        self.stream = stream
+        self.hard = hard
 
 
 _WriteOp = _Append | _SaveSnapshot | _Delete

@@ -748,7 +748,7 @@ class Registry:
             pending.scope = parent.cancel_scope
             if self._closed:
                 pending.scope.deadline = self._nursery.cancel_scope.deadline
-        del pending
+        del parent, pending  # the idle task must not keep start()'s nursery alive
         send: SendEnd
         receive: trio.MemoryReceiveChannel[Any]
         send, receive = trio.open_memory_channel(self._mailbox_size)

@@ -7,11 +7,28 @@ standard library's :mod:`sqlite3` driven from worker threads
 
 Writes (appends, snapshots, deletes) go through a single writer path with
 *group commit* (see ``_groupcommit.py``): the writes that arrive while a
-transaction is being written queue up, and the next transaction writes all of
-them, each inside its own ``SAVEPOINT``. So an append that fails (a version
-conflict) fails alone while the others in its batch commit, and many tasks
-appending at once pay for one ``fsync`` per batch instead of one each. Reads go
-through separate read connections, in parallel worker threads.
+transaction is being written queue up, and the next transaction (``BEGIN
+IMMEDIATE``) writes all of them, so many tasks appending at once pay for one
+``fsync`` per batch instead of one each. Within the transaction:
+
+* a batch of one write runs its statements directly, without a savepoint
+  (a failure rolls the whole transaction back);
+* a run of appends and snapshots is written *set-based*: one query reads the
+  id, state and current version of every stream it touches, each append's
+  expected version is checked in Python against the stream's running version
+  (two appends to one stream in a batch chain), and one ``executemany``
+  inserts every accepted event (another upserts the snapshots). A conflicting
+  append (:exc:`ConcurrencyConflict`) or one to a hard-deleted stream
+  (:exc:`StreamDeleted`) fails alone, without touching the database, while
+  the others commit. The run sits in one ``SAVEPOINT``: if it raises anyway (a
+  driver error such as an unbindable value, or the ``UNIQUE (stream_id,
+  version)`` backstop), it is rolled back and written again one savepoint per
+  write, so that only the writes at fault fail;
+* deletes always take that one-savepoint-per-write path.
+
+The writer connection keeps its statement and savepoint journals in memory
+(``temp_store = MEMORY``). Reads go through separate read connections, in
+parallel worker threads.
 
 Schema (``PRAGMA user_version`` holds its version; migrations are idempotent
 and run in one ``BEGIN IMMEDIATE`` transaction, so two processes opening the
@@ -31,15 +48,16 @@ tombstone.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from os import PathLike
-from typing import Any, final
+from typing import Any, cast, final
 
 import attrs
 import outcome
@@ -51,6 +69,7 @@ from ._groupcommit import (
     _Append,
     _BatchResult,
     _check_name,
+    _Delete,
     _GroupCommit,
     _GroupCommitStore,
     _SaveSnapshot,
@@ -157,7 +176,7 @@ def _migrate(db: sqlite3.Connection) -> None:
         raise
 
 
-# Write operations, run by the writer thread inside a savepoint.
+# Write operations, run by the writer thread (see the module docstring).
 
 
 def _find_stream(db: sqlite3.Connection, stream: str) -> tuple[int, int] | None:
@@ -190,18 +209,42 @@ def _version_of(db: sqlite3.Connection, stream_id: int | None) -> int:
     return int(version)
 
 
+_INSERT_EVENTS = (
+    "INSERT INTO events (stream_id, version, type, data, metadata, recorded_at) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+_UPSERT_SNAPSHOT = (
+    "INSERT INTO snapshots (stream_id, version, schema, type, data) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, "
+    "schema = excluded.schema, type = excluded.type, data = excluded.data"
+)
+
+
+_STREAM_AND_VERSION = (
+    "SELECT id, state, (SELECT coalesce(max(version), 0) FROM events WHERE stream_id = streams.id) "
+    "FROM streams WHERE name = ? AND state <> 1"
+)
+
+
 def _apply(db: sqlite3.Connection, op: _WriteOp, now: float) -> Any:
+    """Write one op, statement by statement; raise if it fails (the caller rolls back)."""
     if isinstance(op, _Append):
-        stream_id = _live_stream_id(db, op.stream, create=bool(op.events))
-        version = _version_of(db, stream_id)
+        row = db.execute(_STREAM_AND_VERSION, (op.stream,)).fetchone()
+        stream_id: int | None = None
+        version = 0
+        if row is not None:
+            stream_id, state, version = row
+            if state == _TOMBSTONE:
+                raise StreamDeleted(op.stream)
         if op.expected_version is not None and op.expected_version != version:
             raise ConcurrencyConflict(op.stream, op.expected_version, version)
         if not op.events:
             return version
+        if stream_id is None:
+            stream_id = _create_stream(db, op.stream)
         try:
             db.executemany(
-                "INSERT INTO events (stream_id, version, type, data, metadata, recorded_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                _INSERT_EVENTS,
                 [
                     (stream_id, version + i, e.type, e.data, e.metadata, now)
                     for i, e in enumerate(op.events, 1)
@@ -214,9 +257,7 @@ def _apply(db: sqlite3.Connection, op: _WriteOp, now: float) -> Any:
         s = op.snapshot
         stream_id = _live_stream_id(db, s.stream, create=True)
         db.execute(
-            "INSERT INTO snapshots (stream_id, version, schema, type, data) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, "
-            "schema = excluded.schema, type = excluded.type, data = excluded.data",
+            _UPSERT_SNAPSHOT,
             (stream_id, s.version, s.schema, s.type, s.data),
         )
         return None
@@ -241,6 +282,150 @@ def _describe(op: _WriteOp) -> str:
     if isinstance(op, _SaveSnapshot):
         return f"save a snapshot of stream {op.snapshot.stream!r}"
     return f"delete stream {op.stream!r}"
+
+
+def _write_one(db: sqlite3.Connection, op: _WriteOp, now: float) -> outcome.Outcome[Any]:
+    """Write ``op`` inside its own savepoint: if it fails, it fails alone."""
+    db.execute("SAVEPOINT write")
+    try:
+        value = _apply(db, op, now)
+    except Exception as exc:
+        db.execute("ROLLBACK TO write")
+        db.execute("RELEASE write")
+        if isinstance(exc, _DRIVER_ERRORS):
+            exc = _wrap(exc, _describe(op))
+        return outcome.Error(exc)
+    db.execute("RELEASE write")
+    return outcome.Value(value)
+
+
+# Set-based writes: the streams a run of appends and snapshots touches are
+# looked up in one query (padded to a power of two of names, so that a few
+# prepared statements serve every batch size).
+_LOOKUP_CHUNK = 512
+
+
+@functools.cache
+def _lookup_sql(names: int) -> str:
+    return (
+        "SELECT s.name, s.id, s.state, "
+        "(SELECT coalesce(max(version), 0) FROM events WHERE stream_id = s.id) "
+        f"FROM streams s WHERE s.name IN ({', '.join('?' * names)}) AND s.state <> 1"
+    )
+
+
+def _lookup(db: sqlite3.Connection, names: list[str]) -> dict[str, list[int]]:
+    """``{name: [stream id, state, version]}`` of the named streams that have a row."""
+    found: dict[str, list[int]] = {}
+    for start in range(0, len(names), _LOOKUP_CHUNK):
+        chunk = names[start : start + _LOOKUP_CHUNK]
+        size = 1 << (len(chunk) - 1).bit_length()
+        chunk += [chunk[0]] * (size - len(chunk))
+        for name, stream_id, state, version in db.execute(_lookup_sql(size), chunk):
+            found[name] = [stream_id, state, version]
+    return found
+
+
+def _write_set(
+    db: sqlite3.Connection, ops: Sequence[_Append | _SaveSnapshot], now: float
+) -> list[outcome.Outcome[Any]]:
+    """Write a run of appends and snapshots with set-based statements.
+
+    One query reads the id, state and version of every stream the run touches;
+    each append's expected version is checked in Python against the stream's
+    running version (so two appends to one stream in the run chain), and the
+    accepted events go in with one ``executemany`` (the snapshots with
+    another). A conflict or a deleted stream fails its write alone, without a
+    statement. Anything that raises here (a driver error, an IntegrityError
+    from the UNIQUE backstop) makes the caller roll the run back and write it
+    again one savepoint per write.
+    """
+    names = list(
+        dict.fromkeys(op.stream if type(op) is _Append else op.snapshot.stream for op in ops)
+    )
+    streams = _lookup(db, names)
+    outcomes: list[outcome.Outcome[Any]] = []
+    rows: list[tuple[int, int, str, bytes, bytes, float]] = []
+    snapshots: list[tuple[int, int, int, str, bytes]] = []
+    for op in ops:
+        if type(op) is _Append:
+            name = op.stream
+            entry = streams.get(name)
+            version = 0 if entry is None else entry[2]
+            if entry is not None and entry[1] == _TOMBSTONE:
+                outcomes.append(outcome.Error(StreamDeleted(name)))
+                continue
+            expected = op.expected_version
+            if expected is not None and expected != version:
+                outcomes.append(outcome.Error(ConcurrencyConflict(name, expected, version)))
+                continue
+            events = op.events
+            if events:
+                if entry is None:
+                    entry = streams[name] = [_create_stream(db, name), _LIVE, 0]
+                stream_id = entry[0]
+                for e in events:
+                    version += 1
+                    rows.append((stream_id, version, e.type, e.data, e.metadata, now))
+                entry[2] = version
+            outcomes.append(outcome.Value(version))
+        else:
+            s = op.snapshot
+            entry = streams.get(s.stream)
+            if entry is None:
+                entry = streams[s.stream] = [_create_stream(db, s.stream), _LIVE, 0]
+            elif entry[1] == _TOMBSTONE:
+                outcomes.append(outcome.Error(StreamDeleted(s.stream)))
+                continue
+            snapshots.append((entry[0], s.version, s.schema, s.type, s.data))
+            outcomes.append(outcome.Value(None))
+    if rows:
+        db.executemany(_INSERT_EVENTS, rows)
+    if snapshots:
+        db.executemany(_UPSERT_SNAPSHOT, snapshots)
+    return outcomes
+
+
+def _create_stream(db: sqlite3.Connection, stream: str) -> int:
+    cursor = db.execute("INSERT INTO streams (name, state) VALUES (?, 0)", (stream,))
+    assert cursor.lastrowid is not None
+    return cursor.lastrowid
+
+
+def _write_ops(
+    db: sqlite3.Connection, ops: list[_WriteOp], now: float
+) -> list[outcome.Outcome[Any]]:
+    """Write ``ops`` (inside the batch's transaction); return their outcomes, in order.
+
+    Runs of appends and snapshots are written set-based (:func:`_write_set`)
+    inside one savepoint; if the run raises, the savepoint is rolled back and
+    the run written again one savepoint per write (:func:`_write_one`), so that
+    only the writes at fault fail. Deletes always take that path.
+    """
+    outcomes: list[outcome.Outcome[Any]] = []
+    count = len(ops)
+    start = 0
+    while start < count:
+        end = start
+        while end < count and type(ops[end]) is not _Delete:
+            end += 1
+        if end > start:
+            run = cast("list[_Append | _SaveSnapshot]", ops[start:end])
+            db.execute("SAVEPOINT run")
+            try:
+                done = _write_set(db, run, now)
+            except Exception:
+                db.execute("ROLLBACK TO run")
+                db.execute("RELEASE run")
+                done = [_write_one(db, op, now) for op in run]
+            else:
+                db.execute("RELEASE run")
+            outcomes += done
+        if end < count:
+            outcomes.append(_write_one(db, ops[end], now))
+            end += 1
+        start = end
+    return outcomes
 
 
 @final
@@ -292,7 +477,7 @@ class SQLiteEventStore(_GroupCommitStore):
         return await trio.to_thread.run_sync(self._write_batch, ops)
 
     def _write_batch(self, ops: list[_WriteOp]) -> _BatchResult:
-        """In the writer thread: write ``ops`` in one transaction, a savepoint each."""
+        """In the writer thread: write ``ops`` in one transaction (see :func:`_write_ops`)."""
         conn = self._writer
         now = time.time()
         with conn.lock:
@@ -303,21 +488,19 @@ class SQLiteEventStore(_GroupCommitStore):
                 return _BatchResult(
                     [outcome.Error(_wrap(exc, "begin a transaction")) for _ in ops], False
                 )
-            outcomes: list[outcome.Outcome[Any]] = []
+            outcomes: list[outcome.Outcome[Any]]
             try:
-                for op in ops:
-                    db.execute("SAVEPOINT write")
+                if len(ops) == 1:
+                    # A batch of one needs no savepoint: the transaction is its own.
                     try:
-                        value = _apply(db, op, now)
+                        outcomes = [outcome.Value(_apply(db, ops[0], now))]
                     except Exception as exc:
-                        # This write fails alone; the others of the batch go on.
-                        db.execute("ROLLBACK TO write")
+                        db.execute("ROLLBACK")
                         if isinstance(exc, _DRIVER_ERRORS):
-                            exc = _wrap(exc, _describe(op))
-                        outcomes.append(outcome.Error(exc))
-                    else:
-                        outcomes.append(outcome.Value(value))
-                    db.execute("RELEASE write")
+                            exc = _wrap(exc, _describe(ops[0]))
+                        return _BatchResult([outcome.Error(exc)], False)
+                else:
+                    outcomes = _write_ops(db, ops, now)
                 db.execute("COMMIT")
             except BaseException as exc:
                 # The transaction itself failed (disk full, I/O error, ...):
@@ -469,6 +652,44 @@ def _close_all(connections: list[_Connection]) -> None:
                 logger.exception("closing an SQLite connection failed")
 
 
+def _connect_writer(path: str, busy_timeout: float) -> sqlite3.Connection:
+    writer = _connect(path, uri=False, busy_timeout=busy_timeout)
+    try:
+        # Statement and savepoint journals in memory rather than in temporary
+        # files: every page a write dirties is copied there first. (They only
+        # hold the pages one batch changes.)
+        writer.execute("PRAGMA temp_store = MEMORY")
+    except BaseException:
+        writer.close()
+        raise
+    return writer
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    return code == 5 if code is not None else "database is locked" in str(exc)
+
+
+def _enter_wal(db: sqlite3.Connection, busy_timeout: float) -> object:
+    """Put the file in WAL mode; return the journal mode it is in.
+
+    Switching a new file to WAL takes an exclusive lock, and when another
+    connection is opening the same file at that moment SQLite may report
+    "database is locked" at once rather than wait (waiting could deadlock):
+    retry until ``busy_timeout``.
+    """
+    deadline = time.monotonic() + busy_timeout
+    while True:
+        try:
+            (mode,) = db.execute("PRAGMA journal_mode = WAL").fetchone()
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
+        else:
+            return mode
+
+
 def _open_connections(path: str, readers: int, busy_timeout: float) -> list[_Connection]:
     """In a worker thread: connect, set WAL mode, migrate; return writer + readers."""
     opened: list[sqlite3.Connection] = []
@@ -476,13 +697,13 @@ def _open_connections(path: str, readers: int, busy_timeout: float) -> list[_Con
         if path == ":memory:":
             # A private in-memory database has one connection: reads and
             # writes take turns on it.
-            writer = _connect(path, uri=False, busy_timeout=busy_timeout)
+            writer = _connect_writer(path, busy_timeout)
             opened.append(writer)
             _migrate(writer)
             return [_Connection(writer)]
-        writer = _connect(path, uri=False, busy_timeout=busy_timeout)
+        writer = _connect_writer(path, busy_timeout)
         opened.append(writer)
-        (mode,) = writer.execute("PRAGMA journal_mode = WAL").fetchone()
+        mode = _enter_wal(writer, busy_timeout)
         if str(mode).lower() != "wal":
             raise StoreError(f"could not put {path!r} in WAL mode (journal_mode is {mode!r})")
         _migrate(writer)
