@@ -272,6 +272,15 @@ class _Delete:
 _WriteOp = _Append | _SaveSnapshot | _Delete
 
 
+def _describe(op: _WriteOp) -> str:
+    """What a write does, for error messages."""
+    if isinstance(op, _Append):
+        return f"append to stream {op.stream!r}"
+    if isinstance(op, _SaveSnapshot):
+        return f"save a snapshot of stream {op.snapshot.stream!r}"
+    return f"delete stream {op.stream!r}"
+
+
 class _GroupCommitStore:
     """The write half of the durable stores: every write goes through group commit."""
 

@@ -55,6 +55,7 @@ from ._groupcommit import (
     _Append,
     _BatchResult,
     _check_name,
+    _describe,
     _GroupCommit,
     _GroupCommitStore,
     _SaveSnapshot,
@@ -418,14 +419,6 @@ def _apply(conn: Conn, op: _WriteOp) -> Any:
     elif row is not None:
         conn.execute("UPDATE trio_aggregates_streams SET state = 1 WHERE id = %s", (row[0],))
     return None
-
-
-def _describe(op: _WriteOp) -> str:
-    if isinstance(op, _Append):
-        return f"append to stream {op.stream!r}"
-    if isinstance(op, _SaveSnapshot):
-        return f"save a snapshot of stream {op.snapshot.stream!r}"
-    return f"delete stream {op.stream!r}"
 
 
 def _write_batch(conn: Conn, ops: list[_WriteOp]) -> _BatchResult:

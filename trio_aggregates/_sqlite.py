@@ -70,6 +70,7 @@ from ._groupcommit import (
     _BatchResult,
     _check_name,
     _Delete,
+    _describe,
     _GroupCommit,
     _GroupCommitStore,
     _SaveSnapshot,
@@ -274,14 +275,6 @@ def _apply(db: sqlite3.Connection, op: _WriteOp, now: float) -> Any:
     elif row is not None:
         db.execute("UPDATE streams SET state = 1 WHERE id = ?", (row[0],))
     return None
-
-
-def _describe(op: _WriteOp) -> str:
-    if isinstance(op, _Append):
-        return f"append to stream {op.stream!r}"
-    if isinstance(op, _SaveSnapshot):
-        return f"save a snapshot of stream {op.snapshot.stream!r}"
-    return f"delete stream {op.stream!r}"
 
 
 def _write_one(db: sqlite3.Connection, op: _WriteOp, now: float) -> outcome.Outcome[Any]:
