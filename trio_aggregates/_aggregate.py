@@ -69,6 +69,10 @@ class _NoReply:
 NO_REPLY: Final = _NoReply()
 
 
+def _as_tuple(events: Iterable[object]) -> tuple[object, ...]:
+    return events if type(events) is tuple else tuple(events)
+
+
 @final
 @attrs.frozen
 class Decision:
@@ -80,7 +84,7 @@ class Decision:
             aggregate's version after the events are stored.
     """
 
-    events: tuple[object, ...] = attrs.field(default=(), converter=tuple)
+    events: tuple[object, ...] = attrs.field(default=(), converter=_as_tuple)
     reply: Any = NO_REPLY
 
     @property
@@ -225,6 +229,11 @@ class Aggregate:
             UnknownCommand: the aggregate has no handler for the command's type.
             CommandRejected: (a subclass) the handler refused the command.
         """
+        result = self._handle(command)
+        return result if isinstance(result, Decision) else Decision(events=result)
+
+    def _handle(self, command: object) -> Decision | tuple[object, ...]:
+        """Run the handler: a Decision, or just the events (the runtime's fast path)."""
         handler = self._handlers.get(type(command))
         if handler is None:
             handler = self._lookup(self._handlers, type(command))
@@ -234,12 +243,14 @@ class Aggregate:
                 )
         result = handler(self, command)
         if result is None:
-            return Decision()
+            return ()
         if isinstance(result, Decision):
             return result
-        if isinstance(result, list | tuple):
-            return Decision(events=result)
-        return Decision(events=(result,))
+        if isinstance(result, tuple):
+            return result
+        if isinstance(result, list):
+            return tuple(result)
+        return (result,)
 
     def apply(self, event: object) -> None:
         """Evolve the state by one event (in place).

@@ -44,6 +44,22 @@ _MAX_UPCASTS: Final = 64
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
+def _not_serializable(value: object) -> object:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+# json.JSONEncoder.encode builds a C encoder on every call (about 1 µs); build
+# it once. Same output as _encoder: compact, UTF-8 text, NaN allowed.
+_c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+_c_encode: Callable[[Any, int], list[str]] | None = (
+    None
+    if _c_make_encoder is None
+    else _c_make_encoder(
+        None, _not_serializable, json.encoder.encode_basestring, None, ":", ",", False, False, True
+    )
+)
+
+
 def event_type(name: str) -> Callable[[type[T]], type[T]]:
     """Class decorator: the stable type name an event (or state) class is stored under.
 
@@ -72,7 +88,9 @@ def type_name_of(cls: type[Any]) -> str:
 
 def encode_json(value: Any) -> bytes:
     """Compact UTF-8 JSON."""
-    return _encoder.encode(value).encode()
+    if _c_encode is not None:
+        return "".join(_c_encode(value, 0)).encode()
+    return _encoder.encode(value).encode()  # pragma: no cover (no C accelerator)
 
 
 @final

@@ -50,7 +50,7 @@ from typing import Any, Final, Generic, TypeVar, final
 import attrs
 import trio
 
-from ._aggregate import Aggregate, Decision
+from ._aggregate import NO_REPLY, Aggregate, Decision
 from ._codec import type_name_of
 from ._exceptions import (
     AggregateDeclined,
@@ -449,14 +449,17 @@ class AggregateRepository(Generic[A]):
             raise WrongExpectedVersion(key, expected, live.version)
         codec = self._codec
         for attempt in range(self._max_retries + 1):
-            decision: Decision = live.state.decide(request.command)
-            events = decision.events
+            decided = live.state._handle(request.command)
+            if isinstance(decided, Decision):
+                events, reply = decided.events, decided.reply
+            else:
+                events, reply = decided, NO_REPLY
             if request.dry_run:
                 for event in events:
                     codec.encode(event)  # validates: every event can be stored
                 return list(events) if request.verbose else live.version
             if not events:
-                return decision.reply if decision.has_reply else live.version
+                return live.version if reply is NO_REPLY else reply
             metadata = f"{request.metadata_head}{time.time()!r}}}".encode()
             new = [NewEvent(*codec.encode(event), metadata) for event in events]
             try:
@@ -477,7 +480,7 @@ class AggregateRepository(Generic[A]):
             for event in events:
                 state.apply(event)
             live.version = version
-            return decision.reply if decision.has_reply else version
+            return version if reply is NO_REPLY else reply
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _save_snapshot(self, live: _Live[A], stream: str) -> None:
