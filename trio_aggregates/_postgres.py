@@ -40,7 +40,7 @@ import select
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar, final
+from typing import Any, TypeVar, cast, final
 
 import attrs
 import outcome
@@ -152,6 +152,108 @@ _MIGRATIONS: list[tuple[str, ...]] = [
                 o_version := o_version + v_count;
             END IF;
             o_status := 0;
+        END
+        $$
+        """,
+    ),
+    # version 2
+    (
+        # A batch of appends in one round trip. Append i is to p_streams[i],
+        # expects version p_expected[i] (NULL: any) and has p_counts[i] events,
+        # which lie consecutively in p_types / p_data / p_metadata (all the
+        # appends' events, in append order). The streams are locked (created if
+        # needed) in C-collation order of their names -- the order of Python's
+        # sort, used by every writer, so that writers cannot deadlock -- and an
+        # append is checked against its stream's running version, so appends
+        # to one stream chain in input order. The accepted events go in with one
+        # INSERT. o_status[i] / o_version[i] as trio_aggregates_append's.
+        """
+        CREATE OR REPLACE FUNCTION trio_aggregates_append_batch(
+            p_streams text[], p_expected bigint[], p_counts integer[],
+            p_types text[], p_data bytea[], p_metadata bytea[],
+            OUT o_status integer[], OUT o_version bigint[]
+        ) LANGUAGE plpgsql AS $$
+        DECLARE
+            v_n integer := coalesce(cardinality(p_streams), 0);
+            v_total integer := coalesce(cardinality(p_types), 0);
+            v_offsets integer[];
+            v_ids bigint[];
+            v_versions bigint[];
+            v_prev text;
+            v_name text;
+            v_id bigint;
+            v_state smallint;
+            v_version bigint;
+            v_count integer;
+            v_offset integer := 0;
+            v_any boolean := false;
+            i integer;
+        BEGIN
+            o_status := array_fill(NULL::integer, ARRAY[v_n]);
+            o_version := array_fill(NULL::bigint, ARRAY[v_n]);
+            v_offsets := array_fill(0, ARRAY[v_n]);
+            v_ids := array_fill(NULL::bigint, ARRAY[v_total]);
+            v_versions := array_fill(NULL::bigint, ARRAY[v_total]);
+            FOR i IN 1 .. v_n LOOP
+                v_offsets[i] := v_offset;
+                v_offset := v_offset + coalesce(p_counts[i], 0);
+            END LOOP;
+            IF v_offset <> v_total THEN
+                RAISE EXCEPTION 'trio_aggregates_append_batch: counts do not match the events';
+            END IF;
+            FOR i IN
+                SELECT u.ord FROM unnest(p_streams) WITH ORDINALITY AS u(name, ord)
+                ORDER BY u.name COLLATE "C", u.ord
+            LOOP
+                v_name := p_streams[i];
+                v_count := coalesce(p_counts[i], 0);
+                IF v_prev IS NULL OR v_name <> v_prev THEN
+                    v_prev := v_name;
+                    v_id := NULL;
+                    v_state := NULL;
+                    v_version := 0;
+                    SELECT s.id, s.state INTO v_id, v_state FROM trio_aggregates_streams s
+                        WHERE s.name = v_name AND s.state <> 1 FOR UPDATE;
+                    IF v_id IS NOT NULL AND v_state <> 2 THEN
+                        SELECT coalesce(max(e.version), 0) INTO v_version
+                            FROM trio_aggregates_events e WHERE e.stream_id = v_id;
+                    END IF;
+                END IF;
+                IF v_id IS NULL AND v_count > 0 THEN
+                    INSERT INTO trio_aggregates_streams (name) VALUES (v_name)
+                        ON CONFLICT (name) WHERE state <> 1 DO NOTHING;
+                    -- Ours, or the row another transaction committed meanwhile.
+                    SELECT s.id, s.state INTO v_id, v_state FROM trio_aggregates_streams s
+                        WHERE s.name = v_name AND s.state <> 1 FOR UPDATE;
+                    v_version := 0;
+                    IF v_state <> 2 THEN
+                        SELECT coalesce(max(e.version), 0) INTO v_version
+                            FROM trio_aggregates_events e WHERE e.stream_id = v_id;
+                    END IF;
+                END IF;
+                IF v_state = 2 THEN
+                    o_status[i] := 2;
+                ELSIF p_expected[i] IS NOT NULL AND p_expected[i] <> v_version THEN
+                    o_status[i] := 1;
+                    o_version[i] := v_version;
+                ELSE
+                    FOR j IN 1 .. v_count LOOP
+                        v_version := v_version + 1;
+                        v_ids[v_offsets[i] + j] := v_id;
+                        v_versions[v_offsets[i] + j] := v_version;
+                        v_any := true;
+                    END LOOP;
+                    o_status[i] := 0;
+                    o_version[i] := v_version;
+                END IF;
+            END LOOP;
+            IF v_any THEN
+                INSERT INTO trio_aggregates_events (stream_id, version, type, data, metadata)
+                    SELECT u.id, u.version, u.type, u.data, u.metadata
+                    FROM unnest(v_ids, v_versions, p_types, p_data, p_metadata)
+                        AS u(id, version, type, data, metadata)
+                    WHERE u.id IS NOT NULL;
+            END IF;
         END
         $$
         """,
@@ -368,7 +470,7 @@ def _apply(conn: Conn, op: _WriteOp) -> Any:
         events = op.events
         try:
             row = conn.execute(
-                "SELECT o_status, o_version FROM trio_aggregates_append(%s, %s, %s, %b, %b)",
+                _APPEND_ONE,
                 (
                     op.stream,
                     op.expected_version,
@@ -421,25 +523,128 @@ def _apply(conn: Conn, op: _WriteOp) -> Any:
     return None
 
 
-def _write_batch(conn: Conn, ops: list[_WriteOp]) -> _BatchResult:
-    """In a worker thread: write ``ops`` in one transaction, a savepoint each."""
-    outcomes: list[outcome.Outcome[Any]] = [outcome.Value(None)] * len(ops)
-    # Stable sort: one stream's writes keep their order; every process locks
-    # streams in the same order.
-    order = sorted(range(len(ops)), key=lambda i: _op_stream(ops[i]))
+_APPEND_ONE = "SELECT o_status, o_version FROM trio_aggregates_append(%s, %s, %s, %b, %b)"
+_APPEND_BATCH = (
+    "SELECT o_status, o_version FROM trio_aggregates_append_batch("
+    "%s::text[], %s::bigint[], %s::integer[], %s::text[], %b::bytea[], %b::bytea[])"
+)
+
+
+def _append_outcome(op: _Append, status: int, version: int | None) -> outcome.Outcome[Any]:
+    if status == 2:
+        return outcome.Error(StreamDeleted(op.stream))
+    assert version is not None
+    if status == 1:
+        assert op.expected_version is not None
+        return outcome.Error(ConcurrencyConflict(op.stream, op.expected_version, int(version)))
+    return outcome.Value(int(version))
+
+
+def _append_set(conn: Conn, ops: list[_Append]) -> list[outcome.Outcome[Any]]:
+    """Write a run of appends with one call of ``trio_aggregates_append_batch``.
+
+    A conflict or a deleted stream fails its append alone (the function
+    reports it). Anything that raises (a driver error, a unique violation of
+    the primary-key backstop) makes the caller roll the run back and write it
+    again one savepoint per append.
+    """
+    streams: list[str] = []
+    expected: list[int | None] = []
+    counts: list[int] = []
+    types: list[str] = []
+    datas: list[bytes] = []
+    metadatas: list[bytes] = []
+    for op in ops:
+        streams.append(op.stream)
+        expected.append(op.expected_version)
+        counts.append(len(op.events))
+        for e in op.events:
+            types.append(e.type)
+            datas.append(e.data)
+            metadatas.append(e.metadata)
+    row = conn.execute(
+        _APPEND_BATCH, (streams, expected, counts, types, datas, metadatas)
+    ).fetchone()
+    assert row is not None
+    statuses, versions = row
+    return [
+        _append_outcome(op, status, version)
+        for op, status, version in zip(ops, statuses, versions, strict=True)
+    ]
+
+
+def _write_one(conn: Conn, op: _WriteOp) -> outcome.Outcome[Any]:
+    """Write ``op`` inside its own savepoint: if it fails, it fails alone."""
     try:
         with conn.transaction():
-            for i in order:
-                op = ops[i]
-                try:
-                    with conn.transaction():
-                        outcomes[i] = outcome.Value(_apply(conn, op))
-                except Exception as exc:
-                    if conn.broken:
-                        raise
-                    if isinstance(exc, psycopg.Error):
-                        exc = _wrap(exc, _describe(op))
-                    outcomes[i] = outcome.Error(exc)
+            return outcome.Value(_apply(conn, op))
+    except Exception as exc:
+        if conn.broken:
+            raise
+        if isinstance(exc, psycopg.Error):
+            exc = _wrap(exc, _describe(op))
+        return outcome.Error(exc)
+
+
+def _write_ops(conn: Conn, ops: list[_WriteOp]) -> list[outcome.Outcome[Any]]:
+    """Write ``ops`` inside the batch's transaction; return their outcomes, in order.
+
+    The ops are taken in (stable) order of stream name, so that every writer
+    locks streams in the same order. Runs of two or more appends are written by
+    :func:`_append_set` inside one savepoint; if that raises, the savepoint is
+    rolled back and the run written again one savepoint per append
+    (:func:`_write_one`), so that only the appends at fault fail. Snapshots,
+    deletes and lone appends always take that path.
+    """
+    outcomes: list[outcome.Outcome[Any]] = [outcome.Value(None)] * len(ops)
+    # Stable sort: one stream's writes keep their order.
+    order = sorted(range(len(ops)), key=lambda i: _op_stream(ops[i]))
+    count = len(order)
+    start = 0
+    while start < count:
+        end = start
+        while end < count and type(ops[order[end]]) is _Append:
+            end += 1
+        if end - start >= 2:
+            run = order[start:end]
+            appends = cast("list[_Append]", [ops[i] for i in run])
+            try:
+                with conn.transaction():
+                    done = _append_set(conn, appends)
+            except Exception:
+                if conn.broken:
+                    raise
+                logger.debug("batch append failed; writing one append at a time", exc_info=True)
+                done = [_write_one(conn, op) for op in appends]
+            for i, result in zip(run, done, strict=True):
+                outcomes[i] = result
+        else:
+            end = max(end, start + 1)
+            for i in order[start:end]:
+                outcomes[i] = _write_one(conn, ops[i])
+        start = end
+    return outcomes
+
+
+def _write_batch(conn: Conn, ops: list[_WriteOp]) -> _BatchResult:
+    """In a worker thread: write ``ops`` in one transaction (see :func:`_write_ops`).
+
+    A lone append is one statement in autocommit mode: one round trip.
+    """
+    try:
+        if len(ops) == 1 and type(ops[0]) is _Append:
+            op = ops[0]
+            try:
+                result = _apply(conn, op)
+            except (StreamDeleted, ConcurrencyConflict) as exc:
+                return _BatchResult([outcome.Error(exc)], committed=True)
+            except psycopg.Error as exc:
+                if conn.broken:
+                    raise
+                return _BatchResult([outcome.Error(_wrap(exc, _describe(op)))], committed=False)
+            return _BatchResult([outcome.Value(result)], committed=True)
+        with conn.transaction():
+            outcomes = _write_ops(conn, ops)
     except Exception as exc:
         # The transaction failed as a whole (connection lost, ...): none of it
         # is written -- unless the connection was lost during COMMIT, when the
