@@ -389,6 +389,11 @@ class RegistryStatistics:
         start_failures: start-ups that raised.
         mailbox_backlog: messages queued in all live mailboxes.
         closed: whether the registry has begun to shut down.
+
+    ``live`` drops the moment a key leaves; the end counters move when the
+    task has actually ended (a passivated aggregate may still run its idle
+    hook), so ``activations == live + normal_ends + crashes + passivations``
+    holds once no aggregate task is between the two.
     """
 
     live: int
