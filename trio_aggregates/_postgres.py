@@ -15,22 +15,42 @@ worker thread: a call fails at once when the server refuses connections, and
 the first call after the server is back reconnects. A connection that failed
 is closed, and the idle ones opened before the failure are checked before use.
 
-Writes use group commit like the SQLite store (``_groupcommit.py``):
-the writes queued while a transaction runs share the next transaction, each
-in its own savepoint, sorted by stream name (so that two processes' batches
-lock streams in the same order and cannot deadlock). The expected-version check
-is enforced by the database: the stream's row is locked (``FOR UPDATE``) and
-``(stream_id, version)`` is the events' primary key, so two processes racing
-on a stream can never both win; a unique violation becomes
-:exc:`ConcurrencyConflict`.
+Writes use group commit like the SQLite store (``_groupcommit.py``): the
+writes queued while a transaction runs share the next transaction, taken in
+(stable) order of stream name, so that two processes' batches lock streams in
+the same order and cannot deadlock. The expected-version check is enforced by
+the database: the stream's row is locked (``FOR UPDATE``) and ``(stream_id,
+version)`` is the events' primary key, so two processes racing on a stream can
+never both win; a unique violation becomes :exc:`ConcurrencyConflict`.
+Within the transaction:
+
+* a batch of one append is one statement (``trio_aggregates_append``) in
+  autocommit mode: one round trip;
+* a run of two or more appends is written *set-based*, in one savepoint and
+  one call of ``trio_aggregates_append_batch``: the function locks (creates)
+  the streams' rows in name order (C collation: the order of Python's sort),
+  checks each append against its stream's running version (appends to one
+  stream in a batch chain), inserts every accepted event with one ``INSERT
+  ... SELECT FROM unnest(...)`` and returns an outcome per append. A
+  conflicting append (:exc:`ConcurrencyConflict`) or one to a hard-deleted
+  stream (:exc:`StreamDeleted`) fails alone while the others commit. If the
+  call raises anyway (a driver error, a unique violation of the primary-key
+  backstop), the savepoint is rolled back and the run written again one
+  savepoint per append, so that only the appends at fault fail. So a batch
+  costs about five round trips (``BEGIN``, ``SAVEPOINT``, the call,
+  ``RELEASE``, ``COMMIT``), whatever its number of appends;
+* snapshots, deletes and lone appends among them take that one-savepoint-per-
+  write path.
 
 Schema: tables ``trio_aggregates_streams``, ``trio_aggregates_events``,
-``trio_aggregates_snapshots`` and the function ``trio_aggregates_append`` (an
-append in one round trip), created in the first schema of the connection's
-``search_path`` and migrated by the library; applied versions are rows of
-``trio_aggregates_schema``. Migrations run in one
-transaction under a transaction-scoped advisory lock, so processes opening the
-store at once are safe, and opening again is a no-op.
+``trio_aggregates_snapshots`` and the functions ``trio_aggregates_append`` (an
+append in one round trip, version 1) and ``trio_aggregates_append_batch`` (a
+run of appends in one round trip, version 2), created in the first schema of
+the connection's ``search_path`` and migrated by the library; applied versions
+are rows of ``trio_aggregates_schema``. Migrations run in one transaction under
+a transaction-scoped advisory lock, so processes opening the store at once are
+safe, and opening again is a no-op. A released migration is never edited: a
+change is a new migration.
 """
 
 from __future__ import annotations

@@ -164,7 +164,9 @@ async def read_stream(
 
 @attrs.define(eq=False)
 class _MemoryStream:
-    events: list[RecordedEvent] = attrs.field(factory=list)
+    # (type, data, metadata, recorded_at): tuples of atomic values, which the
+    # garbage collector stops tracking, so a big store costs it nothing.
+    events: list[tuple[str, bytes, bytes, float]] = attrs.field(factory=list)
     snapshot: Snapshot | None = None
 
 
@@ -202,10 +204,7 @@ class InMemoryEventStore:
         if entry is None:
             entry = self._streams[stream] = _MemoryStream()
         now = time.time()
-        entry.events.extend(
-            RecordedEvent(stream, version + i, e.type, e.data, e.metadata, now)
-            for i, e in enumerate(events, 1)
-        )
+        entry.events.extend((e.type, e.data, e.metadata, now) for e in events)
         return version + len(events)
 
     async def read(
@@ -218,7 +217,10 @@ class InMemoryEventStore:
             return []
         start = max(from_version, 1) - 1
         end = None if limit is None else start + max(limit, 0)
-        return entry.events[start:end]
+        return [
+            RecordedEvent(stream, version, *record)
+            for version, record in enumerate(entry.events[start:end], start + 1)
+        ]
 
     async def stream_version(self, stream: str) -> int:
         await trio.lowlevel.checkpoint_if_cancelled()
