@@ -468,6 +468,11 @@ def _cpu_model() -> str | None:
     return platform.processor() or None
 
 
+def package_version(module: str) -> str | None:
+    """The installed version of ``module``'s distribution, or ``None``."""
+    return _version(module)
+
+
 def _version(module: str) -> str | None:
     try:
         from importlib.metadata import version

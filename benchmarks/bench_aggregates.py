@@ -67,7 +67,7 @@ from typing import Any
 
 import attrs
 import trio
-from _common import Report, interleaved_async, parse_args
+from _common import Report, interleaved_async, package_version, parse_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
@@ -209,7 +209,7 @@ def es_runner(config: str, workload: Workload) -> Callable[[], Awaitable[float]]
     (not timed), then the same commands as the callers would send, one at a
     time, in the order concurrent callers would interleave them."""
     order = _round_robin(workload.key_lists)
-    expected = workload.final_version(0)
+    expected = workload.finalpackage_version(0)
 
     async def run() -> float:
         app = es_app(config)
@@ -281,7 +281,7 @@ def library_runner(workload: Workload) -> Callable[[], Awaitable[float]]:
     store, its accounts created (not timed: they stay live, i.e. warm), then
     the workload's callers."""
     names = [f"acct-{i}" for i in range(workload.aggregates)]
-    expected = workload.final_version(0)
+    expected = workload.finalpackage_version(0)
 
     async def run() -> float:
         async with open_aggregates(Account, "memory://", idle_timeout=None) as repo:
@@ -330,7 +330,7 @@ class Workload:
     baseline: str
     target: float | None
 
-    def final_version(self, key: int) -> int:
+    def finalpackage_version(self, key: int) -> int:
         """The version of aggregate ``key`` after a sample (opened + its deposits)."""
         return 1 + sum(keys.count(key) for keys in self.key_lists)
 
@@ -599,7 +599,7 @@ def parameters(quick: bool, reps: int | None) -> dict[str, Any]:
         "rehydrate_streams": 10 if not quick else 5,
         "reps_warm": 5 if not quick else 3,
         "reps_rehydrate": 7 if not quick else 5,
-        "eventsourcing": _version("eventsourcing"),
+        "eventsourcing": package_version("eventsourcing"),
         "eventsourcing_configs": ES_CONFIGS,
     }
     if reps is not None:
@@ -607,15 +607,6 @@ def parameters(quick: bool, reps: int | None) -> dict[str, Any]:
             if name.startswith("reps_"):
                 p[name] = reps
     return p
-
-
-def _version(module: str) -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version(module)
-    except Exception:
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:

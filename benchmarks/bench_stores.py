@@ -66,7 +66,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import trio
-from _common import Report, interleaved_async, parse_args
+from _common import Report, interleaved_async, package_version, parse_args
 from bench_aggregates import ColdAccount, EsAccount, EsBank, check_es_environment, es_settings
 
 from trio_aggregates import AggregateRepository, EventStore, NewEvent, open_aggregates, open_store
@@ -513,7 +513,7 @@ def parameters(quick: bool, reps: int | None) -> dict[str, Any]:
         "stream_events": 10_000,
         "reps_commands": 5 if not quick else 3,
         "reps_rehydrate": 5 if not quick else 3,
-        "eventsourcing": _version("eventsourcing"),
+        "eventsourcing": package_version("eventsourcing"),
         "eventsourcing_configs": {
             "es_default": "Application defaults; only PERSISTENCE_MODULE and the database",
             "es_cache": "AGGREGATE_CACHE_MAXSIZE=100000, AGGREGATE_CACHE_FASTFORWARD=n",
@@ -525,15 +525,6 @@ def parameters(quick: bool, reps: int | None) -> dict[str, Any]:
             if name.startswith("reps_"):
                 p[name] = reps
     return p
-
-
-def _version(module: str) -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version(module)
-    except Exception:
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:
