@@ -177,16 +177,6 @@ class Call:
         self._abandoned = True
         return trio.lowlevel.Abort.SUCCEEDED
 
-    async def _wait(self) -> Any:
-        result = self._outcome
-        if result is not None:
-            await trio.lowlevel.checkpoint()
-            return result.unwrap()
-        if self._task is not None:
-            raise trio.BusyResourceError("another task is already waiting for this call")
-        self._task = trio.lowlevel.current_task()
-        return await trio.lowlevel.wait_task_rescheduled(self._abort)
-
     async def wait(self) -> Any:
         """Wait for the answer and return it (or raise the exception it carries).
 
@@ -198,7 +188,14 @@ class Call:
             AggregateGone: the aggregate ended before it took the call.
             trio.BusyResourceError: another task is already waiting for it.
         """
-        return await self._wait()
+        result = self._outcome
+        if result is not None:
+            await trio.lowlevel.checkpoint()
+            return result.unwrap()
+        if self._task is not None:
+            raise trio.BusyResourceError("another task is already waiting for this call")
+        self._task = trio.lowlevel.current_task()
+        return await trio.lowlevel.wait_task_rescheduled(self._abort)
 
 
 # -- mailboxes --------------------------------------------------------------
@@ -957,7 +954,7 @@ class Registry:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 continue  # it ended just now: once more, to a fresh activation
             if call._outcome is not None:
-                return await call._wait()
+                return await call.wait()
             call._task = trio.lowlevel.current_task()
             return await trio.lowlevel.wait_task_rescheduled(call._abort)
         raise AggregateGone(key, "ended before it took the call, twice")
