@@ -918,8 +918,10 @@ class Registry:
         ended before taking the call, the call is re-routed once to a fresh
         activation.
 
-        Cancellation: the call is withdrawn; if the aggregate already took it,
-        it may still act on it, and its answer is dropped.
+        Cancellation: the caller stops waiting and the call is marked
+        :attr:`Call.abandoned`. A call still queued is delivered all the same
+        (the aggregate may skip it: the event-sourced runtime does); one the
+        aggregate already took may still be acted on. Its answer is dropped.
 
         Raises:
             CallTimeout: no answer within ``timeout`` seconds (counting
