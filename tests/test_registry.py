@@ -1435,3 +1435,50 @@ def test_public_names_are_exported() -> None:
         assert issubclass(error, TrioAggregatesError)
     assert issubclass(InvalidKey, TypeError)
     assert issubclass(CallTimeout, trio.TooSlowError)
+
+
+async def test_leftovers_of_a_crash_go_before_later_callers() -> None:
+    """The fresh start-up for the leftovers is reserved at once: a caller who
+    arrives right after the crash queues behind them, whichever task Trio
+    happens to run first (Trio randomises the order, hence 20 rounds)."""
+    for _ in range(20):
+        order, answers = await _crash_with_leftovers_and_a_late_caller()
+        assert order == ["q0", "q1", "q2", "late"]
+        assert sorted(map(str, answers)) == ["late", "q0", "q1", "q2"]
+
+
+async def _crash_with_leftovers_and_a_late_caller() -> tuple[list[str], list[object]]:
+    order: list[str] = []
+    answers: list[object] = []
+
+    async def recorder(
+        key: object, mailbox: Mailbox, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        task_status.started()
+        async for message in mailbox:
+            assert isinstance(message, Call)
+            if message.message == "crash":
+                raise RuntimeError("crash")
+            order.append(message.message)
+            message.reply(message.message)
+
+    async with open_registry(recorder) as registry:
+        send = await registry.ensure("k")
+        calls = [Call(name) for name in ("crash", "q0", "q1", "q2")]
+        for call in calls:
+            send.send_nowait(call)
+
+        async def late_caller() -> None:
+            with pytest.raises(AggregateCrashed):
+                await calls[0].wait()
+            # Woken by the crash itself: before the re-delivery has run.
+            answers.append(await registry.call("k", "late"))
+
+        async def queued(call: Call) -> None:
+            answers.append(await call.wait())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(late_caller)
+            for call in calls[1:]:
+                nursery.start_soon(queued, call)
+    return order, answers
