@@ -404,6 +404,11 @@ class RegistryStatistics:
     mailbox_backlog: int
     closed: bool
 
+    @property
+    def live_count(self) -> int:
+        """The same as :attr:`live`."""
+        return self.live
+
 
 @attrs.define
 class _Counters:
