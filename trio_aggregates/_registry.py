@@ -692,7 +692,10 @@ class Registry:
             send = self.get(key)
             if send is not None:
                 await trio.lowlevel.checkpoint()
-                return send
+                send = self.get(key)  # as it is now, after the checkpoint
+                if send is not None:
+                    return send
+                continue
             self._check_open()
             pending = self._starting.get(key)
             if pending is None:
