@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 __all__ = [
+    "apply_reps",
     "Comparison",
     "Context",
     "Report",
@@ -466,6 +467,15 @@ def _cpu_model() -> str | None:
     except OSError:
         pass
     return platform.processor() or None
+
+
+def apply_reps(parameters: dict[str, Any], reps: int | None) -> dict[str, Any]:
+    """Set every ``reps_*`` parameter to ``reps`` (the ``--reps N`` option), if given."""
+    if reps is not None:
+        for name in list(parameters):
+            if name.startswith("reps_"):
+                parameters[name] = reps
+    return parameters
 
 
 def package_version(module: str) -> str | None:

@@ -67,7 +67,7 @@ from typing import Any
 
 import attrs
 import trio
-from _common import Report, interleaved_async, package_version, parse_args
+from _common import Report, apply_reps, interleaved_async, package_version, parse_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
@@ -602,11 +602,7 @@ def parameters(quick: bool, reps: int | None) -> dict[str, Any]:
         "eventsourcing": package_version("eventsourcing"),
         "eventsourcing_configs": ES_CONFIGS,
     }
-    if reps is not None:
-        for name in list(p):
-            if name.startswith("reps_"):
-                p[name] = reps
-    return p
+    return apply_reps(p, reps)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,7 @@ from typing import Any
 
 import outcome
 import trio
-from _common import Report, gc_disabled, interleaved, interleaved_async, parse_args
+from _common import Report, apply_reps, gc_disabled, interleaved, interleaved_async, parse_args
 
 import trio_aggregates
 from trio_aggregates import Mailbox
@@ -578,11 +578,7 @@ def parameters(quick: bool, reps: int | None) -> dict[str, Any]:
         "reps_memory": 1,
         "mailbox_size": MAILBOX_SIZE,
     }
-    if reps is not None:
-        for name in list(p):
-            if name.startswith("reps_"):
-                p[name] = reps
-    return p
+    return apply_reps(p, reps)
 
 
 def progress(what: str, _start: list[float] = []) -> None:  # noqa: B006 - the start time

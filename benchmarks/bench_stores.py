@@ -66,7 +66,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import trio
-from _common import Report, interleaved_async, package_version, parse_args
+from _common import Report, apply_reps, interleaved_async, package_version, parse_args
 from bench_aggregates import ColdAccount, EsAccount, EsBank, check_es_environment, es_settings
 
 from trio_aggregates import AggregateRepository, EventStore, NewEvent, open_aggregates, open_store
@@ -520,11 +520,7 @@ def parameters(quick: bool, reps: int | None) -> dict[str, Any]:
         },
         "sqlite": sqlite3.sqlite_version,
     }
-    if reps is not None:
-        for name in list(p):
-            if name.startswith("reps_"):
-                p[name] = reps
-    return p
+    return apply_reps(p, reps)
 
 
 def main(argv: list[str] | None = None) -> int:
