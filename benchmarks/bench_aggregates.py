@@ -80,8 +80,7 @@ from bank import (
     OpenAccount,
 )
 from eventsourcing.application import Application
-from eventsourcing.domain import Aggregate as EsAggregate
-from eventsourcing.domain import event
+from eventsourcing.domain import Aggregate as EsAggregate, event
 
 from trio_aggregates import (
     AggregateRepository,

@@ -33,8 +33,7 @@ import attrs
 import outcome
 import trio
 import trio.testing
-from hypothesis import HealthCheck, event, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from trio_aggregates import (
     AggregateCrashed,

@@ -23,6 +23,7 @@ __all__ = [
     "CallTimeout",
     "CommandRejected",
     "ConcurrencyConflict",
+    "DuplicateCommand",
     "EventDecodeError",
     "InvalidArgument",
     "InvalidKey",
@@ -202,6 +203,30 @@ class ConcurrencyConflict(StoreError):
         self.actual = actual
 
 
+class DuplicateCommand(TrioAggregatesError):
+    """An append carried a ``command_id`` that its stream already holds.
+
+    Raised by a store's ``append`` (checked in the append's own transaction,
+    before the expected version): the command was applied before, so nothing
+    is appended. The event-sourced runtime turns it into the first outcome
+    (the stream's version right after that first append); users of the
+    repository never see it.
+
+    Attributes:
+        stream: the stream's name.
+        command_id: the command id already held.
+        version: the stream's version right after the original append.
+    """
+
+    def __init__(self, stream: str, command_id: str, version: int) -> None:
+        super().__init__(
+            f"stream {stream!r} already holds command {command_id!r} (applied at version {version})"
+        )
+        self.stream = stream
+        self.command_id = command_id
+        self.version = version
+
+
 class StreamDeleted(StoreError):
     """The stream was hard-deleted (a tombstone is left): it can be neither read nor appended to."""
 
@@ -216,3 +241,17 @@ class EventDecodeError(StoreError):
 
 class UnknownEventType(EventDecodeError):
     """A stored event names a type that no event class is registered under."""
+
+
+def _copy_error(error: TrioAggregatesError) -> TrioAggregatesError:
+    """A fresh instance of ``error``, for each task that gets the same failure.
+
+    Raising one exception object in several tasks would chain their
+    tracebacks together; each waiter raises its own copy (same class,
+    attributes, args and cause).
+    """
+    copy = error.__class__.__new__(error.__class__)
+    copy.__dict__.update(error.__dict__)
+    copy.args = error.args
+    copy.__cause__ = error.__cause__
+    return copy

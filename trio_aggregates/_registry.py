@@ -66,6 +66,7 @@ from ._exceptions import (
     KeyAlreadyRegistered,
     RegistryClosed,
     TrioAggregatesError,
+    _copy_error,
 )
 
 __all__ = [
@@ -1036,15 +1037,6 @@ class Registry:
             # Start-ups run in their callers' tasks, outside the nursery's scope.
             if pending.scope is not None:
                 pending.scope.deadline = deadline
-
-
-def _copy_error(error: TrioAggregatesError) -> TrioAggregatesError:
-    """A fresh instance of a start-up error, for each task that waited on it."""
-    copy = error.__class__.__new__(error.__class__)
-    copy.__dict__.update(error.__dict__)
-    copy.args = error.args
-    copy.__cause__ = error.__cause__
-    return copy
 
 
 @asynccontextmanager

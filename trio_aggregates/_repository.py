@@ -66,8 +66,9 @@ from ._exceptions import (
     TrioAggregatesError,
     UnknownCommand,
     WrongExpectedVersion,
+    _copy_error,
 )
-from ._registry import Call, Mailbox, Registry, _copy_error, open_registry
+from ._registry import Call, Mailbox, Registry, open_registry
 from ._store import EventStore, NewEvent, Snapshot, read_stream
 
 __all__ = ["AggregateRepository", "StoredEvent", "open_aggregates"]
