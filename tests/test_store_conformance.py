@@ -16,7 +16,12 @@ import pytest
 import trio
 import trio.testing
 
-from trio_aggregates._exceptions import ConcurrencyConflict, StoreError, StreamDeleted
+from trio_aggregates._exceptions import (
+    ConcurrencyConflict,
+    DuplicateCommand,
+    StoreError,
+    StreamDeleted,
+)
 from trio_aggregates._open_store import open_store
 from trio_aggregates._store import EventStore, NewEvent, RecordedEvent, Snapshot, read_stream
 
@@ -504,3 +509,144 @@ async def test_open_store_memory() -> None:
 
     async with open_store("memory://") as store:
         assert isinstance(store, InMemoryEventStore)
+
+
+# -- command ids (idempotent appends) ---------------------------------------
+
+
+@pytest.fixture
+def command_store(store: EventStore, store_url: str) -> EventStore:
+    if not store_url.startswith("memory"):
+        pytest.skip("command ids land on the SQL stores in the next commit")
+    return store
+
+
+async def test_command_id_is_recorded_with_the_version_after(command_store: EventStore) -> None:
+    store = command_store
+    assert await store.find_command("s", "c-1") is None
+    assert await store.append("s", evs(1, 3), expected_version=0, command_id="c-1") == 2
+    assert await store.find_command("s", "c-1") == 2
+    assert await store.append("s", [ev(3)], expected_version=2, command_id="c-2") == 3
+    assert await store.append("s", [ev(4)], expected_version=3) == 4
+    assert await store.find_command("s", "c-1") == 2
+    assert await store.find_command("s", "c-2") == 3
+    assert await store.find_command("s", "c-3") is None
+    assert await store.find_command("other", "c-1") is None
+
+
+async def test_duplicate_command_appends_nothing(command_store: EventStore) -> None:
+    store = command_store
+    await store.append("s", evs(1, 3), expected_version=0, command_id="c-1")
+    await store.append("s", [ev(3)], expected_version=2)
+    # Checked before the expected version: a retry learns it was applied,
+    # whatever version it expects.
+    for expected in (0, 2, 3, None, 99):
+        with pytest.raises(DuplicateCommand) as info:
+            await store.append("s", [ev("again")], expected_version=expected, command_id="c-1")
+        assert info.value.stream == "s"
+        assert info.value.command_id == "c-1"
+        assert info.value.version == 2
+    with pytest.raises(DuplicateCommand):
+        await store.append("s", [], expected_version=None, command_id="c-1")
+    assert await versions(store, "s") == [1, 2, 3]
+
+
+async def test_command_ids_are_per_stream(command_store: EventStore) -> None:
+    store = command_store
+    assert await store.append("a", [ev(1)], expected_version=0, command_id="same") == 1
+    assert await store.append("b", evs(1, 3), expected_version=0, command_id="same") == 2
+    assert await store.find_command("a", "same") == 1
+    assert await store.find_command("b", "same") == 2
+
+
+async def test_a_failed_append_records_no_command(command_store: EventStore) -> None:
+    store = command_store
+    await store.append("s", [ev(1)], expected_version=0)
+    with pytest.raises(ConcurrencyConflict):
+        await store.append("s", [ev(2)], expected_version=0, command_id="c")
+    assert await store.find_command("s", "c") is None
+    assert await store.append("s", [ev(2)], expected_version=1, command_id="c") == 2
+    assert await store.find_command("s", "c") == 2
+
+
+async def test_an_empty_append_records_its_command(command_store: EventStore) -> None:
+    store = command_store
+    assert await store.append("s", [], expected_version=0, command_id="nothing") == 0
+    assert await store.find_command("s", "nothing") == 0
+    assert await store.stream_version("s") == 0
+    await store.append("s", [ev(1)], expected_version=0)
+    with pytest.raises(DuplicateCommand) as info:
+        await store.append("s", [ev(2)], expected_version=1, command_id="nothing")
+    assert info.value.version == 0
+    assert await versions(store, "s") == [1]
+
+
+async def test_deleting_a_stream_forgets_its_command_ids(command_store: EventStore) -> None:
+    store = command_store
+    await store.append("s", [ev(1)], expected_version=0, command_id="c")
+    await store.delete_stream("s")
+    assert await store.find_command("s", "c") is None
+    assert await store.append("s", evs(1, 4), expected_version=0, command_id="c") == 3
+    assert await store.find_command("s", "c") == 3
+    await store.delete_stream("s", hard=True)
+    with pytest.raises(StreamDeleted):
+        await store.find_command("s", "c")
+    with pytest.raises(StreamDeleted):
+        await store.append("s", [ev(1)], expected_version=None, command_id="c")
+
+
+async def test_racing_appends_with_one_command_id_exactly_one_wins(
+    command_store: EventStore,
+) -> None:
+    """Many tasks append the same command at once (all in one group-commit batch)."""
+    store = command_store
+    await store.append("s", [ev(0)], expected_version=0)
+    winners: list[int] = []
+    duplicates: list[int] = []
+
+    async def contender(n: int, expected: int | None) -> None:
+        try:
+            winners.append(
+                await store.append("s", [ev(n)], expected_version=expected, command_id="once")
+            )
+        except DuplicateCommand as exc:
+            duplicates.append(exc.version)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            # Keep the writer busy, so that the contenders queue up together.
+            nursery.start_soon(functools.partial(store.append, "busy", [ev(0)], expected_version=0))
+            await trio.testing.wait_all_tasks_blocked()
+            for n in range(20):
+                nursery.start_soon(contender, n, 1 if n % 2 else None)
+    assert winners == [2]
+    assert duplicates == [2] * 19
+    assert await store.stream_version("s") == 2
+    assert await store.find_command("s", "once") == 2
+
+
+async def test_distinct_command_ids_in_one_batch_chain(command_store: EventStore) -> None:
+    store = command_store
+    results: dict[int, int] = {}
+
+    async def append(n: int) -> None:
+        results[n] = await store.append("s", [ev(n)], expected_version=None, command_id=f"c-{n}")
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for n in range(10):
+                nursery.start_soon(append, n)
+    assert sorted(results.values()) == list(range(1, 11))
+    for n, version in results.items():
+        assert await store.find_command("s", f"c-{n}") == version
+        (event,) = await store.read("s", from_version=version, limit=1)
+        assert event.data == f"event-{n}".encode()
+
+
+async def test_command_ids_must_be_str(command_store: EventStore) -> None:
+    store = command_store
+    with pytest.raises(TypeError):
+        await store.append("s", [ev(1)], expected_version=0, command_id=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        await store.find_command("s", None)  # type: ignore[arg-type]
+    assert await store.stream_version("s") == 0

@@ -290,7 +290,12 @@ class _GroupCommitStore:
         raise NotImplementedError
 
     async def append(
-        self, stream: str, events: Sequence[NewEvent], *, expected_version: int | None
+        self,
+        stream: str,
+        events: Sequence[NewEvent],
+        *,
+        expected_version: int | None,
+        command_id: str | None = None,
     ) -> int:
         """Append ``events`` atomically; return the stream's new version.
 
@@ -301,8 +306,16 @@ class _GroupCommitStore:
             StoreError: the database failed; nothing was appended.
         """
         _check_name(stream)
+        if command_id is not None:
+            # Recorded by the SQL backends in the next step; refuse rather than ignore.
+            raise StoreError("this store does not record command ids yet")
         version: int = await self._write(_Append(stream, tuple(events), expected_version))
         return version
+
+    async def find_command(self, stream: str, command_id: str) -> int | None:
+        """Return the version recorded with ``command_id``, or ``None``."""
+        _check_name(stream)
+        raise StoreError("this store does not record command ids yet")
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:
         """Store ``snapshot``, replacing the stream's previous one.

@@ -14,6 +14,16 @@ conformance suite in ``tests/test_store_conformance.py`` holds them to it:
   returns the new version. A mismatch raises :class:`ConcurrencyConflict`; two
   writers racing with the same expected version can never both win. An empty
   append checks the version and returns it.
+* ``append(..., command_id=c)``: idempotency. The store records ``(stream,
+  c)`` with the stream's version right after the append, in the append's own
+  transaction (an empty append records it too). An append whose
+  ``command_id`` the stream already holds appends nothing and raises
+  :class:`DuplicateCommand` carrying that recorded version; this check comes
+  before the expected-version check, so a retry of a command that was
+  applied learns so even though the stream has moved on. Of two appends with
+  the same command id racing (in one process or several), exactly one wins.
+  ``find_command(stream, c)`` returns the recorded version or ``None``.
+  Deleting a stream (soft or hard) forgets its command ids.
 * ``read(stream, from_version=1, limit=None)`` returns one page of events with
   ``version >= from_version``, in order; a missing stream reads as empty.
 * ``delete_stream(stream, hard=False)``: a *soft* delete detaches the stream's
@@ -37,7 +47,7 @@ from typing import Protocol, runtime_checkable
 import attrs
 import trio
 
-from ._exceptions import ConcurrencyConflict, StreamDeleted
+from ._exceptions import ConcurrencyConflict, DuplicateCommand, InvalidArgument, StreamDeleted
 
 __all__ = [
     "EventStore",
@@ -110,14 +120,34 @@ class EventStore(Protocol):
     """What every event store backend implements. See the module docstring."""
 
     async def append(
-        self, stream: str, events: Sequence[NewEvent], *, expected_version: int | None
+        self,
+        stream: str,
+        events: Sequence[NewEvent],
+        *,
+        expected_version: int | None,
+        command_id: str | None = None,
     ) -> int:
         """Append ``events`` atomically; return the stream's new version.
 
+        With ``command_id``, the store also records that the stream holds this
+        command, at the version this append returns (in the same transaction).
+
         Raises:
+            DuplicateCommand: the stream already holds ``command_id`` (checked
+                before the expected version); nothing was appended.
             ConcurrencyConflict: the stream is not at ``expected_version``.
             StreamDeleted: the stream was hard-deleted.
             StoreError: the backend failed; nothing was appended.
+        """
+        ...
+
+    async def find_command(self, stream: str, command_id: str) -> int | None:
+        """Return the stream's version right after the append that carried
+        ``command_id``, or ``None`` if the stream does not hold it.
+
+        Raises:
+            StreamDeleted: the stream was hard-deleted.
+            StoreError: the backend failed.
         """
         ...
 
@@ -162,12 +192,21 @@ async def read_stream(
         version = page[-1].version + 1
 
 
+def _check_command_id(command_id: object, *, required: bool = False) -> None:
+    """Refuse a command id that is not a str (``None`` too, if ``required``)."""
+    if isinstance(command_id, str) or (command_id is None and not required):
+        return
+    raise InvalidArgument(f"command ids are str, not {type(command_id).__name__}")
+
+
 @attrs.define(eq=False)
 class _MemoryStream:
     # (type, data, metadata, recorded_at): tuples of atomic values, which the
     # garbage collector stops tracking, so a big store costs it nothing.
     events: list[tuple[str, bytes, bytes, float]] = attrs.field(factory=list)
     snapshot: Snapshot | None = None
+    # command id -> the stream's version right after the append that carried it
+    commands: dict[str, int] | None = None
 
 
 @attrs.define(eq=False)
@@ -191,21 +230,46 @@ class InMemoryEventStore:
             raise StreamDeleted(stream)
 
     async def append(
-        self, stream: str, events: Sequence[NewEvent], *, expected_version: int | None
+        self,
+        stream: str,
+        events: Sequence[NewEvent],
+        *,
+        expected_version: int | None,
+        command_id: str | None = None,
     ) -> int:
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check(stream)
+        _check_command_id(command_id)
         entry = self._streams.get(stream)
+        if command_id is not None and entry is not None and entry.commands is not None:
+            applied = entry.commands.get(command_id)
+            if applied is not None:
+                raise DuplicateCommand(stream, command_id, applied)
         version = len(entry.events) if entry is not None else 0
         if expected_version is not None and expected_version != version:
             raise ConcurrencyConflict(stream, expected_version, version)
-        if not events:
+        if not events and command_id is None:
             return version
         if entry is None:
             entry = self._streams[stream] = _MemoryStream()
-        now = time.time()
-        entry.events.extend((e.type, e.data, e.metadata, now) for e in events)
-        return version + len(events)
+        if events:
+            now = time.time()
+            entry.events.extend((e.type, e.data, e.metadata, now) for e in events)
+            version += len(events)
+        if command_id is not None:
+            if entry.commands is None:
+                entry.commands = {}
+            entry.commands[command_id] = version
+        return version
+
+    async def find_command(self, stream: str, command_id: str) -> int | None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._check(stream)
+        _check_command_id(command_id, required=True)
+        entry = self._streams.get(stream)
+        if entry is None or entry.commands is None:
+            return None
+        return entry.commands.get(command_id)
 
     async def read(
         self, stream: str, *, from_version: int = 1, limit: int | None = None
