@@ -4,10 +4,12 @@ No Trio, no store, no registry: the example domain (``examples/bank.py``) and a 
 small aggregates defined here are exercised as plain synchronous objects.
 """
 
+import enum
 import importlib
 import json
 import sys
 import typing
+import uuid
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -21,6 +23,8 @@ from trio_aggregates import (
     Decision,
     EventCodec,
     EventDecodeError,
+    InvalidArgument,
+    InvalidKey,
     StoreError,
     TrioAggregatesError,
     UnknownCommand,
@@ -391,6 +395,39 @@ def test_stream_name_uses_category_or_class_name() -> None:
         category = "forms"
 
     assert Categorised.stream_name(7) == "forms-7"
+
+
+def test_a_category_with_a_dash_is_refused_when_the_class_is_defined() -> None:
+    # "A" + key "b-c" and "A-b" + key "c" would share the stream "A-b-c".
+    with pytest.raises(InvalidArgument, match="'-'"):
+
+        class Dashed(Aggregate):
+            category = "A-b"
+
+    class Plain(Aggregate):
+        category = "A"
+
+    assert Plain.stream_name("b-c") == "A-b-c"  # splits at its first "-": ("A", "b-c")
+
+
+def test_equal_keys_name_one_stream() -> None:
+    ident = uuid.UUID(int=1)
+    assert bank.Account.stream_name(1) == bank.Account.stream_name("1") == "Account-1"
+    assert bank.Account.stream_name(ident) == bank.Account.stream_name(str(ident))
+    assert bank.Account.stream_name(ident) == f"Account-{ident}"
+
+    class Code(str):
+        def __str__(self) -> str:
+            return "not the value"
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    assert bank.Account.stream_name(Code("x")) == "Account-x"
+    assert bank.Account.stream_name(Level.HIGH) == "Account-3"
+    for bad in [1.5, True, None, b"k", ("t",)]:
+        with pytest.raises(InvalidKey):
+            bank.Account.stream_name(bad)
 
 
 # -- the codec ------------------------------------------------------------------

@@ -8,6 +8,7 @@ with a real interleaving (a slow append, a gate on reads, a second writer that
 always gets there first), not mocks.
 """
 
+import functools
 import importlib
 import json
 import sys
@@ -32,12 +33,14 @@ from trio_aggregates import (
     EventDecodeError,
     EventStore,
     InMemoryEventStore,
+    InvalidArgument,
     InvalidKey,
     NewEvent,
     RecordedEvent,
     RegistryClosed,
     Snapshot,
     StoreError,
+    TrioAggregatesError,
     UnknownCommand,
     UnknownEventType,
     WrongExpectedVersion,
@@ -139,10 +142,10 @@ class CountingStore(InMemoryEventStore):
         return page
 
     async def append(
-        self, stream: str, events: Sequence[NewEvent], *, expected_version: int | None
+        self, stream: str, events: Sequence[NewEvent], *, expected_version: int | None, **kw: Any
     ) -> int:
         self.appends += 1
-        return await super().append(stream, events, expected_version=expected_version)
+        return await super().append(stream, events, expected_version=expected_version, **kw)
 
 
 class GatedStore(InMemoryEventStore):
@@ -178,13 +181,13 @@ class AppendGate(InMemoryEventStore):
         self.waiting = 0
 
     async def append(
-        self, stream: str, events: Sequence[NewEvent], *, expected_version: int | None
+        self, stream: str, events: Sequence[NewEvent], *, expected_version: int | None, **kw: Any
     ) -> int:
         if self.hold:
             self.waiting += 1
             await self.gate.wait()
             self.waiting -= 1
-        return await super().append(stream, events, expected_version=expected_version)
+        return await super().append(stream, events, expected_version=expected_version, **kw)
 
 
 class SlowStore(InMemoryEventStore):
@@ -195,10 +198,10 @@ class SlowStore(InMemoryEventStore):
         self.delay = delay
 
     async def append(
-        self, stream: str, events: Sequence[NewEvent], *, expected_version: int | None
+        self, stream: str, events: Sequence[NewEvent], *, expected_version: int | None, **kw: Any
     ) -> int:
         await trio.sleep(self.delay)
-        return await super().append(stream, events, expected_version=expected_version)
+        return await super().append(stream, events, expected_version=expected_version, **kw)
 
 
 class FailingStore(InMemoryEventStore):
@@ -210,12 +213,12 @@ class FailingStore(InMemoryEventStore):
         self.fail_reads = False
 
     async def append(
-        self, stream: str, events: Sequence[NewEvent], *, expected_version: int | None
+        self, stream: str, events: Sequence[NewEvent], *, expected_version: int | None, **kw: Any
     ) -> int:
         if self.fail_appends:
             await trio.lowlevel.checkpoint()
             raise StoreError("disk full") from OSError(28, "No space left on device")
-        return await super().append(stream, events, expected_version=expected_version)
+        return await super().append(stream, events, expected_version=expected_version, **kw)
 
     async def read(
         self, stream: str, *, from_version: int = 1, limit: int | None = None
@@ -236,14 +239,14 @@ class InterferingStore(InMemoryEventStore):
         self.foreign = 0
 
     async def append(
-        self, stream: str, events: Sequence[NewEvent], *, expected_version: int | None
+        self, stream: str, events: Sequence[NewEvent], *, expected_version: int | None, **kw: Any
     ) -> int:
         if self.interfere:
             self.attempts += 1
             foreign = NewEvent(*Account.codec().encode(Deposited(1, "foreign")))
             await super().append(stream, [foreign], expected_version=None)
             self.foreign += 1
-        return await super().append(stream, events, expected_version=expected_version)
+        return await super().append(stream, events, expected_version=expected_version, **kw)
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -297,7 +300,7 @@ async def test_keys_of_every_allowed_type(target: Any) -> None:
         for key in keys:
             assert await repo.create(key, OpenAccount(str(key))) == 1
             assert (await repo.load(key)).owner == str(key)
-            assert key in repo.registry
+            assert str(key) in repo.registry  # the registry's key: the one string form
 
 
 async def test_handler_reply_replaces_the_version(target: Any) -> None:
@@ -322,7 +325,8 @@ async def test_execute_on_a_missing_key_is_not_found_and_registers_nothing(targe
             await repo.version("ghost")
         assert "ghost" not in repo.registry
         stats = repo.registry.statistics()
-        assert (stats.declined, stats.activations) == (3, 0)
+        # Each started (a create may be queued behind it) and ended with no stream.
+        assert (stats.declined, stats.live, stats.starting) == (0, 0, 0)
         assert await stored(repo.store, Account, "ghost") == 0
         assert await repo.history("ghost") == []
 
@@ -1061,7 +1065,7 @@ async def test_unreadable_streams_fail_only_their_own_callers(target: Any) -> No
         assert await repo.create("new", OpenAccount("n")) == 1
 
 
-async def test_store_failure_on_append_ends_the_aggregate_until_healthy() -> None:
+async def test_store_failure_on_append_is_the_answer_and_the_aggregate_rebuilds() -> None:
     store = FailingStore()
     async with open_aggregates(Account, store) as repo:
         await repo.create("a", OpenAccount("ann"))
@@ -1070,13 +1074,13 @@ async def test_store_failure_on_append_ends_the_aggregate_until_healthy() -> Non
         with pytest.raises(StoreError, match="disk full") as info:
             await repo.execute("a", Deposit(5))
         assert isinstance(info.value.__cause__, OSError)
-        assert "a" not in repo.registry
+        assert "a" in repo.registry  # the aggregate stays; its state is rebuilt before use
         assert repo.registry.statistics().crashes == 0  # an answer, not a crash
         assert await stored(store, Account, "a") == 2
         store.fail_appends = False
         assert await repo.execute("a", Deposit(5)) == 3
         assert (await repo.load("a")).balance == 15
-        assert repo.registry.statistics().activations == 2
+        assert repo.registry.statistics().activations == 1
 
 
 async def test_store_failure_on_load_reaches_the_caller() -> None:
@@ -1191,3 +1195,309 @@ async def test_default_command_ids_are_unique() -> None:
         history = await repo.history("u")
     ids = [e.metadata["command_id"] for e in history]
     assert len(set(ids)) == len(ids) == 21
+
+
+# -- issue 8: every promise holds (create races, one stream one aggregate, fresh
+# -- refusals, tentative apply, idempotent commands, store errors) ---------------
+
+
+@attrs.frozen
+class Poison:
+    pass
+
+
+@event_type("touchy.poisoned")
+@attrs.frozen
+class Poisoned:
+    pass
+
+
+@attrs.define
+class TouchyAccount(bank.Account):
+    """An account whose applier for Poisoned changes the state, then raises."""
+
+    category = "Touchy"
+    snapshot_every = None
+
+    @handles
+    def poison(self, command: Poison) -> Poisoned:
+        return Poisoned()
+
+    @applies
+    def poisoned(self, event: Poisoned) -> None:
+        self.balance = -999
+        raise ZeroDivisionError("applier bug")
+
+
+class LostCommitStore(InMemoryEventStore):
+    """While ``lose`` is set, an append commits, then raises StoreError (COMMIT's answer lost)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lose = False
+
+    async def append(
+        self, stream: str, events: Sequence[NewEvent], *, expected_version: int | None, **kw: Any
+    ) -> int:
+        version = await super().append(stream, events, expected_version=expected_version, **kw)
+        if self.lose:
+            raise StoreError("connection lost during COMMIT")
+        return version
+
+
+async def outcome_of(call: Any) -> object:
+    try:
+        return await call
+    except AggregateNotFound as exc:
+        return exc
+
+
+@pytest.mark.parametrize("first", ["execute", "load", "version"])
+async def test_create_racing_a_first_call_on_a_new_key_creates(target: Any, first: str) -> None:
+    async with open_aggregates(Account, target) as repo:
+        for i in range(20):
+            key = f"new{i}"
+            results: dict[str, object] = {}
+
+            async def other(key: str = key, results: dict[str, object] = results) -> None:
+                if first == "execute":
+                    call = repo.execute(key, Deposit(1))
+                else:
+                    call = getattr(repo, first)(key)
+                results["other"] = await outcome_of(call)
+
+            async def create(key: str = key, results: dict[str, object] = results) -> None:
+                results["create"] = await repo.create(key, OpenAccount("ann"))
+
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(other)  # first: it activates the key
+                    nursery.start_soon(create)
+            assert results["create"] == 1, (key, results)
+            if not isinstance(results["other"], AggregateNotFound):
+                assert first != "execute" or results["other"] == 2
+            assert await repo.version(key) in (1, 2)
+        assert repo.registry.statistics().crashes == 0
+
+
+async def test_a_missing_key_leaves_no_task_behind(target: Any) -> None:
+    async with open_aggregates(Account, target) as repo:
+        with pytest.raises(AggregateNotFound):
+            await repo.version("ghost")
+        assert "ghost" not in repo.registry
+        assert repo.registry.statistics().live == 0
+
+
+async def test_keys_naming_one_stream_are_one_aggregate(target: Any) -> None:
+    store = CountingStore() if target == "memory" else target
+    ident = uuid.UUID(int=0xABC)
+    async with open_aggregates(Account, store) as repo:
+        assert await repo.create(1, OpenAccount("one")) == 1
+        assert await repo.create(ident, OpenAccount("uuid")) == 1
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                for i in range(10):
+                    nursery.start_soon(repo.execute, 1 if i % 2 else "1", Deposit(1))
+                    nursery.start_soon(repo.execute, ident if i % 2 else str(ident), Deposit(1))
+        assert set(repo.registry.keys()) == {"1", str(ident)}
+        stats = repo.registry.statistics()
+        assert (stats.live, stats.activations) == (2, 2)
+        assert await repo.version("1") == await repo.version(1) == 11
+        assert (await repo.load(str(ident))).balance == (await repo.load(ident)).balance == 10
+        with pytest.raises(AlreadyExists):
+            await repo.create("1", OpenAccount("again"))
+        if isinstance(store, CountingStore):
+            assert store.appends == 22  # no conflict between two live copies: no retries
+
+
+async def test_a_category_with_a_dash_is_refused_when_used() -> None:
+    @attrs.define
+    class Later(bank.Account):
+        category = "Later"
+
+    Later.category = "Later-on"  # "Later-on" + "x" would be "Later" + "on-x"
+    with pytest.raises(InvalidArgument, match="'-'"):
+        async with open_aggregates(Later, InMemoryEventStore()):
+            pass  # pragma: no cover
+    with pytest.raises(InvalidArgument):
+        Later.stream_name("x")
+
+
+async def test_a_runtime_behind_the_store_does_not_reject_on_stale_state(target: Any) -> None:
+    async with open_aggregates(Account, target) as a, open_aggregates(Account, target) as b:
+        await a.create("x", OpenAccount("ann"))
+        assert await a.version("x") == 1  # a is live, at balance 0
+        assert await b.execute("x", Deposit(100)) == 2
+        assert await a.execute("x", Withdraw(50)) == 3  # decided on the store's state
+        assert (await a.load("x", fresh=False)).balance == 50
+        with pytest.raises(bank.InsufficientFunds):  # a true refusal is still one
+            await a.execute("x", Withdraw(51))
+
+
+async def test_a_runtime_behind_the_store_takes_a_correct_expected_version(target: Any) -> None:
+    async with open_aggregates(Account, target) as a, open_aggregates(Account, target) as b:
+        await a.create("x", OpenAccount("ann"))
+        assert await a.version("x") == 1
+        assert await b.execute("x", Deposit(1)) == 2
+        assert await a.execute("x", Deposit(1), expected_version=2) == 3
+
+
+async def test_a_wrong_expected_version_reports_the_stores_version(target: Any) -> None:
+    async with open_aggregates(Account, target) as a, open_aggregates(Account, target) as b:
+        await a.create("x", OpenAccount("ann"))
+        assert await a.version("x") == 1
+        await b.execute("x", Deposit(1))
+        await b.execute("x", Deposit(1))
+        with pytest.raises(WrongExpectedVersion) as info:
+            await a.execute("x", Deposit(1), expected_version=2)  # a is at 1, the store at 3
+        assert (info.value.expected, info.value.actual) == (2, 3)
+
+
+async def test_load_and_version_are_fresh_unless_told_otherwise(target: Any) -> None:
+    async with open_aggregates(Account, target) as a, open_aggregates(Account, target) as b:
+        await a.create("x", OpenAccount("ann"))
+        assert await a.version("x") == 1
+        await b.execute("x", Deposit(7))
+        assert await a.version("x", fresh=False) == 1  # from memory
+        assert (await a.load("x", fresh=False)).balance == 0
+        assert await a.version("x") == 2  # every event committed before the call
+        assert (await a.load("x")).balance == 7
+        await b.execute("x", Deposit(1))
+        assert (await a.load("x")).balance == 8
+        assert await a.execute("x", Deposit(1)) == 4  # no conflict: a caught up
+
+
+async def test_an_applier_that_raises_fails_the_command_and_stores_nothing(target: Any) -> None:
+    async with open_aggregates(TouchyAccount, target) as repo:
+        await repo.create("a", OpenAccount("ann"))
+        await repo.execute("a", Deposit(10))
+        with pytest.raises(AggregateCrashed) as info:
+            await repo.execute("a", Poison())
+        assert isinstance(info.value.__cause__, ZeroDivisionError)
+        assert await stored(repo.store, TouchyAccount, "a") == 2  # nothing stored
+        assert "a" in repo.registry  # still serving, with its previous state
+        assert (await repo.load("a")).balance == 10
+        assert await repo.execute("a", Deposit(1)) == 3
+        stats = repo.registry.statistics()
+        assert (stats.crashes, stats.activations) == (0, 1)
+        store = repo.store if isinstance(target, InMemoryEventStore) else target
+    async with open_aggregates(TouchyAccount, store) as repo:  # no poisoned stream
+        assert (await repo.load("a")).balance == 11
+
+
+async def test_a_retry_after_a_timeout_is_applied_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = SlowStore(10.0)
+    async with open_aggregates(Account, store) as repo:
+        await repo.create("a", OpenAccount("ann"))
+        with pytest.raises(CallTimeout):
+            await repo.execute("a", Deposit(5), command_id="c1", timeout=1.0)
+        # the first is being stored still; the retry is answered with its outcome
+        assert await repo.execute("a", Deposit(5), command_id="c1") == 2
+        assert await repo.execute("a", Deposit(5), command_id="c1") == 2
+        assert await stored(store, Account, "a") == 2
+        assert (await repo.load("a")).balance == 5
+        assert await repo.execute("a", Deposit(5), command_id="c2") == 3
+
+
+async def test_a_retry_after_a_cancellation_is_applied_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = SlowStore(10.0)
+    async with open_aggregates(Account, store) as repo:
+        await repo.create("a", OpenAccount("ann"))
+        async with trio.open_nursery() as nursery:
+            # one being stored, one queued behind it: cancel both callers
+            with trio.move_on_after(1.0):
+                first = functools.partial(repo.execute, "a", Deposit(5), command_id="c1")
+                nursery.start_soon(first)
+                await trio.testing.wait_all_tasks_blocked()
+                await repo.execute("a", Deposit(7), command_id="c2")
+            nursery.cancel_scope.cancel()
+        assert await repo.execute("a", Deposit(5), command_id="c1") == 2
+        assert await repo.execute("a", Deposit(7), command_id="c2") in (2, 3)
+        history = await repo.history("a")
+        assert sorted(e.metadata["command_id"] for e in history[1:]) in (["c1"], ["c1", "c2"])
+        assert [e.metadata["command_id"] for e in history].count("c1") == 1
+
+
+async def test_a_retry_after_an_unknown_outcome_is_applied_once() -> None:
+    store = LostCommitStore()
+    async with open_aggregates(Account, store) as repo:
+        await repo.create("a", OpenAccount("ann"))
+        store.lose = True
+        with pytest.raises(StoreError, match="COMMIT"):
+            await repo.execute("a", Deposit(5), command_id="c1")
+        store.lose = False
+        assert await repo.execute("a", Deposit(5), command_id="c1") == 2
+        assert (await repo.load("a")).balance == 5
+        assert await stored(store, Account, "a") == 2
+
+
+# SQLite joins once its store records command ids (in progress).
+@pytest.mark.parametrize("target", ["memory"], indirect=True)
+async def test_retries_after_a_restart_are_applied_once(target: Any) -> None:
+    store = target
+    async with open_aggregates(Account, store) as repo:
+        assert await repo.create("a", OpenAccount("ann"), command_id="open") == 1
+        assert await repo.execute("a", Deposit(5), command_id="d1") == 2
+        assert await repo.execute("a", Withdraw(5), command_id="w1") == 3
+    async with open_aggregates(Account, store) as repo:  # a fresh runtime: nothing in memory
+        assert await repo.execute("a", Deposit(5), command_id="d1") == 2  # refused by the store
+        assert await repo.create("a", OpenAccount("ann"), command_id="open") == 1
+        # refused by the state the first application made (balance 0): looked up
+        assert await repo.execute("a", Withdraw(5), command_id="w1") == 3
+        with pytest.raises(bank.InsufficientFunds):
+            await repo.execute("a", Withdraw(5), command_id="w2")
+        with pytest.raises(AlreadyExists):
+            await repo.create("a", OpenAccount("ann"), command_id="open2")
+        assert await repo.version("a") == 3
+        assert (await repo.load("a")).balance == 0
+
+
+# SQLite joins once its store records command ids (in progress).
+@pytest.mark.parametrize("target", ["memory"], indirect=True)
+async def test_a_retry_from_another_runtime_is_applied_once(target: Any) -> None:
+    async with open_aggregates(Account, target) as a, open_aggregates(Account, target) as b:
+        await a.create("x", OpenAccount("ann"))
+        assert await b.version("x") == 1  # b is live too, and stays at version 1
+        assert await a.execute("x", Deposit(5), command_id="c1") == 2
+        assert await b.execute("x", Deposit(5), command_id="c1") == 2
+        assert await b.execute("x", Deposit(5), expected_version=2, command_id="c1") == 2
+        assert await a.version("x") == await b.version("x") == 2
+
+
+async def test_every_caller_gets_a_store_error_while_writes_fail() -> None:
+    store = FailingStore()
+    async with open_aggregates(Account, store) as repo:
+        await repo.create("a", OpenAccount("ann"))
+        store.fail_appends = True
+        errors: list[BaseException] = []
+
+        async def deposit() -> None:
+            try:
+                await repo.execute("a", Deposit(1))
+            except TrioAggregatesError as exc:
+                errors.append(exc)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                for _ in range(10):
+                    nursery.start_soon(deposit)
+        assert [type(e) for e in errors] == [StoreError] * 10
+        # the state is rebuilt before each command; a failed rebuild fails that command
+        store.fail_reads = True
+        with pytest.raises(StoreError, match="connection lost"):
+            await repo.execute("a", Deposit(1))
+        store.fail_appends = store.fail_reads = False
+        assert await repo.execute("a", Deposit(1)) == 2
+        assert repo.registry.statistics().activations == 1
+
+
+async def test_command_ids_must_be_non_empty_strings() -> None:
+    async with open_aggregates(Account, InMemoryEventStore()) as repo:
+        await repo.create("a", OpenAccount("ann"))
+        for bad in ["", 5]:
+            with pytest.raises(InvalidArgument):
+                await repo.execute("a", Deposit(1), command_id=bad)  # type: ignore[arg-type]

@@ -31,8 +31,13 @@ Rules, written down in one place:
   change ``self``: the runtime applies the events only after the store
   accepted them, and re-runs the handler after a concurrency conflict.
 * An applier changes ``self`` by one event and never fails for an event its
-  own handlers produced (an applier that raises ends the aggregate; it is
-  rebuilt from the store on its next use).
+  own handlers produced. The runtime applies a command's events before it
+  stores them: an applier that raises fails that command (nothing is stored)
+  and the aggregate rebuilds its state from the store.
+* One stream per (type, key): the stream of key ``k`` is
+  ``f"{category}-{k}"`` with ``k`` in its one string form (``canonical_key``,
+  ``str(k)``: ``1`` and ``"1"``, a UUID and its string, are the same key), and a category
+  never contains ``"-"``, so a stream name splits at its first ``"-"``.
 * Which command or event a method takes is read from the annotation of its
   parameter, or given explicitly: ``@handles(Deposit)``.
 * Every event class an applier takes is registered with the aggregate's
@@ -43,13 +48,14 @@ Rules, written down in one place:
 from __future__ import annotations
 
 import typing
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, Final, TypeVar, final, overload
 
 import attrs
 
 from ._codec import EventCodec, Upcaster
-from ._exceptions import UnknownCommand
+from ._exceptions import InvalidArgument, InvalidKey, UnknownCommand
 
 __all__ = ["Aggregate", "Decision", "applies", "handles"]
 
@@ -153,6 +159,42 @@ def _types_of(
     raise TypeError(f"{cls.__name__}.{fn.__name__}: {hint!r} is not a class")
 
 
+def canonical_key(key: object) -> str:
+    """The one string form of an event-sourced aggregate's key.
+
+    ``1`` and ``"1"`` (a UUID and its string) name the same stream, so they
+    are the same aggregate: this string is its stream name's suffix and its
+    key in the registry. Subclasses of str and int count as their plain value.
+
+    Raises:
+        InvalidKey: ``key`` is not a str, int (bool excluded) or UUID.
+    """
+    cls = type(key)
+    if cls is str:
+        return key  # type: ignore[return-value]
+    if cls is int:
+        return int.__repr__(key)
+    if isinstance(key, str):
+        return str.__str__(key)
+    if isinstance(key, int) and not isinstance(key, bool):
+        return int.__repr__(key)
+    if isinstance(key, uuid.UUID):
+        return uuid.UUID.__str__(key)
+    raise InvalidKey(f"event-sourced aggregate keys are str, int or uuid.UUID, not {cls.__name__}")
+
+
+def _category_of(cls: type[Aggregate]) -> str:
+    category = cls.category
+    if category is None or category == "":
+        return cls.__name__
+    if not isinstance(category, str) or "-" in category:
+        raise InvalidArgument(
+            f"{cls.__name__}.category must be a str without '-' (a stream name splits "
+            f"at its first '-'), not {category!r}"
+        )
+    return category
+
+
 class Aggregate:
     """Base class of event-sourced aggregate states (decorate subclasses with ``@attrs.define``).
 
@@ -161,7 +203,9 @@ class Aggregate:
 
     Attributes:
         category: the stream-name prefix (default: the class's name); the
-            stream of key ``k`` is ``f"{category}-{k}"``.
+            stream of key ``k`` is ``f"{category}-{k}"``. It must not contain
+            ``"-"`` (:class:`InvalidArgument` when the class is defined or
+            used), so that no two (type, key) pairs share a stream name.
         snapshot_every: save a snapshot every N events (``None``: never).
         snapshot_schema: bump it when the state's shape changes, so old
             snapshots are ignored (and the state rebuilt from events).
@@ -183,6 +227,7 @@ class Aggregate:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        _category_of(cls)  # refuse an ambiguous category now, not at the first command
         handlers: dict[type, Callable[[Any, Any], Any]] = {}
         appliers: dict[type, Callable[[Any, Any], None]] = {}
         for klass in reversed(cls.__mro__):
@@ -211,8 +256,16 @@ class Aggregate:
 
     @classmethod
     def stream_name(cls, key: Any) -> str:
-        """The name of the stream that holds the events of ``key``."""
-        return f"{cls.category or cls.__name__}-{key}"
+        """The name of the stream that holds the events of ``key``: ``f"{category}-{key}"``.
+
+        ``key`` in its one string form, ``str(key)``, so ``1`` and ``"1"`` (a
+        UUID and its string) name the same stream.
+
+        Raises:
+            InvalidKey: ``key`` is not a str, int or UUID.
+            InvalidArgument: the class's ``category`` contains ``"-"``.
+        """
+        return f"{_category_of(cls)}-{canonical_key(key)}"
 
     @classmethod
     def replay(cls: type[A], events: Iterable[object]) -> A:

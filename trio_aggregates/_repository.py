@@ -3,45 +3,48 @@
 :func:`open_aggregates` opens a registry whose children are aggregates of one
 :class:`Aggregate` type, backed by an :class:`EventStore`. Each live aggregate
 is one task with one mailbox and runs its commands one at a time, in arrival
-order. For each command:
-
-1. check the request (``create`` needs an empty stream, ``execute`` a
-   non-empty one, an ``expected_version`` must match);
-2. *decide*: the pure handler returns the events (or rejects the command);
-3. *append* them to the store with the aggregate's version as the expected
-   version: the store is the arbiter of concurrency;
-4. *apply* them to the in-memory state, and answer the caller with the new
-   version (or the reply the handler chose).
+order. The command step itself (checks, decide, encode, tentative apply, what
+to do after a commit, a conflict, a duplicate or a failure) is the sans-IO
+state machine of ``_command.py``; this module only does its I/O (load,
+append, read, look up, save a snapshot) and answers the callers.
 
 A command is acknowledged only after its events are in the store (with a
 durable store: durable). If another writer appended first (another process,
-say), the append fails with :class:`ConcurrencyConflict`; the aggregate reads
-the events it missed, applies them and decides again, up to ``max_retries``
-times, then answers the conflict.
+say), the append fails with :class:`ConcurrencyConflict`; the aggregate
+rebuilds its state from the store and decides again, up to ``max_retries``
+times, then answers the conflict. A refusal (a rejection, a wrong expected
+version, not found, already exists) is answered only after catching up with
+the store. A command with the caller's ``command_id`` is applied at most once
+per stream: a retry gets the version after its first application.
+
+One stream, one aggregate: keys are canonical (``1`` and ``"1"``, a UUID and
+its string, are one key: ``canonical_key``) and the registry's key is
+that canonical string.
 
 Activation: the aggregate task loads its stream (latest usable snapshot, then
 the later events, in pages) *before* it reports ready, inside its own task,
 so no command sees a half-built state and a slow stream delays no other key.
-At most ``max_concurrent_loads`` loads run at once. ``execute`` on a key with
-no stream registers nothing and raises :class:`AggregateNotFound`.
+At most ``max_concurrent_loads`` loads run at once. A task on a key with no
+stream serves what is queued (``create`` creates; ``execute``, ``load`` and
+``version`` get :class:`AggregateNotFound`) and ends once it holds no stream
+and nothing is queued.
 
-Failure: a rejected command (a :class:`CommandRejected`) leaves the aggregate
-alive and unchanged. A store error is the caller's answer and ends the
-aggregate (its state may be behind the store); the next command rebuilds it.
-Any other exception in a handler or applier ends the aggregate too (the caller
-gets :class:`AggregateCrashed`); nothing acknowledged is ever lost, because
+Failure: a refused command leaves the aggregate alive and unchanged. A store
+error is the caller's answer; the aggregate stays, and rebuilds its state from
+the store before its next command (its state may be behind the store). An
+applier that raises fails its command before anything is stored
+(:class:`AggregateCrashed`); the aggregate rebuilds and keeps serving. Any
+other exception in a handler ends the aggregate (the caller gets
+:class:`AggregateCrashed`); nothing acknowledged is ever lost, because
 acknowledging comes last. Idle aggregates are passivated (``idle_timeout``,
 300 s by default) and rebuilt from the store on their next command.
 """
 
 from __future__ import annotations
 
-import copy
-import functools
 import itertools
 import json
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
@@ -50,18 +53,31 @@ from typing import Any, Final, Generic, TypeVar, final
 import attrs
 import trio
 
-from ._aggregate import NO_REPLY, Aggregate, Decision
+from ._aggregate import Aggregate, canonical_key
 from ._codec import type_name_of
+from ._command import (
+    APPEND,
+    CATCH_UP,
+    DONE,
+    EXISTING,
+    FAIL,
+    NEW,
+    REBUILD,
+    Command,
+    Inspect,
+    LiveAggregate,
+)
 from ._exceptions import (
+    AggregateCrashed,
     AggregateDeclined,
     AggregateNotFound,
     AggregateStartError,
     AlreadyExists,
     CommandRejected,
     ConcurrencyConflict,
+    DuplicateCommand,
     EventDecodeError,
     InvalidArgument,
-    InvalidKey,
     StoreError,
     TrioAggregatesError,
     UnknownCommand,
@@ -69,7 +85,7 @@ from ._exceptions import (
     _copy_error,
 )
 from ._registry import Call, Mailbox, Registry, open_registry
-from ._store import EventStore, NewEvent, Snapshot, read_stream
+from ._store import EventStore, Snapshot, read_stream
 
 __all__ = ["AggregateRepository", "StoredEvent", "open_aggregates"]
 
@@ -83,36 +99,19 @@ _json_str: Final = json.encoder.encode_basestring_ascii
 
 A = TypeVar("A", bound=Aggregate)
 
-_ANY: Final = 0
-_EXISTING: Final = 1
-_NEW: Final = 2
-
-#: Errors that answer one command and leave the aggregate as it was.
-_REFUSALS: Final = (
+#: Errors that answer one command; the aggregate keeps serving.
+_ANSWERS: Final = (
     CommandRejected,
     UnknownCommand,
     WrongExpectedVersion,
-    ConcurrencyConflict,
     AggregateNotFound,
     AlreadyExists,
+    StoreError,  # ConcurrencyConflict, EventDecodeError, ... too
+    AggregateCrashed,  # an applier raised: nothing was stored
 )
 
-
-@attrs.frozen
-class _Command:
-    command: object
-    mode: int
-    expected_version: int | None
-    dry_run: bool
-    verbose: bool
-    #: The events' metadata as JSON, but for the time of the append:
-    #: ``{"command_id": ..., ..., "at": `` (closed with the time and ``}``).
-    metadata_head: str
-
-
-@attrs.frozen
-class _Inspect:
-    """Ask a live aggregate for a copy of its state and its version."""
+#: Events read per page when loading or catching up.
+_PAGE: Final = 1000
 
 
 @attrs.frozen
@@ -130,20 +129,6 @@ class StoredEvent:
     event: object
     metadata: dict[str, Any]
     recorded_at: float
-
-
-@attrs.define(eq=False)
-class _Live(Generic[A]):
-    state: A
-    version: int
-    snapshot_version: int
-
-
-def _check_key(key: object) -> None:
-    if isinstance(key, bool) or not isinstance(key, str | int | uuid.UUID):
-        raise InvalidKey(
-            f"event-sourced aggregate keys are str, int or uuid.UUID, not {type(key).__name__}"
-        )
 
 
 @final
@@ -165,14 +150,13 @@ class AggregateRepository(Generic[A]):
     ) -> None:
         if not (isinstance(aggregate_type, type) and issubclass(aggregate_type, Aggregate)):
             raise InvalidArgument(f"{aggregate_type!r} is not an Aggregate subclass")
+        aggregate_type.stream_name("")  # InvalidArgument for a category with a "-"
         self._type = aggregate_type
         self._store = store
         self._codec = aggregate_type.codec()
         self._max_retries = max_retries
         self._loads = trio.CapacityLimiter(max_concurrent_loads)
         self._registry: Registry | None = None
-        self._serve_existing = functools.partial(self._serve, must_exist=True)
-        self._serve_any = functools.partial(self._serve, must_exist=False)
 
     @property
     def aggregate_type(self) -> type[A]:
@@ -186,7 +170,11 @@ class AggregateRepository(Generic[A]):
 
     @property
     def registry(self) -> Registry:
-        """The registry whose children the live aggregates are."""
+        """The registry whose children the live aggregates are.
+
+        Its keys are the aggregates' keys in their one string form,
+        ``str(key)``: ``"7"`` for the key ``7``.
+        """
         assert self._registry is not None
         return self._registry
 
@@ -208,40 +196,62 @@ class AggregateRepository(Generic[A]):
         """Run ``command`` on the existing aggregate ``key``; return the new version.
 
         Args:
-            key: the aggregate's key (str, int or UUID).
+            key: the aggregate's key (str, int or UUID; ``1`` and ``"1"`` are
+                the same aggregate, as are a UUID and its string).
             command: a command the aggregate has a handler for.
-            expected_version: refuse the command unless the aggregate is at
-                this version.
+            expected_version: refuse the command unless the stream is at
+                this version (checked against the store before refusing).
             dry_run: decide and validate only; store nothing. Returns the
                 current version, or with ``verbose`` the events that would be
                 written.
             timeout: seconds to wait for the answer (:class:`CallTimeout`).
                 A command whose caller gave up before the aggregate took it is
                 skipped; one already being stored completes.
-            command_id, correlation_id, causation_id: stored in each event's
-                metadata (``command_id`` defaults to a fresh unique id).
+            command_id: makes the command idempotent: a command whose
+                ``command_id`` its stream already holds is not applied again,
+                and the call returns the version right after its first
+                application, after restarts and from other processes on the
+                same store (the store checks it in the append's transaction).
+                Retry with the same id after a :class:`CallTimeout`, a
+                cancellation or a :class:`StoreError`. Without it, each call
+                gets a fresh unique id and a retry is a new command.
+            correlation_id, causation_id: stored in each event's metadata,
+                with ``command_id``.
 
         Returns:
-            The version after the command, or the handler's own reply.
+            The version after the command, or the handler's own reply (a
+            retried ``command_id`` returns the version after its first
+            application).
+
+        Freshness: a refusal (:class:`CommandRejected`,
+        :class:`WrongExpectedVersion`, :class:`AggregateNotFound`,
+        :class:`AlreadyExists`) is answered only after the aggregate caught up
+        with the store, so it reflects every event committed before the
+        call, whoever wrote it; if there were newer events, the command is
+        decided again on them.
 
         Raises:
-            AggregateNotFound: no stream for ``key`` (nothing is registered).
+            AggregateNotFound: no stream for ``key``.
             CommandRejected: the handler refused (its own subclass).
             UnknownCommand: no handler for the command's type.
             WrongExpectedVersion: ``expected_version`` did not match.
             ConcurrencyConflict: other writers won ``max_retries + 1`` times.
-            StoreError: the store failed (the aggregate reloads on next use).
+            StoreError: the store failed (whether the events were stored is
+                unknown: retry with the same ``command_id``); the aggregate
+                rebuilds its state from the store before its next command.
             EventDecodeError: the stream holds an event that cannot be read.
-            AggregateCrashed: a handler or applier raised unexpectedly.
+            AggregateCrashed: a handler raised unexpectedly (the aggregate
+                ends), or an applier raised (nothing was stored; the
+                aggregate rebuilds its state and keeps serving).
             CallTimeout: no answer within ``timeout``.
             RegistryClosed: the block of :func:`open_aggregates` has ended.
             InvalidKey: ``key`` is not a str, int or UUID.
         """
         request = self._request(
-            command, _EXISTING, expected_version, dry_run, verbose,
+            command, EXISTING, expected_version, dry_run, verbose,
             command_id, correlation_id, causation_id,
         )  # fmt: skip
-        return await self._send(key, request, timeout, self._serve_existing)
+        return await self._send(key, request, timeout)
 
     async def create(
         self,
@@ -257,33 +267,51 @@ class AggregateRepository(Generic[A]):
     ) -> Any:
         """Run ``command`` on a new aggregate ``key``; return its version.
 
-        As :meth:`execute`, but the stream must be empty. Besides the errors
-        of :meth:`execute` (but for :class:`AggregateNotFound`), it raises:
+        As :meth:`execute`, but the stream must be empty. It creates even
+        while an ``execute``, ``load`` or ``version`` on the same new key is
+        in flight (those may get :class:`AggregateNotFound`, if they come
+        first). Besides the errors of :meth:`execute` (but for
+        :class:`AggregateNotFound`), it raises:
 
         Raises:
-            AlreadyExists: the stream of ``key`` already has events.
+            AlreadyExists: the stream of ``key`` already has events (but for
+                a retry of the same ``command_id``: that returns its version).
         """
         request = self._request(
-            command, _NEW, 0, dry_run, verbose, command_id, correlation_id, causation_id
+            command, NEW, 0, dry_run, verbose, command_id, correlation_id, causation_id
         )
-        return await self._send(key, request, timeout, self._serve_any)
+        return await self._send(key, request, timeout)
 
-    async def load(self, key: str | int | uuid.UUID, *, timeout: float | None = None) -> A:
-        """Return a copy of the live aggregate's state (activating it if needed).
+    async def load(
+        self, key: str | int | uuid.UUID, *, timeout: float | None = None, fresh: bool = True
+    ) -> A:
+        """Return a copy of the aggregate's state (activating it if needed).
+
+        Args:
+            fresh: catch up with the store first (one read of the events
+                after the live version), so that the state reflects every
+                event committed before the call, by any process. ``False``
+                answers from memory: every event this runtime committed or
+                read, but maybe not another process's latest.
 
         Raises:
             AggregateNotFound: no stream for ``key``.
         """
-        state, _ = await self._send(key, _Inspect(), timeout, self._serve_existing)
+        state, _ = await self._send(key, Inspect(fresh), timeout)
         return state  # type: ignore[no-any-return]
 
-    async def version(self, key: str | int | uuid.UUID, *, timeout: float | None = None) -> int:
-        """Return the live aggregate's version (activating it if needed).
+    async def version(
+        self, key: str | int | uuid.UUID, *, timeout: float | None = None, fresh: bool = True
+    ) -> int:
+        """Return the aggregate's version (activating it if needed).
+
+        Args:
+            fresh: as for :meth:`load`.
 
         Raises:
             AggregateNotFound: no stream for ``key``.
         """
-        _, version = await self._send(key, _Inspect(), timeout, self._serve_existing)
+        _, version = await self._send(key, Inspect(fresh), timeout)
         return version  # type: ignore[no-any-return]
 
     async def replay(self, key: str | int | uuid.UUID) -> tuple[A, int]:
@@ -292,7 +320,6 @@ class AggregateRepository(Generic[A]):
         Does not touch the live aggregate: it is how tests and tools check
         that a live state equals a replay of its stream.
         """
-        _check_key(key)
         state = self._type()
         version = 0
         stream = self._type.stream_name(key)
@@ -304,7 +331,6 @@ class AggregateRepository(Generic[A]):
 
     async def history(self, key: str | int | uuid.UUID) -> list[StoredEvent]:
         """Return every event of ``key``'s stream, decoded, with its metadata."""
-        _check_key(key)
         stream = self._type.stream_name(key)
         result = []
         async with aclosing(read_stream(self._store, stream)) as records:
@@ -329,7 +355,7 @@ class AggregateRepository(Generic[A]):
         command_id: str | None,
         correlation_id: str | None,
         causation_id: str | None,
-    ) -> _Command:
+    ) -> Command:
         if expected_version is not None and (
             isinstance(expected_version, bool)
             or not isinstance(expected_version, int)
@@ -337,20 +363,23 @@ class AggregateRepository(Generic[A]):
         ):
             raise InvalidArgument(f"expected_version must be an int >= 0, not {expected_version!r}")
         if command_id is None:
-            command_id = f"{_ID_PREFIX}{next(_id_counter):016x}"
-        head = f'{{"command_id":{_json_str(command_id)}'
+            head = f'{{"command_id":"{_ID_PREFIX}{next(_id_counter):016x}"'
+        elif isinstance(command_id, str) and command_id:
+            head = f'{{"command_id":{_json_str(command_id)}'
+        else:
+            raise InvalidArgument(f"command_id must be a non-empty str, not {command_id!r}")
         if correlation_id is not None:
             head += f',"correlation_id":{_json_str(correlation_id)}'
         if causation_id is not None:
             head += f',"causation_id":{_json_str(causation_id)}'
         head += f',"command":{_json_str(type_name_of(type(command)))},"at":'
-        return _Command(command, mode, expected_version, dry_run, verbose, head)
+        return Command(command, mode, expected_version, dry_run, verbose, command_id, head)
 
-    async def _send(self, key: Any, request: object, timeout: float | None, fn: Any) -> Any:
-        _check_key(key)
+    async def _send(self, key: Any, request: object, timeout: float | None) -> Any:
+        key = canonical_key(key)
         try:
-            return await self.registry.call(key, request, timeout=timeout, aggregate=fn)
-        except AggregateDeclined:
+            return await self.registry.call(key, request, timeout=timeout, aggregate=self._serve)
+        except AggregateDeclined:  # pragma: no cover (the runtime never declines)
             raise AggregateNotFound(key) from None
         except AggregateStartError as exc:
             # Loading failed: say why (a StoreError, an EventDecodeError, ...).
@@ -359,54 +388,21 @@ class AggregateRepository(Generic[A]):
                 raise _copy_error(cause) from exc
             raise
 
-    async def _load(self, stream: str) -> _Live[A]:
-        cls = self._type
-        state: A | None = None
-        version = 0
-        if cls.snapshot_every:
-            snapshot = await self._store.load_snapshot(stream)
-            if (
-                snapshot is not None
-                and snapshot.schema == cls.snapshot_schema
-                and snapshot.type == type_name_of(cls)
-            ):
-                try:
-                    state = self._codec.decode_state(snapshot.data, cls)
-                    version = snapshot.version
-                except EventDecodeError as exc:
-                    logger.warning("ignoring the snapshot of %r: %s", stream, exc)
-        if state is None:
-            state = cls()
-        live = _Live(state, version, version)
-        await self._catch_up(live, stream)
-        return live
-
-    async def _catch_up(self, live: _Live[A], stream: str) -> None:
-        """Apply the events of ``stream`` after ``live.version``."""
-        decode = self._codec.decode
-        state = live.state
-        async with aclosing(
-            read_stream(self._store, stream, from_version=live.version + 1)
-        ) as records:
-            async for record in records:
-                state.apply(decode(record.type, record.data, where=_at(record)))
-                live.version = record.version
-
     async def _serve(
-        self,
-        key: Any,
-        mailbox: Mailbox,
-        *,
-        task_status: trio.TaskStatus[None],
-        must_exist: bool,
+        self, key: str, mailbox: Mailbox, *, task_status: trio.TaskStatus[None]
     ) -> None:
-        """The aggregate task: load, report ready, run commands one at a time."""
+        """The aggregate task: load, report ready, run requests one at a time.
+
+        It starts even on a key with no stream (a ``create`` may be queued
+        behind an ``execute``), and ends once it holds no stream and nothing
+        is queued. Only a handler's unexpected exception ends it otherwise.
+        """
         stream = self._type.stream_name(key)
+        live = LiveAggregate(self._type, key, self._codec, self._max_retries)
         async with self._loads:
-            live = await self._load(stream)
-        if must_exist and live.version == 0:
-            return  # declined: nothing is registered (AggregateNotFound for the caller)
+            await self._rebuild(live, stream)
         task_status.started()
+        del task_status
         async for message in mailbox:
             if type(message) is not Call:
                 logger.warning("aggregate %r ignored %r: send commands with a call", key, message)
@@ -414,77 +410,94 @@ class AggregateRepository(Generic[A]):
             if message.abandoned:
                 message.reply(None)  # the caller gave up before we took it: skip
                 continue
-            request = message.message
             try:
-                if type(request) is _Command:
-                    result = await self._execute(key, stream, live, request)
-                elif type(request) is _Inspect:
-                    if live.version == 0:
-                        raise AggregateNotFound(key)
-                    result = (copy.deepcopy(live.state), live.version)
-                else:
-                    raise UnknownCommand(f"not a command envelope: {request!r}")
-            except _REFUSALS as exc:
+                result = await self._step(live, stream, message.message)
+            except _ANSWERS as exc:
                 message.fail(exc)
-                if live.version == 0:
-                    return  # no stream (a refused create): do not stay registered
-                continue
-            except StoreError as exc:
-                # Did the append land? Unknown: end, and reload on the next command.
-                message.fail(exc)
-                return
-            message.reply(result)
-            if live.version == 0:
-                return  # no stream (a refused or dry-run create): do not stay registered
-            every = self._type.snapshot_every
-            if every and live.version // every > live.snapshot_version // every:
-                await self._save_snapshot(live, stream)
-
-    async def _execute(self, key: Any, stream: str, live: _Live[A], request: _Command) -> Any:
-        if request.mode == _NEW and live.version > 0:
-            raise AlreadyExists(key)
-        if request.mode == _EXISTING and live.version == 0:
-            raise AggregateNotFound(key)
-        expected = request.expected_version
-        if expected is not None and expected != live.version:
-            raise WrongExpectedVersion(key, expected, live.version)
-        codec = self._codec
-        for attempt in range(self._max_retries + 1):
-            decided = live.state._handle(request.command)
-            if isinstance(decided, Decision):
-                events, reply = decided.events, decided.reply
             else:
-                events, reply = decided, NO_REPLY
-            if request.dry_run:
-                for event in events:
-                    codec.encode(event)  # validates: every event can be stored
-                return list(events) if request.verbose else live.version
-            if not events:
-                return live.version if reply is NO_REPLY else reply
-            metadata = f"{request.metadata_head}{time.time()!r}}}".encode()
-            new = [NewEvent(*codec.encode(event), metadata) for event in events]
-            try:
-                version = await self._store.append(stream, new, expected_version=live.version)
-            except ConcurrencyConflict:
-                # Another writer got there first: learn what it wrote, then
-                # decide again (or give up). Always catch up, so that the next
-                # command starts from the stream as it is.
-                await self._catch_up(live, stream)
-                if request.mode == _NEW and live.version > 0:
-                    raise AlreadyExists(key) from None
-                if expected is not None:
-                    raise WrongExpectedVersion(key, expected, live.version) from None
-                if attempt == self._max_retries:
-                    raise
-                continue
-            state = live.state
-            for event in events:
-                state.apply(event)
-            live.version = version
-            return version if reply is NO_REPLY else reply
-        raise AssertionError("unreachable")  # pragma: no cover
+                message.reply(result)
+                if live.snapshot_due():
+                    await self._save_snapshot(live, stream)
+            if live.version == 0 and live.should_end(mailbox.statistics().current_buffer_used):
+                return  # no stream and nothing queued: do not stay registered
 
-    async def _save_snapshot(self, live: _Live[A], stream: str) -> None:
+    async def _step(self, live: LiveAggregate[A], stream: str, request: object) -> Any:
+        """Drive the command step of ``_command.py``: do the I/O it asks for."""
+        if type(request) is Command:
+            action = live.start(request)
+        elif type(request) is Inspect:
+            action = live.inspect(request)
+        else:
+            raise UnknownCommand(f"not a command envelope: {request!r}")
+        store = self._store
+        while True:
+            if action is APPEND:
+                command_id = live.append_id
+                try:
+                    if command_id is None:  # an id of ours: unique, nothing to check
+                        version = await store.append(
+                            stream, live.new_events, expected_version=live.expected
+                        )
+                    else:
+                        version = await store.append(
+                            stream,
+                            live.new_events,
+                            expected_version=live.expected,
+                            command_id=command_id,
+                        )
+                except DuplicateCommand as exc:
+                    action = live.duplicate(exc.version)
+                except ConcurrencyConflict as exc:
+                    action = live.conflicted(exc)
+                except StoreError as exc:
+                    action = live.failed(exc)
+                else:
+                    action = live.committed(version)
+            elif action is DONE:
+                result = live.result
+                live.result = None
+                return result
+            elif action is FAIL:
+                error = live.error
+                live.error = None
+                assert error is not None
+                raise error
+            else:
+                try:
+                    if action is CATCH_UP:
+                        await self._catch_up(live, stream)
+                        action = live.caught_up()
+                    elif action is REBUILD:
+                        await self._rebuild(live, stream)
+                        action = live.rebuilt()
+                    else:  # FIND
+                        assert live.request is not None and live.request.command_id is not None
+                        found = await store.find_command(stream, live.request.command_id)
+                        action = live.found(found)
+                except StoreError as exc:
+                    action = live.failed(exc)
+
+    async def _rebuild(self, live: LiveAggregate[A], stream: str) -> None:
+        """Load ``live`` from the store: the latest usable snapshot, then the later events."""
+        snapshot = None
+        if self._type.snapshot_every:
+            snapshot = await self._store.load_snapshot(stream)
+        unusable = live.reset(snapshot)
+        if unusable is not None:
+            logger.warning("ignoring the snapshot of %r: %s", stream, unusable)
+        await self._catch_up(live, stream)
+        live.loaded()
+
+    async def _catch_up(self, live: LiveAggregate[A], stream: str) -> None:
+        """Apply the events of ``stream`` after ``live.version``, page by page."""
+        read = self._store.read
+        while True:
+            page = await read(stream, from_version=live.version + 1, limit=_PAGE)
+            live.advance(page)
+            if len(page) < _PAGE:
+                return
+
+    async def _save_snapshot(self, live: LiveAggregate[A], stream: str) -> None:
         cls = self._type
         try:
             data = self._codec.encode_state(live.state)
@@ -494,7 +507,7 @@ class AggregateRepository(Generic[A]):
         except Exception as exc:  # a snapshot is an optimisation: never crash for one
             logger.warning("could not snapshot %r at version %d: %r", stream, live.version, exc)
             return
-        live.snapshot_version = live.version
+        live.snapshot_saved(live.version)
 
 
 def _at(record: Any) -> str:
@@ -527,6 +540,10 @@ async def open_aggregates(
 
     The repository's registry is a child of this block: leaving it ends every
     aggregate (commands still queued get :class:`RegistryClosed`).
+
+    Raises:
+        InvalidArgument: a bad setting, or ``aggregate_type`` is not an
+            :class:`Aggregate` subclass (or its ``category`` contains ``"-"``).
     """
     if max_retries < 0 or max_concurrent_loads < 1:
         raise InvalidArgument("max_retries must be >= 0 and max_concurrent_loads >= 1")
@@ -543,7 +560,7 @@ async def open_aggregates(
         )
         registry = await stack.enter_async_context(
             open_registry(
-                repository._serve_existing,
+                repository._serve,
                 mailbox_size=mailbox_size,
                 idle_timeout=idle_timeout,
                 shutdown_timeout=shutdown_timeout,
