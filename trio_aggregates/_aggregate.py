@@ -28,8 +28,8 @@ Rules, written down in one place:
 
 * A handler returns ``None`` (no events), one event, a list of events, or a
   :class:`Decision` (events plus a custom reply for the caller). It must not
-  change ``self``: the runtime applies the events only after the store
-  accepted them, and re-runs the handler after a concurrency conflict.
+  change ``self``: the runtime applies the events itself, and re-runs the
+  handler after a concurrency conflict.
 * An applier changes ``self`` by one event and never fails for an event its
   own handlers produced. The runtime applies a command's events before it
   stores them: an applier that raises fails that command (nothing is stored)

@@ -102,7 +102,10 @@ class AggregateCrashed(TrioAggregatesError):
     """The answer to a call whose aggregate raised while the call was in its hands.
 
     The exception the aggregate raised is the ``__cause__``. The aggregate has
-    ended; the next message to its key activates a fresh one.
+    ended; the next message to its key activates a fresh one. (The
+    event-sourced runtime also answers with it when an applier raised on a
+    command's new events: then nothing was stored, and the aggregate carries
+    on with its state rebuilt from the store.)
     """
 
     def __init__(self, key: Any, reason: BaseException | None = None) -> None:
