@@ -1,8 +1,11 @@
 """Property: snapshot + later events, a full replay and the live state always agree.
 
 Random command sequences on a bank account (deposits, withdrawals, rejected ones too,
-and restarts of the runtime in between) run against one in-memory store, with a
-snapshot every 3 events. At the end the live state, ``repo.replay`` (every event, no
+restarts of the runtime in between, deposits by a second runtime on the same store,
+and retries of earlier commands by their ``command_id``) run against one in-memory
+store, with a snapshot every 3 events. Two runtimes on one store never refuse on
+stale state, and a retried command id is answered with its first version and
+stores nothing. At the end the live state, ``repo.replay`` (every event, no
 snapshot) and a fresh ``open_aggregates`` on the same store (latest snapshot + the
 events after it) must be equal. A sync ``@given`` test drives ``trio.run`` itself
 (hypothesis-trio does not import on current Hypothesis).
@@ -54,9 +57,9 @@ class CountingStore(InMemoryEventStore):
         return page
 
     async def append(
-        self, stream: str, events: Sequence[NewEvent], *, expected_version: int | None
+        self, stream: str, events: Sequence[NewEvent], *, expected_version: int | None, **kw: Any
     ) -> int:
-        return await super().append(stream, events, expected_version=expected_version)
+        return await super().append(stream, events, expected_version=expected_version, **kw)
 
 
 amounts = st.one_of(st.integers(1, 300), st.sampled_from([0, -1]))  # 0, -1: InvalidAmount
@@ -65,6 +68,8 @@ operations = st.lists(
         st.tuples(st.just("deposit"), amounts),
         st.tuples(st.just("withdraw"), amounts),  # often InsufficientFunds
         st.tuples(st.just("restart"), st.just(0)),  # close the runtime, reopen on the store
+        st.tuples(st.just("other"), st.integers(1, 300)),  # a deposit by a second runtime
+        st.tuples(st.just("retry"), st.integers(0, 10**6)),  # an earlier accepted command again
     ),
     max_size=40,
 )
@@ -83,23 +88,46 @@ async def run(ops: list[tuple[str, int]], overdraft: int) -> None:
             segments[-1].append(op)
 
     live: Any = None
+    applied: list[tuple[str, int, bool]] = []  # (command id, its version, via the other)
+    ids = iter(range(10**6))
     for n, segment in enumerate(segments):
-        async with open_aggregates(PropAccount, store) as repo:
+        async with (
+            open_aggregates(PropAccount, store) as repo,
+            open_aggregates(PropAccount, store) as other,
+        ):
             if n == 0:
                 assert await repo.create(key, bank.OpenAccount("ann", overdraft)) == 1
             else:
                 # activation after a restart: snapshot + later events == what it was
                 assert await repo.load(key) == live
             for kind, amount in segment:
-                command = bank.Deposit(amount) if kind == "deposit" else bank.Withdraw(amount)
+                if kind == "retry":
+                    if applied:
+                        command_id, first, via_other = applied[amount % len(applied)]
+                        runtime = repo if via_other else other  # the one that did not store it
+                        command = bank.Deposit(1)  # the id decides, not the command
+                        assert await runtime.execute(key, command, command_id=command_id) == first
+                    continue
+                command_id = f"c{next(ids)}"
+                runtime = other if kind == "other" else repo
+                command = bank.Withdraw(amount) if kind == "withdraw" else bank.Deposit(amount)
                 try:
-                    version = await repo.execute(key, command)
+                    version = await runtime.execute(key, command, command_id=command_id)
                 except CommandRejected:
+                    # decided on the store's state, whoever wrote last
+                    assert kind == "withdraw" or amount <= 0
+                    assert (
+                        kind != "withdraw"
+                        or amount <= 0
+                        or (expected_balance - amount < -overdraft)
+                    )
                     continue
                 accepted += 1
                 assert version == accepted
-                expected_balance += amount if kind == "deposit" else -amount
+                applied.append((command_id, version, runtime is other))
+                expected_balance += -amount if kind == "withdraw" else amount
             live = await repo.load(key)
+            assert await other.load(key) == live
             replayed, version = await repo.replay(key)
             assert live == replayed
             assert version == accepted
