@@ -313,7 +313,8 @@ class LiveAggregate(Generic[A]):
         if request.command_id is not None:
             self._remember(request.command_id, version)
         reply = self._reply
-        return self._done(version if reply is NO_REPLY else reply)
+        self.result = version if reply is NO_REPLY else reply
+        return DONE
 
     def conflicted(self, error: ConcurrencyConflict) -> _Action:
         """Another writer appended first (nothing of ours was stored)."""
@@ -412,9 +413,12 @@ class LiveAggregate(Generic[A]):
     def _decide(self) -> _Action:
         request = self.request
         assert request is not None
-        refused = self._check()
-        if refused is not None:
-            return self._refuse(refused)
+        # The checks; the common case (execute on an existing stream, no
+        # expected version) in one comparison.
+        if request.mode != EXISTING or self.version == 0 or request.expected_version is not None:
+            refused = self._check()
+            if refused is not None:
+                return self._refuse(refused)
         state = self.state
         try:
             decided = state._handle(request.command)
