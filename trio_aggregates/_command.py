@@ -167,6 +167,8 @@ _ANSWER_DUPLICATE: Final = 2  # answer the version the store reported
 _INSPECT: Final = 3  # answer a copy of the state
 _GIVE_UP: Final = 4  # conflicts won: check once more, then answer the conflict
 
+_NO_EVENTS: Final[tuple[NewEvent, ...]] = ()
+
 #: How many of the caller's own command ids a live aggregate remembers.
 RECENT_IDS: Final = 64
 
@@ -214,7 +216,7 @@ class LiveAggregate(Generic[A]):
         # The command in hand.
         self.request: Command | None = None
         self.attempt = 0
-        self.new_events: list[NewEvent] = []
+        self.new_events: Sequence[NewEvent] = _NO_EVENTS
         self.expected = 0
         self.append_id: str | None = None
         self.result: Any = None
@@ -314,6 +316,9 @@ class LiveAggregate(Generic[A]):
             self._remember(request.command_id, version)
         reply = self._reply
         self.result = version if reply is NO_REPLY else reply
+        # An idle aggregate keeps nothing of its last command.
+        self.request = self._reply = None
+        self.new_events = _NO_EVENTS
         return DONE
 
     def conflicted(self, error: ConcurrencyConflict) -> _Action:
