@@ -1,8 +1,12 @@
-"""Group commit: the single writer path both durable stores share.
+"""Group commit: batching the writes of many tasks into one transaction.
+
+This module knows nothing of databases: :class:`_GroupCommit` takes a batch
+function (``run_batch``) and the durable store core (``_durable.py``) gives
+it one that writes a batch in one transaction.
 
 Writes queue up while a transaction is being written; the next transaction
 writes all of them. The first waiting writer becomes the *leader* and runs the
-batch (in a worker thread, through the store's ``run_batch``), then hands the
+batch (through ``run_batch``, in a worker thread for the SQL stores), then hands the
 lead to the next queued task. There is no background task, so no hidden
 nursery and no exception group can escape a store's ``open_*``.
 
@@ -17,7 +21,7 @@ result, the cancellation taking effect at the next checkpoint.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, Generic, TypeVar, final
 
 import attrs
@@ -25,7 +29,6 @@ import outcome
 import trio
 
 from ._exceptions import StoreError
-from ._store import NewEvent, Snapshot
 
 __all__ = ["StoreStatistics"]
 
@@ -230,109 +233,3 @@ class _GroupCommit(Generic[OpT]):
             if self._idle is None:
                 self._idle = trio.Event()
             await self._idle.wait()
-
-
-# -- the SQLite store -------------------------------------------------------
-
-
-def _check_name(stream: object) -> None:
-    if not isinstance(stream, str):
-        raise TypeError(f"stream names are str, not {type(stream).__name__}")
-
-
-@final
-class _Append:
-    __slots__ = ("events", "expected_version", "stream")
-
-    def __init__(
-        self, stream: str, events: Sequence[NewEvent], expected_version: int | None
-    ) -> None:
-        self.stream = stream
-        self.events = events
-        self.expected_version = expected_version
-
-
-@final
-class _SaveSnapshot:
-    __slots__ = ("snapshot",)
-
-    def __init__(self, snapshot: Snapshot) -> None:
-        self.snapshot = snapshot
-
-
-@final
-class _Delete:
-    __slots__ = ("hard", "stream")
-
-    def __init__(self, stream: str, hard: bool) -> None:
-        self.stream = stream
-        self.hard = hard
-
-
-_WriteOp = _Append | _SaveSnapshot | _Delete
-
-
-def _describe(op: _WriteOp) -> str:
-    """What a write does, for error messages."""
-    if isinstance(op, _Append):
-        return f"append to stream {op.stream!r}"
-    if isinstance(op, _SaveSnapshot):
-        return f"save a snapshot of stream {op.snapshot.stream!r}"
-    return f"delete stream {op.stream!r}"
-
-
-class _GroupCommitStore:
-    """The write half of the durable stores: every write goes through group commit."""
-
-    __slots__ = ()
-
-    async def _write(self, op: _WriteOp) -> Any:
-        raise NotImplementedError
-
-    async def append(
-        self,
-        stream: str,
-        events: Sequence[NewEvent],
-        *,
-        expected_version: int | None,
-        command_id: str | None = None,
-    ) -> int:
-        """Append ``events`` atomically; return the stream's new version.
-
-        Raises:
-            ConcurrencyConflict: the stream is not at ``expected_version``
-                (also when another process appended first).
-            StreamDeleted: the stream was hard-deleted.
-            StoreError: the database failed; nothing was appended.
-        """
-        _check_name(stream)
-        if command_id is not None:
-            # Recorded by the SQL backends in the next step; refuse rather than ignore.
-            raise StoreError("this store does not record command ids yet")
-        version: int = await self._write(_Append(stream, tuple(events), expected_version))
-        return version
-
-    async def find_command(self, stream: str, command_id: str) -> int | None:
-        """Return the version recorded with ``command_id``, or ``None``."""
-        _check_name(stream)
-        raise StoreError("this store does not record command ids yet")
-
-    async def save_snapshot(self, snapshot: Snapshot) -> None:
-        """Store ``snapshot``, replacing the stream's previous one.
-
-        Raises:
-            StreamDeleted: the stream was hard-deleted.
-            StoreError: the database failed; the previous snapshot is kept.
-        """
-        _check_name(snapshot.stream)
-        await self._write(_SaveSnapshot(snapshot))
-
-    async def delete_stream(self, stream: str, *, hard: bool = False) -> None:
-        """Soft- or hard-delete ``stream`` (see :class:`EventStore`).
-
-        Raises:
-            StreamDeleted: the stream was already hard-deleted.
-            StoreError: the database failed; nothing changed.
-        """
-        _check_name(stream)
-        await self._write(_Delete(stream, hard))

@@ -15,6 +15,10 @@ worker thread: a call fails at once when the server refuses connections, and
 the first call after the server is back reconnects. A connection that failed
 is closed, and the idle ones opened before the failure are checked before use.
 
+The store is a durable store core (``_durable.py``), which holds the shell
+it shares with the SQLite store (group commit, statistics, closing, the write
+calls); this module holds the SQL, the connections and the migrations.
+
 Writes use group commit like the SQLite store (``_groupcommit.py``): the
 writes queued while a transaction runs share the next transaction, taken in
 (stable) order of stream name, so that two processes' batches lock streams in
@@ -60,7 +64,7 @@ import select
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar, cast, final
+from typing import Any, ClassVar, TypeVar, cast, final
 
 import attrs
 import outcome
@@ -69,18 +73,20 @@ import psycopg.errors
 import trio
 from psycopg.pq import TransactionStatus
 
-from ._exceptions import ConcurrencyConflict, StoreError, StreamDeleted
-from ._groupcommit import (
-    StoreStatistics,
+from ._durable import (
+    _TOMBSTONE,
     _Append,
-    _BatchResult,
     _check_name,
     _describe,
-    _GroupCommit,
-    _GroupCommitStore,
+    _DurableStore,
+    _op_stream,
     _SaveSnapshot,
+    _split_runs,
+    _wrap_error,
     _WriteOp,
 )
+from ._exceptions import ConcurrencyConflict, StoreError, StreamDeleted
+from ._groupcommit import _BatchResult
 from ._store import RecordedEvent, Snapshot
 
 __all__ = ["PostgresEventStore", "open_postgres_store"]
@@ -89,8 +95,6 @@ logger = logging.getLogger("trio_aggregates.postgres")
 
 T = TypeVar("T")
 Conn = psycopg.Connection[Any]
-
-_LIVE, _SOFT_DELETED, _TOMBSTONE = 0, 1, 2
 
 # pg_advisory_xact_lock key guarding migrations: the bytes "trioaggr".
 _MIGRATION_LOCK = 0x7472696F61676772
@@ -283,9 +287,7 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 
 
 def _wrap(exc: BaseException, action: str) -> StoreError:
-    error = StoreError(f"PostgreSQL failed to {action}: {exc}")
-    error.__cause__ = exc
-    return error
+    return _wrap_error("PostgreSQL", exc, action)
 
 
 # -- connections ------------------------------------------------------------
@@ -455,10 +457,6 @@ def _migrate(conn: Conn) -> None:
 # -- write operations, run inside a savepoint --------------------------------
 
 
-def _op_stream(op: _WriteOp) -> str:
-    return op.snapshot.stream if isinstance(op, _SaveSnapshot) else op.stream
-
-
 def _lock_stream(conn: Conn, stream: str) -> tuple[int, int] | None:
     row = conn.execute(
         "SELECT id, state FROM trio_aggregates_streams WHERE name = %s AND state <> 1 FOR UPDATE",
@@ -619,13 +617,8 @@ def _write_ops(conn: Conn, ops: list[_WriteOp]) -> list[outcome.Outcome[Any]]:
     outcomes: list[outcome.Outcome[Any]] = [outcome.Value(None)] * len(ops)
     # Stable sort: one stream's writes keep their order.
     order = sorted(range(len(ops)), key=lambda i: _op_stream(ops[i]))
-    count = len(order)
-    start = 0
-    while start < count:
-        end = start
-        while end < count and type(ops[order[end]]) is _Append:
-            end += 1
-        if end - start >= 2:
+    for is_run, start, end in _split_runs(order, lambda i: type(ops[i]) is _Append):
+        if is_run and end - start >= 2:
             run = order[start:end]
             appends = cast("list[_Append]", [ops[i] for i in run])
             try:
@@ -639,10 +632,8 @@ def _write_ops(conn: Conn, ops: list[_WriteOp]) -> list[outcome.Outcome[Any]]:
             for i, result in zip(run, done, strict=True):
                 outcomes[i] = result
         else:
-            end = max(end, start + 1)
             for i in order[start:end]:
                 outcomes[i] = _write_one(conn, ops[i])
-        start = end
     return outcomes
 
 
@@ -700,7 +691,7 @@ WHERE s.name = %s AND s.state <> 1
 
 @final
 @attrs.define(eq=False)
-class PostgresEventStore(_GroupCommitStore):
+class PostgresEventStore(_DurableStore):
     """An :class:`~trio_aggregates.EventStore` in PostgreSQL. Make one with
     :func:`open_postgres_store`.
 
@@ -721,31 +712,15 @@ class PostgresEventStore(_GroupCommitStore):
     :exc:`StoreError`.
     """
 
+    _backend: ClassVar[str] = "PostgreSQL"
+
     _pool: _Pool
-    _group: _GroupCommit[_WriteOp] = attrs.field(init=False)
-    _closed: bool = attrs.field(default=False, init=False)
 
-    def __attrs_post_init__(self) -> None:
-        self._group = _GroupCommit(self._run_batch, lambda op: isinstance(op, _Append))
-
-    def statistics(self) -> StoreStatistics:
-        """Return the writer's counters (transactions, appends, ...). Not a checkpoint."""
-        return self._group.statistics()
-
-    async def _run_batch(self, ops: list[_WriteOp]) -> _BatchResult:
+    async def _write_batch(self, ops: list[_WriteOp]) -> _BatchResult:
         try:
             return await self._pool.run(lambda conn: _write_batch(conn, ops))
-        except (psycopg.Error, StoreError) as exc:
-            error = exc if isinstance(exc, StoreError) else _wrap(exc, "connect")
-            return _BatchResult([outcome.Error(error) for _ in ops], committed=False)
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise StoreError("the PostgreSQL event store is closed")
-
-    async def _write(self, op: _WriteOp) -> Any:
-        self._check_open()
-        return await self._group.submit(op)
+        except psycopg.Error as exc:
+            raise _wrap(exc, "connect") from exc
 
     async def _query(self, query: str, params: tuple[Any, ...], action: str) -> list[Any]:
         self._check_open()
@@ -817,19 +792,8 @@ class PostgresEventStore(_GroupCommitStore):
             return None
         return Snapshot(stream, int(version), int(schema), type_, bytes(data))
 
-    async def aclose(self) -> None:
-        """Finish the queued writes, then close every connection. Idempotent.
-
-        Cancellation: closing is shielded; it waits for the writes already
-        queued and the calls in progress, then closes the connections.
-        """
-        with trio.CancelScope(shield=True):
-            if self._closed:
-                await trio.lowlevel.checkpoint()
-                return
-            self._closed = True
-            await self._group.wait_idle()
-            await self._pool.aclose()
+    async def _close_connections(self) -> None:
+        await self._pool.aclose()
 
 
 @asynccontextmanager

@@ -5,6 +5,10 @@ standard library's :mod:`sqlite3` driven from worker threads
 (:func:`trio.to_thread.run_sync`). The file is in WAL mode with
 ``synchronous=FULL``: an append that returned is on disk.
 
+The store is a durable store core (``_durable.py``): the shell it shares with
+the PostgreSQL store (group commit, statistics, closing, the write calls)
+lives there; this module holds the SQL, the connections and the migrations.
+
 Writes (appends, snapshots, deletes) go through a single writer path with
 *group commit* (see ``_groupcommit.py``): the writes that arrive while a
 transaction is being written queue up, and the next transaction (``BEGIN
@@ -57,33 +61,32 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from os import PathLike
-from typing import Any, cast, final
+from typing import Any, ClassVar, cast, final
 
 import attrs
 import outcome
 import trio
 
-from ._exceptions import ConcurrencyConflict, StoreError, StreamDeleted
-from ._groupcommit import (
-    StoreStatistics,
+from ._durable import (
+    _LIVE,
+    _TOMBSTONE,
     _Append,
-    _BatchResult,
     _check_name,
     _Delete,
     _describe,
-    _GroupCommit,
-    _GroupCommitStore,
+    _DurableStore,
     _SaveSnapshot,
+    _split_runs,
+    _wrap_error,
     _WriteOp,
 )
+from ._exceptions import ConcurrencyConflict, StoreError, StreamDeleted
+from ._groupcommit import _BatchResult
 from ._store import RecordedEvent, Snapshot
 
 __all__ = ["SQLiteEventStore", "open_sqlite_store"]
 
 logger = logging.getLogger("trio_aggregates.sqlite")
-
-_LIVE, _SOFT_DELETED, _TOMBSTONE = 0, 1, 2
-
 
 _MIGRATIONS: list[tuple[str, ...]] = [
     # version 1
@@ -123,9 +126,7 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 
 
 def _wrap(exc: BaseException, action: str) -> StoreError:
-    error = StoreError(f"SQLite failed to {action}: {exc}")
-    error.__cause__ = exc
-    return error
+    return _wrap_error("SQLite", exc, action)
 
 
 # Errors of sqlite3 itself, and of text it cannot encode (lone surrogates).
@@ -396,34 +397,31 @@ def _write_ops(
     only the writes at fault fail. Deletes always take that path.
     """
     outcomes: list[outcome.Outcome[Any]] = []
-    count = len(ops)
-    start = 0
-    while start < count:
-        end = start
-        while end < count and type(ops[end]) is not _Delete:
-            end += 1
-        if end > start:
-            run = cast("list[_Append | _SaveSnapshot]", ops[start:end])
-            db.execute("SAVEPOINT run")
-            try:
-                done = _write_set(db, run, now)
-            except Exception:
-                db.execute("ROLLBACK TO run")
-                db.execute("RELEASE run")
-                done = [_write_one(db, op, now) for op in run]
-            else:
-                db.execute("RELEASE run")
-            outcomes += done
-        if end < count:
-            outcomes.append(_write_one(db, ops[end], now))
-            end += 1
-        start = end
+    for is_run, start, end in _split_runs(ops, _not_a_delete):
+        if not is_run:
+            outcomes.append(_write_one(db, ops[start], now))
+            continue
+        run = cast("list[_Append | _SaveSnapshot]", ops[start:end])
+        db.execute("SAVEPOINT run")
+        try:
+            done = _write_set(db, run, now)
+        except Exception:
+            db.execute("ROLLBACK TO run")
+            db.execute("RELEASE run")
+            done = [_write_one(db, op, now) for op in run]
+        else:
+            db.execute("RELEASE run")
+        outcomes += done
     return outcomes
+
+
+def _not_a_delete(op: _WriteOp) -> bool:
+    return type(op) is not _Delete
 
 
 @final
 @attrs.define(eq=False)
-class SQLiteEventStore(_GroupCommitStore):
+class SQLiteEventStore(_DurableStore):
     """An :class:`~trio_aggregates.EventStore` in an SQLite file. Make one with
     :func:`open_sqlite_store`.
 
@@ -440,36 +438,32 @@ class SQLiteEventStore(_GroupCommitStore):
     leaves nothing behind. Calls after :meth:`aclose` raise :exc:`StoreError`.
     """
 
+    _backend: ClassVar[str] = "SQLite"
+
     _writer: _Connection
     _readers: list[_Connection]
     _path: str
     _free_readers: list[_Connection] = attrs.field(init=False)
     _reader_limiter: trio.CapacityLimiter = attrs.field(init=False)
-    _group: _GroupCommit[_WriteOp] = attrs.field(init=False)
-    _closed: bool = attrs.field(default=False, init=False)
     _busy_readers: int = attrs.field(default=0, init=False)
     _readers_idle: trio.Event = attrs.field(factory=trio.Event, init=False)
 
     def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
         self._free_readers = list(self._readers)
         self._reader_limiter = trio.CapacityLimiter(len(self._readers))
-        self._group = _GroupCommit(self._run_batch, lambda op: isinstance(op, _Append))
 
     @property
     def path(self) -> str:
         """The database file's path (or ``:memory:``)."""
         return self._path
 
-    def statistics(self) -> StoreStatistics:
-        """Return the writer's counters (transactions, appends, ...). Not a checkpoint."""
-        return self._group.statistics()
-
     # -- writing ----------------------------------------------------------
 
-    async def _run_batch(self, ops: list[_WriteOp]) -> _BatchResult:
-        return await trio.to_thread.run_sync(self._write_batch, ops)
+    async def _write_batch(self, ops: list[_WriteOp]) -> _BatchResult:
+        return await trio.to_thread.run_sync(self._write_batch_in_thread, ops)
 
-    def _write_batch(self, ops: list[_WriteOp]) -> _BatchResult:
+    def _write_batch_in_thread(self, ops: list[_WriteOp]) -> _BatchResult:
         """In the writer thread: write ``ops`` in one transaction (see :func:`_write_ops`)."""
         conn = self._writer
         now = time.time()
@@ -506,14 +500,6 @@ class SQLiteEventStore(_GroupCommitStore):
                 error = _wrap(exc, "commit")
                 return _BatchResult([outcome.Error(error) for _ in ops], False)
             return _BatchResult(outcomes, True)
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise StoreError("the SQLite event store is closed")
-
-    async def _write(self, op: _WriteOp) -> Any:
-        self._check_open()
-        return await self._group.submit(op)
 
     # -- reading ----------------------------------------------------------
 
@@ -617,23 +603,13 @@ class SQLiteEventStore(_GroupCommitStore):
 
     # -- closing ----------------------------------------------------------
 
-    async def aclose(self) -> None:
-        """Finish the queued writes, then close every connection. Idempotent.
-
-        Cancellation: closing is shielded; it waits for the writes already
-        queued and the reads in progress, then closes the connections.
-        """
-        with trio.CancelScope(shield=True):
-            if self._closed:
-                await trio.lowlevel.checkpoint()
-                return
-            self._closed = True
-            await self._group.wait_idle()
-            while self._busy_readers:
-                self._readers_idle = trio.Event()
-                await self._readers_idle.wait()
-            connections = [self._writer, *(r for r in self._readers if r is not self._writer)]
-            await trio.to_thread.run_sync(_close_all, connections)
+    async def _close_connections(self) -> None:
+        # The queued writes are done; wait for the reads in progress.
+        while self._busy_readers:
+            self._readers_idle = trio.Event()
+            await self._readers_idle.wait()
+        connections = [self._writer, *(r for r in self._readers if r is not self._writer)]
+        await trio.to_thread.run_sync(_close_all, connections)
 
 
 def _close_all(connections: list[_Connection]) -> None:
