@@ -10,11 +10,18 @@ clock; nothing sleeps for real.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import math
+import os
+import random
+import signal
+import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -1362,6 +1369,7 @@ async def test_statistics_count_every_outcome(
         assert stats == RegistryStatistics(
             live=0,
             starting=0,
+            winding_down=0,
             activations=0,
             normal_ends=0,
             crashes=0,
@@ -1396,6 +1404,7 @@ async def test_statistics_count_every_outcome(
         assert stats == RegistryStatistics(
             live=2,
             starting=0,
+            winding_down=0,
             activations=5,
             normal_ends=1,
             crashes=1,
@@ -1405,8 +1414,8 @@ async def test_statistics_count_every_outcome(
             mailbox_backlog=2,
             closed=False,
         )
-        assert stats.activations == stats.live + stats.normal_ends + stats.crashes + (
-            stats.passivations
+        assert stats.activations == (
+            stats.live + stats.winding_down + stats.normal_ends + stats.crashes + stats.passivations
         )
         release.set()
     stats = registry.statistics()
@@ -1482,3 +1491,484 @@ async def _crash_with_leftovers_and_a_late_caller() -> tuple[list[str], list[obj
             for call in calls[1:]:
                 nursery.start_soon(queued, call)
     return order, answers
+
+
+# -- issue 8: one task per key, every call answered once, withdrawn calls, Ctrl-C, bad keys --
+
+
+class OneTaskPerKey:
+    """Counts the aggregate tasks running per key, and the most ever at once."""
+
+    def __init__(self) -> None:
+        self.running: Counter[Any] = Counter()
+        self.most: Counter[Any] = Counter()
+        self.returned: list[tuple[Any, float]] = []
+
+    def enter(self, key: Any) -> None:
+        self.running[key] += 1
+        self.most[key] = max(self.most[key], self.running[key])
+
+    def leave(self, key: Any) -> None:
+        self.running[key] -= 1
+        self.returned.append((key, trio.current_time()))
+
+
+def flushing_aggregate(tasks: OneTaskPerKey, flush: float) -> AggregateFunction:
+    """The issue's reproduction: replies "ok", and flushes for ``flush`` seconds after its loop.
+
+    A call ``"return"`` makes it leave its loop on its own (and flush too); a call
+    ``"close"`` makes it close its mailbox first (the key leaves at once).
+    """
+
+    async def aggregate(
+        key: Any, mailbox: Mailbox, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        tasks.enter(key)
+        try:
+            task_status.started()
+            async for message in mailbox:
+                message.reply(("ok", message.message))
+                if message.message == "close":
+                    await mailbox.aclose()
+                if message.message in ("return", "close"):
+                    break
+            await trio.sleep(flush)  # flush after the loop
+        finally:
+            tasks.leave(key)
+
+    return aggregate
+
+
+async def test_next_activation_waits_until_the_previous_task_has_returned(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    tasks = OneTaskPerKey()
+    async with open_registry(flushing_aggregate(tasks, flush=5), idle_timeout=10) as registry:
+        start = trio.current_time()
+        assert await registry.call("k", 1) == ("ok", 1)
+        await trio.sleep(12)  # passivated at +10, flushing until +15
+        assert "k" not in registry
+        assert await registry.call("k", 2) == ("ok", 2)
+        assert trio.current_time() == start + 15  # the call waited for the flush
+        assert tasks.returned == [("k", start + 15)]
+        assert tasks.most["k"] == 1
+        stats = registry.statistics()
+        assert (stats.live, stats.winding_down, stats.passivations, stats.activations) == (
+            1,
+            0,
+            1,
+            2,
+        )
+
+
+@pytest.mark.parametrize("operation", ["call", "ensure", "register"])
+async def test_every_way_in_waits_for_a_winding_down_aggregate(
+    operation: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    tasks = OneTaskPerKey()
+    async with open_registry(flushing_aggregate(tasks, flush=5)) as registry:
+        start = trio.current_time()
+        assert await registry.call("k", "close") == ("ok", "close")  # leaves its loop, flushes
+        assert "k" not in registry
+        if operation == "call":
+            assert await registry.call("k", 2) == ("ok", 2)
+        elif operation == "ensure":
+            await registry.ensure("k")
+        else:
+            await registry.register("k")
+        assert trio.current_time() == start + 5
+        assert tasks.most["k"] == 1
+        assert registry.statistics().winding_down == 0
+
+
+async def test_statistics_count_the_aggregates_winding_down(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    tasks = OneTaskPerKey()
+    async with open_registry(flushing_aggregate(tasks, flush=5), idle_timeout=10) as registry:
+        for key in range(3):
+            await registry.call(key, "hello")
+        await registry.call("closes", "close")
+        stats = registry.statistics()
+        assert (stats.live, stats.winding_down, stats.activations) == (3, 1, 4)
+        await trio.sleep(12)  # the three passivated at +10, flushing until +15
+        stats = registry.statistics()
+        assert (stats.live, stats.winding_down, stats.passivations) == (0, 3, 0)
+        assert stats.activations == (
+            stats.live + stats.winding_down + stats.normal_ends + stats.crashes + stats.passivations
+        )
+        await trio.sleep(5)
+        stats = registry.statistics()
+        assert (stats.live, stats.winding_down, stats.passivations, stats.normal_ends) == (
+            0,
+            0,
+            3,
+            1,
+        )
+
+
+async def test_a_call_timeout_counts_the_wait_for_a_winding_down_aggregate(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    tasks = OneTaskPerKey()
+    async with open_registry(flushing_aggregate(tasks, flush=5)) as registry:
+        await registry.call("k", "close")
+        start = trio.current_time()
+        with pytest.raises(CallTimeout):
+            await registry.call("k", "late", timeout=2)
+        assert trio.current_time() == start + 2
+        assert tasks.most["k"] == 1
+        # The withdrawn call never reaches the next activation.
+        assert await registry.call("k", "next") == ("ok", "next")
+        assert trio.current_time() == start + 5
+
+
+async def test_calls_queued_behind_a_task_that_left_its_loop_wait_for_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    tasks = OneTaskPerKey()
+    results: list[outcome.Outcome[Any]] = []
+    async with open_registry(flushing_aggregate(tasks, flush=5)) as registry:
+        send = await registry.ensure("k")
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(capture, results, registry.call, "k", "return")
+            await trio.testing.wait_all_tasks_blocked()
+            for n in range(3):
+                nursery.start_soon(capture, results, registry.call, "k", n)
+            await trio.testing.wait_all_tasks_blocked()
+            assert registry.get("k") is None or registry.get("k") is send
+        assert [r.unwrap() for r in results] == [("ok", "return"), ("ok", 0), ("ok", 1), ("ok", 2)]
+        assert trio.current_time() == start + 5
+        assert tasks.most["k"] == 1
+
+
+async def test_healthy_calls_never_fail_under_passivation_churn(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Many keys, a tiny idle timeout, and a machine that is slow at the worst moments.
+
+    Right after ``started()`` an aggregate sometimes jumps the mock clock past its
+    idle timeout before any other task runs: the reaper and the callers about to
+    use the fresh aggregate then wake together, as on a loaded machine where the
+    caller is scheduled late (the issue saw 178 of 1M calls fail so). Handlers and
+    wind-downs take random times too. Every call must get its own answer: never
+    AggregateGone, never a second task for a key.
+    """
+    rng = random.Random(8)
+    idle = 0.01
+    tasks = OneTaskPerKey()
+
+    async def aggregate(
+        key: Any, mailbox: Mailbox, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        tasks.enter(key)
+        try:
+            if rng.random() < 0.3:
+                await trio.sleep(rng.choice([idle / 2, idle]))
+            task_status.started()
+            if rng.random() < 0.5:
+                autojump_clock.jump(2 * idle)  # slow: time passes before anyone else runs
+            async for call in mailbox:
+                if rng.random() < 0.2:
+                    await trio.sleep(rng.choice([idle / 2, idle]))
+                call.reply((key, call.message))
+            if rng.random() < 0.5:
+                await trio.sleep(rng.choice([idle / 2, idle, 2 * idle]))  # wind-down
+        finally:
+            tasks.leave(key)
+
+    failures: list[BaseException] = []
+    answered = 0
+
+    async def client(n: int) -> None:
+        nonlocal answered
+        for i in range(100):
+            key = rng.randrange(50)
+            await trio.sleep(rng.choice([0, idle / 2, idle, 1.5 * idle, 3 * idle]))
+            try:
+                answer = await registry.call(key, (n, i))
+            except Exception as exc:
+                failures.append(exc)
+            else:
+                assert answer == (key, (n, i))
+                answered += 1
+
+    async with open_registry(aggregate, idle_timeout=idle) as registry:
+        async with trio.open_nursery() as nursery:
+            for n in range(40):
+                nursery.start_soon(client, n)
+        stats = registry.statistics()
+    assert failures == []
+    assert answered == 40 * 100
+    assert max(tasks.most.values()) == 1
+    assert stats.passivations > 500  # plenty of churn
+    assert stats.crashes == 0
+
+
+async def test_a_cancelled_call_is_never_handed_to_the_aggregate() -> None:
+    seen: list[Any] = []
+
+    async def counter(
+        key: Any, mailbox: Mailbox, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        total = 0
+        task_status.started()
+        async for message in mailbox:
+            seen.append((message.message, message.abandoned))
+            total += message.message
+            message.reply(total)
+
+    async with open_registry(counter) as registry:
+        await registry.ensure("apples")
+        with trio.move_on_after(0):
+            await registry.call("apples", 5)
+        assert await registry.call("apples", 0) == 0
+        # The same while the call waits for an activation.
+        with trio.move_on_after(0):
+            await registry.call("pears", 5)
+        assert await registry.call("pears", 0) == 0
+        assert seen == [(0, False), (0, False)]
+        assert registry.statistics().crashes == 0
+
+
+async def test_cancelled_calls_queued_behind_a_busy_aggregate_are_skipped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    tracker = Tracker()
+    release = trio.Event()
+    results: list[outcome.Outcome[Any]] = []
+    async with open_registry(make_aggregate(tracker)) as registry:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(capture, results, registry.call, "k", ("wait", release, "first"))
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(capture, results, registry.call, "k", ("reply", "kept"))
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(CallTimeout):
+                await registry.call("k", ("reply", "timed out"), timeout=1)
+            with trio.move_on_after(1):
+                await registry.call("k", ("reply", "cancelled"))
+            assert registry.statistics().mailbox_backlog == 3  # still queued, but withdrawn
+            release.set()
+        assert [r.unwrap() for r in results] == ["first", "kept"]
+        assert await registry.call("k", ("reply", "after")) == "after"
+        assert tracker.messages("k", 1) == [
+            ("wait", release, "first"),
+            ("reply", "kept"),
+            ("reply", "after"),
+        ]
+
+
+async def test_withdrawn_calls_are_skipped_by_receive_nowait_and_receive() -> None:
+    async with open_registry() as registry:
+        got: list[Any] = []
+        release = trio.Event()
+
+        async def manual(
+            key: Any,
+            mailbox: Mailbox,
+            *,
+            task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+        ) -> None:
+            task_status.started()
+            await release.wait()
+            message = mailbox.receive_nowait()
+            got.append(message.message)
+            message.reply(None)
+            message = await mailbox.receive()
+            got.append(message.message)
+            message.reply(None)
+            with pytest.raises(trio.WouldBlock):
+                mailbox.receive_nowait()
+
+        send = await registry.register("k", manual)
+        calls = [Call(n) for n in range(4)]
+        for call in calls:
+            send.send_nowait(call)
+        for n in (0, 2):  # withdraw these two: their waits are cancelled
+            with trio.move_on_after(0):
+                await calls[n].wait()
+            assert calls[n].abandoned
+        release.set()
+        assert await calls[1].wait() is None
+        assert await calls[3].wait() is None
+        assert got == [1, 3]
+        assert not calls[0].answered and not calls[2].answered
+
+
+async def test_leftovers_withdrawn_before_the_next_activation_are_skipped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    tracker = Tracker()
+    release = trio.Event()
+    results: list[outcome.Outcome[Any]] = []
+    async with open_registry(make_aggregate(tracker, startup_delay=1)) as registry:
+        await registry.ensure("k")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                capture, results, registry.call, "k", ("wait", release, ("return", "bye"))
+            )
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(capture, results, registry.call, "k", ("reply", "kept"))
+            await trio.testing.wait_all_tasks_blocked()
+            withdrawn = trio.CancelScope()
+
+            async def withdrawn_call() -> None:
+                with withdrawn:
+                    await registry.call("k", ("reply", "withdrawn"))
+
+            nursery.start_soon(withdrawn_call)
+            await trio.testing.wait_all_tasks_blocked()
+            release.set()
+            await trio.sleep(0.5)  # the next activation is starting, with the leftovers
+            withdrawn.cancel()
+        assert [r.unwrap() for r in results] == ["bye", "kept"]
+        assert tracker.messages("k", 2) == [("reply", "kept")]
+
+
+# Ctrl-C: a real process under a call load gets SIGINT, many times.
+
+SIGINT_LOAD = """
+import trio
+import trio_aggregates
+
+
+async def counter(key, mailbox, *, task_status=trio.TASK_STATUS_IGNORED):
+    total = 0
+    task_status.started()
+    async for message in mailbox:
+        total += message.message
+        message.reply(total)
+    await trio.sleep(0)  # a wind-down
+
+
+async def main():
+    async with trio_aggregates.open_registry(counter, idle_timeout=0.002) as registry:
+
+        async def client(n):
+            i = 0
+            while True:
+                i += 1
+                await registry.call((n * 7 + i) % 64, 1)
+
+        async with trio.open_nursery() as nursery:
+            for n in range(32):
+                nursery.start_soon(client, n)
+            await trio.sleep(0.02)
+            print("loaded", flush=True)
+            await trio.sleep_forever()
+
+
+trio.run(main)
+"""
+
+
+def _interrupt_once(script: Path, delay: float) -> str:
+    """Run the load, send SIGINT ``delay`` seconds into it; return "ok" or what went wrong."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    process = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        if process.stdout.readline().strip() != "loaded":
+            process.kill()
+            return f"did not start: {process.communicate()[1][-2000:]}"
+        time.sleep(delay)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        return "hang"
+    if "TrioInternalError" in err:
+        return f"TrioInternalError: {err[-3000:]}"
+    if "trio.Cancelled" in err:
+        return f"Cancelled leaked: {err[-3000:]}"
+    if process.returncode == 0 or "KeyboardInterrupt" not in err:
+        return f"exit {process.returncode}: {err[-3000:]}"
+    for name in ("AggregateGone", "AggregateCrashed", "RegistryClosed", "TrioAggregatesError"):
+        if name in err:
+            return f"{name}: {err[-3000:]}"
+    return "ok"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process")
+def test_ctrl_c_during_a_call_load_ends_in_a_keyboard_interrupt_only(tmp_path: Path) -> None:
+    script = tmp_path / "load.py"
+    script.write_text(SIGINT_LOAD)
+    delays = [random.Random(n).uniform(0, 0.05) for n in range(40)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(lambda delay: _interrupt_once(script, delay), delays))
+    bad = [o for o in outcomes if o != "ok"]
+    assert bad == [], f"{len(bad)} of {len(outcomes)} runs went wrong; the first: {bad[0]}"
+
+
+# Bad keys.
+
+
+class HashRaises:
+    def __hash__(self) -> int:
+        raise ValueError("no hash for you")
+
+
+class NeverEqual:
+    """Hashable, but not equal even to itself."""
+
+    __hash__ = object.__hash__
+
+    def __eq__(self, other: object) -> bool:
+        return False
+
+
+async def test_a_key_whose_hash_raises_is_an_invalid_key() -> None:
+    tracker = Tracker()
+    key = HashRaises()
+    async with open_registry(make_aggregate(tracker)) as registry:
+        await registry.ensure("ok")
+        before = registry.statistics()
+        lookups: list[Callable[[], Any]] = [
+            lambda: registry.get(key),
+            lambda: registry.has_key(key),
+            lambda: key in registry,
+        ]
+        for lookup in lookups:
+            with pytest.raises(InvalidKey) as excinfo:
+                lookup()
+            assert isinstance(excinfo.value.__cause__, ValueError)
+        operations: list[Callable[[], Awaitable[Any]]] = [
+            lambda: registry.register(key),
+            lambda: registry.ensure(key),
+            lambda: registry.call(key, "hello"),
+            lambda: registry.call(key, "hello", timeout=1),
+        ]
+        for operation in operations:
+            with pytest.raises(InvalidKey) as excinfo:
+                await operation()
+            assert isinstance(excinfo.value.__cause__, ValueError)
+        assert registry.statistics() == before
+        assert tracker.entered == Counter({"ok": 1})
+
+
+@pytest.mark.parametrize("key", [math.nan, NeverEqual()], ids=["nan", "never-equal"])
+async def test_a_key_not_equal_to_itself_is_refused(key: Any) -> None:
+    tracker = Tracker()
+    async with open_registry(make_aggregate(tracker)) as registry:
+        before = registry.statistics()
+        assert registry.get(key) is None  # a lookup stays a plain dict lookup
+        assert key not in registry
+        operations: list[Callable[[], Awaitable[Any]]] = [
+            lambda: registry.register(key),
+            lambda: registry.ensure(key),
+            lambda: registry.call(key, "hello"),
+        ]
+        for operation in operations:
+            with pytest.raises(InvalidKey):
+                await operation()
+        assert registry.statistics() == before
+        assert tracker.entered == Counter()
+        assert len(registry) == 0
