@@ -516,8 +516,8 @@ async def test_open_store_memory() -> None:
 
 @pytest.fixture
 def command_store(store: EventStore, store_url: str) -> EventStore:
-    if not store_url.startswith("memory"):
-        pytest.skip("command ids land on the SQL stores in the next commit")
+    if store_url.startswith("postgresql"):
+        pytest.skip("command ids land on the PostgreSQL store in the next commit")
     return store
 
 
@@ -650,3 +650,38 @@ async def test_command_ids_must_be_str(command_store: EventStore) -> None:
     with pytest.raises(TypeError):
         await store.find_command("s", None)  # type: ignore[arg-type]
     assert await store.stream_version("s") == 0
+
+
+async def test_a_second_store_on_the_same_database_sees_command_ids(
+    command_store: EventStore, store_url: str
+) -> None:
+    """Think: another process, or this one after a restart."""
+    if store_url.startswith("memory"):
+        pytest.skip("an in-memory store is its own database")
+    store = command_store
+    assert await store.append("s", [ev(1)], expected_version=0, command_id="c-1") == 1
+    with trio.fail_after(60):
+        async with open_store(store_url) as other:
+            assert await other.find_command("s", "c-1") == 1
+            with pytest.raises(DuplicateCommand) as info:
+                await other.append("s", [ev(1)], expected_version=0, command_id="c-1")
+            assert info.value.version == 1
+            assert await other.append("s", [ev(2)], expected_version=1, command_id="c-2") == 2
+            # Both stores race to append one command: exactly one wins.
+            outcomes: list[int | DuplicateCommand] = []
+
+            async def append(target: EventStore) -> None:
+                try:
+                    outcomes.append(
+                        await target.append("s", [ev(3)], expected_version=None, command_id="c-3")
+                    )
+                except DuplicateCommand as exc:
+                    outcomes.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                for target in (store, other, store, other):
+                    nursery.start_soon(append, target)
+    assert await store.find_command("s", "c-2") == 2
+    assert outcomes.count(3) == 1
+    assert [o.version for o in outcomes if isinstance(o, DuplicateCommand)] == [3, 3, 3]
+    assert await versions(store, "s") == [1, 2, 3]

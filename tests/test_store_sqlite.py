@@ -12,9 +12,15 @@ import pytest
 import trio
 import trio.testing
 
-from trio_aggregates._exceptions import ConcurrencyConflict, StoreError, StreamDeleted
+from trio_aggregates._exceptions import (
+    ConcurrencyConflict,
+    DuplicateCommand,
+    StoreError,
+    StreamDeleted,
+)
 from trio_aggregates._groupcommit import StoreStatistics
 from trio_aggregates._sqlite import (
+    _MIGRATIONS,
     SCHEMA_VERSION,
     SQLiteEventStore,
     open_sqlite_store,
@@ -283,3 +289,71 @@ async def test_unencodable_stream_name_gives_store_error(db_path: Path) -> None:
         with pytest.raises(StoreError):
             await store.read("lone \ud800 surrogate")
         assert await store.append("fine", [ev(1)], expected_version=0) == 1
+
+
+async def test_a_version_1_file_is_migrated(db_path: Path) -> None:
+    """A file made by the library before command ids: upgraded on open, nothing lost."""
+    with raw(db_path) as db:
+        db.execute("PRAGMA journal_mode = WAL")
+        for statement in _MIGRATIONS[0]:
+            db.execute(statement)
+        db.execute("PRAGMA user_version = 1")
+        db.execute("INSERT INTO streams (id, name, state) VALUES (1, 'old', 0)")
+        db.execute(
+            "INSERT INTO events (stream_id, version, type, data, metadata, recorded_at)"
+            " VALUES (1, 1, 'Happened', x'6f6c64', x'7b7d', 0)"
+        )
+    async with open_sqlite_store(db_path) as store:
+        assert [e.data for e in await store.read("old")] == [b"old"]
+        assert await store.find_command("old", "c") is None
+        assert await store.append("old", [ev(2)], expected_version=1, command_id="c") == 2
+        with pytest.raises(DuplicateCommand):
+            await store.append("old", [ev(3)], expected_version=2, command_id="c")
+    with raw(db_path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert db.execute("SELECT stream_id, command_id, version FROM commands").fetchall() == [
+            (1, "c", 2)
+        ]
+
+
+async def test_hard_delete_erases_command_ids(db_path: Path) -> None:
+    async with open_sqlite_store(db_path) as store:
+        await store.append("s", [ev(1)], expected_version=0, command_id="c")
+        await store.append("soft", [ev(1)], expected_version=0, command_id="c")
+        await store.delete_stream("s", hard=True)
+        await store.delete_stream("soft")
+    with raw(db_path) as db:
+        # The soft-deleted stream's ids stay with its detached row, like its events.
+        rows = db.execute(
+            "SELECT s.name, s.state, c.command_id"
+            " FROM commands c JOIN streams s ON s.id = c.stream_id"
+        ).fetchall()
+        assert rows == [("soft", 1, "c")]
+
+
+async def test_a_duplicate_in_a_batch_fails_alone(db_path: Path) -> None:
+    async with open_sqlite_store(db_path) as store:
+        await store.append("s", [ev(0)], expected_version=0, command_id="done")
+        errors: dict[str, BaseException] = {}
+        results: dict[str, int] = {}
+
+        async def append(name: str, stream: str, command_id: str | None) -> None:
+            try:
+                results[name] = await store.append(
+                    stream, [ev(name)], expected_version=None, command_id=command_id
+                )
+            except StoreError as exc:
+                errors[name] = exc
+            except DuplicateCommand as exc:
+                errors[name] = exc
+
+        before = store.statistics().transactions
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(append, "dup", "s", "done")
+            nursery.start_soon(append, "new", "s", "new")
+            nursery.start_soon(append, "other", "t", "done")
+            nursery.start_soon(append, "plain", "u", None)
+        assert store.statistics().transactions - before <= 2
+        assert set(errors) == {"dup"}
+        assert isinstance(errors["dup"], DuplicateCommand) and errors["dup"].version == 1
+        assert results == {"new": 2, "other": 1, "plain": 1}

@@ -30,6 +30,11 @@ IMMEDIATE``) writes all of them, so many tasks appending at once pay for one
   write, so that only the writes at fault fail;
 * deletes always take that one-savepoint-per-write path.
 
+An append with a ``command_id`` first looks the id up on its stream's row
+(and among the ids the run records before it), then inserts it into
+``commands`` with the events: only such appends pay for it. The primary key
+is the backstop against two writers racing.
+
 The writer connection keeps its statement and savepoint journals in memory
 (``temp_store = MEMORY``). Reads go through separate read connections, in
 parallel worker threads.
@@ -43,10 +48,12 @@ same new file at once are safe)::
     events(position INTEGER PRIMARY KEY, stream_id, version, type, data, metadata, recorded_at)
         UNIQUE (stream_id, version)
     snapshots(stream_id PRIMARY KEY, version, schema, type, data)
+    commands(stream_id, command_id, version)   -- version 2
+        PRIMARY KEY (stream_id, command_id)    -- the version right after that append
 
 A soft delete marks the stream row deleted: its events stay, attached to the
 old row, and the name gets a fresh row (from version 0) at its next write. A
-hard delete erases the events and the snapshot and turns the row into a
+hard delete erases the events, the snapshot and the command ids and turns the row into a
 tombstone.
 """
 
@@ -80,9 +87,9 @@ from ._durable import (
     _wrap_error,
     _WriteOp,
 )
-from ._exceptions import ConcurrencyConflict, StoreError, StreamDeleted
+from ._exceptions import ConcurrencyConflict, DuplicateCommand, StoreError, StreamDeleted
 from ._groupcommit import _BatchResult
-from ._store import RecordedEvent, Snapshot
+from ._store import RecordedEvent, Snapshot, _check_command_id
 
 __all__ = ["SQLiteEventStore", "open_sqlite_store"]
 
@@ -119,6 +126,17 @@ _MIGRATIONS: list[tuple[str, ...]] = [
             type TEXT NOT NULL,
             data BLOB NOT NULL
         )
+        """,
+    ),
+    # version 2: command ids (idempotent appends)
+    (
+        """
+        CREATE TABLE commands (
+            stream_id INTEGER NOT NULL REFERENCES streams (id),
+            command_id TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            PRIMARY KEY (stream_id, command_id)
+        ) WITHOUT ROWID
         """,
     ),
 ]
@@ -222,6 +240,18 @@ _UPSERT_SNAPSHOT = (
 )
 
 
+_INSERT_COMMAND = "INSERT INTO commands (stream_id, command_id, version) VALUES (?, ?, ?)"
+
+
+def _command_version(db: sqlite3.Connection, stream_id: int, command_id: str) -> int | None:
+    """The version recorded with ``command_id`` on the stream row ``stream_id``, or None."""
+    row = db.execute(
+        "SELECT version FROM commands WHERE stream_id = ? AND command_id = ?",
+        (stream_id, command_id),
+    ).fetchone()
+    return None if row is None else int(row[0])
+
+
 _STREAM_AND_VERSION = (
     "SELECT id, state, (SELECT coalesce(max(version), 0) FROM events WHERE stream_id = streams.id) "
     "FROM streams WHERE name = ? AND state <> 1"
@@ -234,13 +264,18 @@ def _apply(db: sqlite3.Connection, op: _WriteOp, now: float) -> Any:
         row = db.execute(_STREAM_AND_VERSION, (op.stream,)).fetchone()
         stream_id: int | None = None
         version = 0
+        command_id = op.command_id
         if row is not None:
             stream_id, state, version = row
             if state == _TOMBSTONE:
                 raise StreamDeleted(op.stream)
+            if command_id is not None:
+                applied = _command_version(db, stream_id, command_id)
+                if applied is not None:
+                    raise DuplicateCommand(op.stream, command_id, applied)
         if op.expected_version is not None and op.expected_version != version:
             raise ConcurrencyConflict(op.stream, op.expected_version, version)
-        if not op.events:
+        if not op.events and command_id is None:
             return version
         if stream_id is None:
             stream_id = _create_stream(db, op.stream)
@@ -254,7 +289,10 @@ def _apply(db: sqlite3.Connection, op: _WriteOp, now: float) -> Any:
             )
         except sqlite3.IntegrityError as exc:  # pragma: no cover - guarded by the check above
             raise ConcurrencyConflict(op.stream, version) from exc
-        return version + len(op.events)
+        version += len(op.events)
+        if command_id is not None:
+            db.execute(_INSERT_COMMAND, (stream_id, command_id, version))
+        return version
     if isinstance(op, _SaveSnapshot):
         s = op.snapshot
         stream_id = _live_stream_id(db, s.stream, create=True)
@@ -272,6 +310,7 @@ def _apply(db: sqlite3.Connection, op: _WriteOp, now: float) -> Any:
         else:
             db.execute("DELETE FROM events WHERE stream_id = ?", (row[0],))
             db.execute("DELETE FROM snapshots WHERE stream_id = ?", (row[0],))
+            db.execute("DELETE FROM commands WHERE stream_id = ?", (row[0],))
             db.execute("UPDATE streams SET state = 2 WHERE id = ?", (row[0],))
     elif row is not None:
         db.execute("UPDATE streams SET state = 1 WHERE id = ?", (row[0],))
@@ -341,6 +380,8 @@ def _write_set(
     outcomes: list[outcome.Outcome[Any]] = []
     rows: list[tuple[int, int, str, bytes, bytes, float]] = []
     snapshots: list[tuple[int, int, int, str, bytes]] = []
+    # Command ids this run records: {(stream id, command id): version}.
+    commands: dict[tuple[int, str], int] = {}
     for op in ops:
         if type(op) is _Append:
             name = op.stream
@@ -349,12 +390,20 @@ def _write_set(
             if entry is not None and entry[1] == _TOMBSTONE:
                 outcomes.append(outcome.Error(StreamDeleted(name)))
                 continue
+            command_id = op.command_id
+            if command_id is not None and entry is not None:
+                applied = commands.get((entry[0], command_id))
+                if applied is None:
+                    applied = _command_version(db, entry[0], command_id)
+                if applied is not None:
+                    outcomes.append(outcome.Error(DuplicateCommand(name, command_id, applied)))
+                    continue
             expected = op.expected_version
             if expected is not None and expected != version:
                 outcomes.append(outcome.Error(ConcurrencyConflict(name, expected, version)))
                 continue
             events = op.events
-            if events:
+            if events or command_id is not None:
                 if entry is None:
                     entry = streams[name] = [_create_stream(db, name), _LIVE, 0]
                 stream_id = entry[0]
@@ -362,6 +411,8 @@ def _write_set(
                     version += 1
                     rows.append((stream_id, version, e.type, e.data, e.metadata, now))
                 entry[2] = version
+                if command_id is not None:
+                    commands[stream_id, command_id] = version
             outcomes.append(outcome.Value(version))
         else:
             s = op.snapshot
@@ -375,6 +426,10 @@ def _write_set(
             outcomes.append(outcome.Value(None))
     if rows:
         db.executemany(_INSERT_EVENTS, rows)
+    if commands:
+        db.executemany(
+            _INSERT_COMMAND, [(sid, cid, version) for (sid, cid), version in commands.items()]
+        )
     if snapshots:
         db.executemany(_UPSERT_SNAPSHOT, snapshots)
     return outcomes
@@ -573,6 +628,30 @@ class SQLiteEventStore(_DurableStore):
             return _version_of(db, None if row is None else row[0])
 
         version: int = await self._read(query, f"read the version of stream {stream!r}")
+        return version
+
+    async def find_command(self, stream: str, command_id: str) -> int | None:
+        """Return the stream's version right after the append that carried
+        ``command_id``, or ``None`` if the stream does not hold it.
+
+        Raises:
+            StreamDeleted: the stream was hard-deleted.
+            StoreError: SQLite failed.
+        """
+        _check_name(stream)
+        _check_command_id(command_id, required=True)
+
+        def query(db: sqlite3.Connection) -> int | None:
+            row = _find_stream(db, stream)
+            if row is None:
+                return None
+            if row[1] == _TOMBSTONE:
+                raise StreamDeleted(stream)
+            return _command_version(db, row[0], command_id)
+
+        version: int | None = await self._read(
+            query, f"look up command {command_id!r} of stream {stream!r}"
+        )
         return version
 
     async def load_snapshot(self, stream: str) -> Snapshot | None:
