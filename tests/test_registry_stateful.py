@@ -1,20 +1,30 @@
 """A model-based test of the registry: random interleavings, invariants after every step.
 
 Hypothesis draws batches of operations (register / ensure / call / crash /
-return / cancelled calls and ensures / raw sends) on a few keys; each batch is
-started at once, so the operations interleave, then the test lets mock time
-pass (a short tick, or past the idle timeout so aggregates passivate). After
-every step it checks design.md's invariants:
+return / flush / churn / cancelled calls and ensures / raw sends) on a few
+keys; each batch is started at once, each operation after a small random
+delay, so the operations interleave and race idle deadlines; then the test
+lets mock time pass (a short tick, or past the idle timeout so aggregates
+passivate). Aggregates wind down (run code after their loop) on every other
+activation; a "flush" call makes one leave its loop on its own and wind
+down; a "churn" call shortens its idle timeout to almost nothing, so it is
+passivated and re-activated under the calls that follow. After every step
+it checks design.md's invariants:
 
-1. at most one live aggregate per key (counted by the aggregate function in
-   dicts this test owns, at every ``started()``);
+1. never two tasks for one key: the aggregate tasks running per key (counted
+   by the aggregate function, from its first line to its last, wind-down
+   included) never exceed one, checked at every task's start and after every
+   step; and at most one live aggregate per key (at every ``started()``);
 2. a key is present exactly while its aggregate can take messages (the set of
    keys equals the set of open mailboxes, and ``get`` returns that mailbox's
    send end; an aggregate's loop never ends with its own key still present);
 3. no aggregate task outlives the registry (checked after the block, by the
    aggregates' own ``finally`` and by walking Trio's task tree);
-5. every request gets exactly one outcome, of an allowed kind, and every raw
-   message accepted by a live send end is received exactly once.
+5. every request gets exactly one outcome, of an allowed kind (never
+   :class:`AggregateGone` for a call the aggregate did not end on), every raw
+   message accepted by a live send end is received exactly once, and a call
+   is never handed to an aggregate after its caller withdrew it (a call
+   cancelled at once never arrives at all).
 
 Trio is driven from a synchronous ``@given`` test with ``trio.run`` and an
 autojump clock (hypothesis-trio is broken on current Hypothesis). Trio's
@@ -52,6 +62,9 @@ KEYS = ["a", "b", "c"]
 IDLE_TIMEOUT = 5.0
 STARTUP_DELAY = 1.0  # mock seconds every start-up takes, so that start-ups race
 SLOW = 2.0  # mock seconds a "slow" call takes to handle
+WIND_DOWN = 1.5  # mock seconds an aggregate runs after its loop (every other activation)
+CHURN_IDLE = 0.01  # the idle timeout a "churn" call sets
+DELAYS = [0.0, 0.0, 0.005, 0.01, 0.02]  # before each operation of a batch
 
 
 class Boom(Exception):
@@ -88,6 +101,8 @@ def make_aggregate(model: Model, startup: str = "ok") -> Any:
         key: str, mailbox: Mailbox, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
     ) -> None:
         model.running[key] += 1
+        if model.running[key] > 1:
+            model.violations.append(f"two tasks for {key!r}")
         try:
             await trio.sleep(STARTUP_DELAY)
             if startup == "decline":
@@ -101,24 +116,37 @@ def make_aggregate(model: Model, startup: str = "ok") -> Any:
             if any(m.statistics().open_receive_channels for m in mine):
                 model.violations.append(f"two live aggregates for {key!r}")
             mine.append(mailbox)
-            try:
-                async for message in mailbox:
-                    await handle(model, key, activation, message)
-                    if isinstance(message, Call) and message.message[0] in ("return", "noanswer"):
-                        return  # the key leaves as the task ends
-            finally:
-                mine.remove(mailbox)
-            # The mailbox ended (passivation, shutdown): the key must already be gone.
+            left_on_its_own = False
+            async for message in mailbox:
+                if isinstance(message, Call) and message.abandoned:
+                    model.violations.append(f"withdrawn call {message!r} was delivered")
+                await handle(model, key, activation, mailbox, message)
+                if isinstance(message, Call) and message.message[0] in ("return", "noanswer"):
+                    return  # the key leaves as the task ends
+                if isinstance(message, Call) and message.message[0] == "flush":
+                    left_on_its_own = True
+                    break
             registry = model.registry
-            if registry is not None and registry.get(key) is mailbox.send_channel:
+            # The mailbox ended (passivation, shutdown): the key must already be gone.
+            # (One that left its loop on its own stays open, and registered, until its
+            # task ends: messages sent meanwhile go to the key's next activation.)
+            if (
+                not left_on_its_own
+                and registry is not None
+                and registry.get(key) is mailbox.send_channel
+            ):
                 model.violations.append(f"{key!r} still registered after its mailbox ended")
+            if left_on_its_own or activation % 2 == 0:
+                await trio.sleep(WIND_DOWN)  # code after the loop: the key's next task waits
         finally:
             model.running[key] -= 1
+            if mailbox in model.active.get(key, []):
+                model.active[key].remove(mailbox)
 
     return aggregate
 
 
-async def handle(model: Model, key: str, activation: int, message: Any) -> None:
+async def handle(model: Model, key: str, activation: int, mailbox: Mailbox, message: Any) -> None:
     if not isinstance(message, Call):
         model.raw_received[message[1]] += 1
         return
@@ -126,7 +154,10 @@ async def handle(model: Model, key: str, activation: int, message: Any) -> None:
     model.calls_received[op_id] += 1
     if model.calls_received[op_id] > 1:
         model.violations.append(f"call {op_id} was delivered twice")
-    if kind == "get" or kind == "return":
+    if kind in ("get", "return", "flush", "cancel-now"):
+        message.reply((key, activation, op_id))
+    elif kind == "churn":
+        mailbox.idle_timeout = CHURN_IDLE
         message.reply((key, activation, op_id))
     elif kind == "slow":
         await trio.sleep(SLOW)
@@ -139,19 +170,22 @@ async def handle(model: Model, key: str, activation: int, message: Any) -> None:
 
 
 # What each operation may end with. Start-up errors can reach any ensure/call that
-# joined a start-up begun by a failing or declining `register`; AggregateGone can
-# reach any call re-routed twice.
+# joined a start-up begun by a failing or declining `register`. AggregateGone
+# reaches only the call an aggregate returned on without answering: a call that
+# races a passivation, a crash or a return is re-routed until an aggregate takes it.
 START_ERRORS = (AggregateDeclined, AggregateStartError)
 ALLOWED: dict[str, tuple[type[BaseException], ...]] = {
     "register-ok": (KeyAlreadyRegistered,),
     "register-decline": (KeyAlreadyRegistered, AggregateDeclined),
     "register-fail": (KeyAlreadyRegistered, AggregateStartError),
     "ensure": START_ERRORS,
-    "get": (AggregateGone, *START_ERRORS),
-    "return": (AggregateGone, *START_ERRORS),
-    "slow": (AggregateGone, CallTimeout, *START_ERRORS),
-    "crash": (AggregateCrashed, AggregateGone, *START_ERRORS),
-    "fail": (Rejected, AggregateGone, *START_ERRORS),
+    "get": START_ERRORS,
+    "churn": START_ERRORS,
+    "flush": START_ERRORS,
+    "return": START_ERRORS,
+    "slow": (CallTimeout, *START_ERRORS),
+    "crash": (AggregateCrashed, *START_ERRORS),
+    "fail": (Rejected, *START_ERRORS),
     "noanswer": (AggregateGone, *START_ERRORS),
 }
 
@@ -164,10 +198,12 @@ def check_outcome(model: Model, op_id: int) -> None:
         if result not in ("sent", "stale", "no target"):
             model.violations.append(f"op {op} ended with {result!r}")
         return
-    if kind in ("cancel-call", "cancel-ensure"):
+    if kind == "cancel-now" and result == "cancelled" and model.calls_received[op_id]:
+        model.violations.append(f"op {op} was cancelled at once, yet delivered")
+    if kind in ("cancel-call", "cancel-ensure", "cancel-now"):
         if result == "cancelled":
             return
-        kind = "slow" if kind == "cancel-call" else "ensure"
+        kind = {"cancel-call": "slow", "cancel-ensure": "ensure", "cancel-now": "get"}[kind]
     if isinstance(result, outcome.Error):
         error = result.error
         if not isinstance(error, ALLOWED[kind]):
@@ -206,21 +242,31 @@ operation = st.one_of(
     st.tuples(
         st.just("call"),
         st.sampled_from(KEYS),
-        st.sampled_from(["get", "get", "return", "slow", "crash", "fail", "noanswer"]),
+        st.sampled_from(
+            ["get", "get", "get", "churn", "flush", "return", "slow", "crash", "fail", "noanswer"]
+        ),
     ),
     st.tuples(st.just("cancel-call"), st.sampled_from(KEYS)),
+    st.tuples(st.just("cancel-now"), st.sampled_from(KEYS)),
     st.tuples(st.just("cancel-ensure"), st.sampled_from(KEYS)),
     st.tuples(st.just("raw"), st.sampled_from(KEYS)),
 )
 step = st.one_of(
-    st.tuples(st.just("batch"), st.lists(operation, min_size=1, max_size=5)),
-    st.tuples(st.just("tick"), st.sampled_from([0.0, 0.5, 1.0, 3.0])),
+    st.tuples(
+        st.just("batch"),
+        st.lists(st.tuples(operation, st.sampled_from(DELAYS)), min_size=1, max_size=6),
+    ),
+    st.tuples(st.just("tick"), st.sampled_from([0.0, 0.01, 0.5, 1.0, 3.0])),
     st.tuples(st.just("passivate")),
 )
 
 
-async def run_op(model: Model, registry: Registry, op_id: int, op: tuple[Any, ...]) -> None:
+async def run_op(
+    model: Model, registry: Registry, op_id: int, op: tuple[Any, ...], delay: float
+) -> None:
     kind, key = op[0], op[1]
+    model.ops[op_id] = op
+    await trio.sleep(delay)
     if kind == "register":
         fn = make_aggregate(model, op[2])
         model.ops[op_id] = (f"register-{op[2]}", key)
@@ -234,6 +280,15 @@ async def run_op(model: Model, registry: Registry, op_id: int, op: tuple[Any, ..
         model.record(
             op_id, await outcome.acapture(registry.call, key, (op[2], op_id), timeout=timeout)
         )
+    elif kind == "cancel-now":
+        model.ops[op_id] = (kind, key)
+        now: Any = "cancelled"
+        with trio.move_on_after(0):
+            try:  # cancelled at its first checkpoint: it must never reach the aggregate
+                now = outcome.Value(await registry.call(key, ("cancel-now", op_id)))
+            except Exception as exc:
+                now = outcome.Error(exc)
+        model.record(op_id, now)
     elif kind in ("cancel-call", "cancel-ensure"):
         model.ops[op_id] = (kind, key)
         result: Any = "cancelled"
@@ -278,9 +333,13 @@ def check_invariants(model: Model, registry: Registry, where: str) -> None:
             assert registry.get(key) is live[0].send_channel, f"{where}: {key!r} not registered"
         else:
             assert key not in registry, f"{where}: {key!r} registered without a live aggregate"
+    for key, tasks in model.running.items():
+        assert tasks <= 1, f"{where}: {tasks} tasks for {key!r}"
     stats = registry.statistics()
     assert stats.live == len(registry)
-    assert stats.activations == stats.live + stats.normal_ends + stats.crashes + stats.passivations
+    assert stats.activations == (
+        stats.live + stats.winding_down + stats.normal_ends + stats.crashes + stats.passivations
+    )
     assert model.violations == [], f"{where}: {model.violations}"
     for op_id in model.outcomes:
         check_outcome(model, op_id)
@@ -301,8 +360,8 @@ async def scenario(data: st.DataObject) -> None:
             )
             for n, item in enumerate(steps):
                 if item[0] == "batch":
-                    for op in item[1]:
-                        requests.start_soon(run_op, model, registry, next(ids), op)
+                    for op, delay in item[1]:
+                        requests.start_soon(run_op, model, registry, next(ids), op, delay)
                     await trio.sleep(0.25)
                 elif item[0] == "tick":
                     await trio.sleep(item[1])
