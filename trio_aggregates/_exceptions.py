@@ -54,8 +54,11 @@ class InvalidArgument(TrioAggregatesError, ValueError, TypeError):
 class InvalidKey(TrioAggregatesError, TypeError):
     """Raised by every registry call given a key that cannot be a dict key.
 
-    Keys must be hashable; an unhashable key (a list, a dict) is refused before
-    anything else happens, and the registry is unchanged.
+    Keys must be hashable and equal to themselves. An unhashable key (a list,
+    a dict), or one whose ``__hash__`` or ``__eq__`` raises (the error is the
+    ``__cause__``), is refused before anything else happens, and the registry
+    is unchanged. A key not equal to itself (a float NaN) could never be
+    looked up again: ``register``, ``ensure`` and ``call`` refuse it.
     """
 
 
@@ -117,9 +120,10 @@ class AggregateCrashed(TrioAggregatesError):
 class AggregateGone(TrioAggregatesError):
     """The aggregate ended before it answered the call.
 
-    A call the aggregate did not take before it ended is re-delivered once to a
-    fresh activation; this error means that did not help (the fresh one ended
-    too), or that the aggregate took the call and returned without answering.
+    The aggregate took the call and returned without answering it, or it
+    ended on its own before taking any message at all. (A call the aggregate
+    did not take before it ended, a passivation for instance, goes to the
+    key's next activation instead, however often that happens.)
     """
 
     def __init__(self, key: Any, detail: str = "ended before answering") -> None:
