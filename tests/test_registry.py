@@ -1972,3 +1972,40 @@ async def test_a_key_not_equal_to_itself_is_refused(key: Any) -> None:
         assert registry.statistics() == before
         assert tracker.entered == Counter()
         assert len(registry) == 0
+
+
+@pytest.mark.parametrize("mailbox_size", [0, 1, 64])
+async def test_an_aggregate_that_never_reads_answers_calls_with_aggregate_gone(
+    mailbox_size: int,
+) -> None:
+    """Re-routing needs progress: an activation that ends without taking anything ends it."""
+    starts = 0
+
+    async def quitter(
+        key: Any, mailbox: Mailbox, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        nonlocal starts
+        starts += 1
+        task_status.started()
+
+    async with open_registry(quitter, mailbox_size=mailbox_size) as registry:
+        with pytest.raises(AggregateGone):
+            await registry.call("k", "hello")
+        assert starts <= 2
+        assert registry.statistics().winding_down == 0
+
+
+async def test_a_call_held_by_an_aggregate_cancelled_with_the_block_gets_registry_closed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    tracker = Tracker()
+    results: list[outcome.Outcome[Any]] = []
+    async with trio.open_nursery() as outer:
+        with trio.move_on_after(5):
+            async with open_registry(make_aggregate(tracker)) as registry:
+                await registry.ensure("k")
+                outer.start_soon(capture, results, registry.call, "k", ("sleep", 100, "late"))
+                await trio.sleep_forever()
+    with pytest.raises(RegistryClosed):
+        results[0].unwrap()
+    assert no_tasks_left(tracker)

@@ -354,6 +354,13 @@ class Mailbox(trio.abc.ReceiveChannel[Any]):
             if self._state is _LIVE:
                 self._registry._reaper.add(self, earlier=True)
 
+    def _ended_unused(self) -> bool:
+        """Whether it ended on its own (returned, raised, closed itself) without taking anything.
+
+        Re-routing a message to the key's next activation would never end then.
+        """
+        return not self._took_any and self._ended_by in (_RETURNED, _ACLOSED)
+
     def _is_idle(self) -> bool:
         """Whether the aggregate waits in ``receive`` with nothing queued."""
         stats = self._receive.statistics()
@@ -895,12 +902,15 @@ class Registry:
             mailbox._state = _WINDING_DOWN
 
     @enable_ki_protection
-    def _task_ended(self, mailbox: Mailbox, crash: BaseException | None = None) -> None:
+    def _task_ended(
+        self, mailbox: Mailbox, crash: BaseException | None = None, *, interrupted: bool = False
+    ) -> None:
         """live / closing / winding down -> gone: the task has returned (or raised).
 
-        Calls it took and never answered are failed; the key is free; its
-        leftovers, if any, go to a fresh activation reserved at once (so later
-        callers queue behind them); waiters wake.
+        Calls it took and never answered are failed (``interrupted``: it was
+        cancelled or got Ctrl-C, so the registry is going down); the key is
+        free; its leftovers, if any, go to a fresh activation reserved at once
+        (so later callers queue behind them); waiters wake.
         """
         key = mailbox.key
         if mailbox._state is _LIVE:
@@ -909,7 +919,7 @@ class Registry:
             if crash is not None:
                 error: TrioAggregatesError = AggregateCrashed(key, crash)
                 error.__cause__ = crash
-            elif self._closed:
+            elif self._closed or interrupted:
                 error = RegistryClosed(f"the registry closed while {key!r} held the call")
             else:
                 error = AggregateGone(key, "ended without answering the call")
@@ -953,7 +963,7 @@ class Registry:
         if self._closed:
             self._undeliverable(key, leftovers, RegistryClosed("the registry closed"))
             return
-        if not old._took_any:
+        if old._ended_unused():
             # It ended on its own without taking anything: so would the next.
             self._undeliverable(key, leftovers, AggregateGone(key, "ended before it took the call"))
             return
@@ -1131,7 +1141,7 @@ class Registry:
             # out), or KeyboardInterrupt: end cleanly, then let it propagate.
             if status.is_started:
                 self._counters.normal_ends += 1
-                self._task_ended(mailbox)
+                self._task_ended(mailbox, interrupted=True)
             else:
                 self._start_ended(mailbox, None)
             raise
@@ -1243,6 +1253,8 @@ class Registry:
                 await self._start(mailbox)
                 if carried:
                     return
+                if mailbox._ended_unused():  # before we could send: it would again
+                    raise AggregateGone(key, "ended before it took the call")
                 continue
             if mailbox._state is not _LIVE:
                 await mailbox._wait_changed()
@@ -1259,7 +1271,7 @@ class Registry:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 # It ended while we waited for space: to the next activation,
                 # unless it ended on its own without taking anything.
-                if not mailbox._took_any and mailbox._ended_by is not _PASSIVATED:
+                if mailbox._ended_unused():
                     self._check_open()
                     raise AggregateGone(key, "ended before it took the call") from None
 
