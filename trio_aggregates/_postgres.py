@@ -15,6 +15,20 @@ worker thread: a call fails at once when the server refuses connections, and
 the first call after the server is back reconnects. A connection that failed
 is closed, and the idle ones opened before the failure are checked before use.
 
+Timeouts: every operation is bounded by ``timeout`` (30 s by default), so a
+server that stops answering (frozen, or behind a network partition that
+drops packets) stalls nothing for longer. A call runs in a worker thread
+under a Trio deadline; when it fires, the thread is abandoned, the
+connection's socket is shut down from the Trio thread (waking the worker
+thread, which then closes the connection: it is never reused), and the call
+fails with :exc:`StoreError` ("PostgreSQL did not answer within 30.0 s
+(timeout)"). A cancelled read is abandoned the same way, at once. Below that
+bound: the server's ``statement_timeout`` (nine tenths of ``timeout``, so
+that on a live server a slow statement is cancelled cleanly and the
+connection kept), libpq's ``connect_timeout``, and TCP keepalives with
+``tcp_user_timeout``, so that a dead peer is noticed even between calls
+(what the DSN sets itself wins).
+
 The store is a durable store core (``_durable.py``), which holds the shell
 it shares with the SQLite store (group commit, statistics, closing, the write
 calls); this module holds the SQL, the connections and the migrations.
@@ -59,8 +73,13 @@ change is a new migration.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+import os
 import select
+import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -69,6 +88,7 @@ from typing import Any, ClassVar, TypeVar, cast, final
 import attrs
 import outcome
 import psycopg
+import psycopg.conninfo
 import psycopg.errors
 import trio
 from psycopg.pq import TransactionStatus
@@ -85,8 +105,15 @@ from ._durable import (
     _wrap_error,
     _WriteOp,
 )
-from ._exceptions import ConcurrencyConflict, StoreError, StreamDeleted
+from ._exceptions import (
+    ConcurrencyConflict,
+    EventDecodeError,
+    InvalidArgument,
+    StoreError,
+    StreamDeleted,
+)
 from ._groupcommit import _BatchResult
+from ._options import check_count, check_seconds
 from ._store import RecordedEvent, Snapshot
 
 __all__ = ["PostgresEventStore", "open_postgres_store"]
@@ -291,13 +318,127 @@ def _wrap(exc: BaseException, action: str) -> StoreError:
 
 
 # -- connections ------------------------------------------------------------
+#
+# Every operation is bounded (see "Timeouts" in the module docstring): each
+# call runs in a worker thread under a Trio deadline; when it fires (or the
+# call is cancelled) the thread is abandoned and the connection it holds is
+# cut (its socket shut down from the Trio thread), then closed by the thread
+# itself, never reused. Below that, the server's statement_timeout, libpq's
+# connect_timeout, TCP keepalives and tcp_user_timeout.
 
 
-@attrs.define(eq=False)
-class _Idle:
-    conn: Conn
-    since: float
-    generation: int
+def _conninfo(dsn: str, *, timeout: float, connect_timeout: float | None) -> str:
+    """``dsn`` with the store's bounds added.
+
+    What the DSN sets itself wins; ``connect_timeout``, when given, wins over
+    the DSN's.
+
+    Raises:
+        psycopg.ProgrammingError: ``dsn`` is malformed or has an unknown parameter.
+    """
+    params: dict[str, Any] = psycopg.conninfo.conninfo_to_dict(dsn)
+    if connect_timeout is None:
+        given = params.get("connect_timeout")
+        try:
+            connect_timeout = float(given) if given not in (None, "") else 10.0
+        except ValueError:
+            raise psycopg.ProgrammingError(f"bad value for connect_timeout: {given!r}") from None
+        if not 0 < connect_timeout < math.inf:
+            connect_timeout = 10.0  # libpq's "wait forever": never, here
+    # psycopg counts whole seconds, at least 2.
+    params["connect_timeout"] = max(2, math.ceil(min(connect_timeout, timeout)))
+    params.setdefault("fallback_application_name", "trio_aggregates")
+    params.setdefault("keepalives", 1)
+    params.setdefault("keepalives_idle", max(1, int(timeout / 3)))
+    params.setdefault("keepalives_interval", max(1, int(timeout / 9)))
+    params.setdefault("keepalives_count", 3)
+    params.setdefault("tcp_user_timeout", max(1, int(timeout * 1000)))
+    return psycopg.conninfo.make_conninfo("", **params)
+
+
+@final
+class _Link:
+    """A pooled connection, with a second handle on its socket.
+
+    The handle (a ``dup`` of the connection's file descriptor) lets the Trio
+    thread shut the socket down, which wakes a worker thread blocked on it,
+    without the race of a descriptor that libpq closed and the system reused
+    meanwhile: the duplicate keeps the socket alive until :meth:`close`.
+    """
+
+    __slots__ = ("conn", "generation", "since", "sock")
+
+    def __init__(self, conn: Conn, generation: int) -> None:
+        self.conn = conn
+        self.since = time.monotonic()
+        self.generation = generation
+        self.sock: socket.socket | None
+        try:
+            self.sock = socket.socket(fileno=os.dup(conn.fileno()))
+        except OSError:  # pragma: no cover - nothing to cut: the bounds below still hold
+            self.sock = None
+
+    def cut(self) -> None:
+        """Shut the socket down (from any thread): whoever waits on it wakes with an error."""
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        finally:
+            if self.sock is not None:
+                self.sock.close()
+
+
+@final
+class _Attempt:
+    """One call's claim on a connection, shared by its worker thread and Trio.
+
+    The lock makes "take a connection" (in the thread) and "abandon" (in
+    Trio) exclusive: once abandoned, the thread takes no connection, and the
+    one it holds is cut at once and closed by the thread when it returns.
+    """
+
+    __slots__ = ("abandoned", "link", "lock", "took_idle")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.abandoned = False
+        self.took_idle = False
+        self.link: _Link | None = None
+
+    def hold(self, link: _Link, *, idle: bool = False) -> bool:
+        """In the thread: use ``link`` from now on; False if the call was abandoned."""
+        with self.lock:
+            if self.abandoned:
+                return False
+            self.link = link
+            self.took_idle = self.took_idle or idle
+            return True
+
+    def release(self) -> bool:
+        """In the thread: done with the connection; True if it may be kept."""
+        with self.lock:
+            self.link = None
+            return not self.abandoned
+
+    def abandon(self) -> bool:
+        """In Trio: give the thread up; return whether it took the idle connection."""
+        with self.lock:
+            self.abandoned = True
+            if self.link is not None:
+                self.link.cut()
+            return self.took_idle
+
+
+class _Abandoned(Exception):
+    """Raised in a worker thread whose call was abandoned (nobody reads it)."""
+
+
+def _nothing(conn: Conn) -> None:
+    pass
 
 
 @final
@@ -305,19 +446,23 @@ class _Idle:
 class _Pool:
     """At most ``max_size`` connections, made on demand in worker threads.
 
-    ``run(fn)`` runs ``fn(connection)`` in a worker thread, never abandoned on
-    cancellation. An idle connection is checked (an empty query) before use if
-    it sat idle longer than ``check_after`` seconds, if a connection failed
-    since it was last used, or if its socket has something to read (an idle
-    connection has nothing to read unless the server closed it); a failed
-    check or a broken connection is replaced by a new one.
+    ``run(fn)`` runs ``fn(connection)`` in a worker thread within
+    ``timeout`` seconds. If the thread has not returned by then, the call
+    fails with :exc:`StoreError` ("did not answer within ... (timeout)"); if
+    the call is cancelled, it raises :exc:`trio.Cancelled` at once. Either
+    way the thread is abandoned and its connection dropped (:class:`_Attempt`).
+    An idle connection is checked (an empty query) before use if it sat idle
+    longer than ``check_after`` seconds, if a connection failed since it was
+    last used, or if its socket has something to read (an idle connection
+    has nothing to read unless the server closed it); a failed check or a
+    broken connection is replaced by a new one.
     """
 
     conninfo: str
     max_size: int
-    connect_timeout: float
+    timeout: float
     check_after: float = 1.0
-    _idle: list[_Idle] = attrs.field(factory=list, init=False)
+    _idle: list[_Link] = attrs.field(factory=list, init=False)
     _limiter: trio.CapacityLimiter = attrs.field(init=False)
     _generation: int = attrs.field(default=0, init=False)
     _in_use: int = attrs.field(default=0, init=False)
@@ -327,27 +472,35 @@ class _Pool:
     def __attrs_post_init__(self) -> None:
         self._limiter = trio.CapacityLimiter(self.max_size)
 
-    def _connect(self) -> Conn:
-        return psycopg.connect(
-            self.conninfo,
-            autocommit=True,
-            connect_timeout=max(2, round(self.connect_timeout)),
-            application_name="trio_aggregates",
-        )
+    def _connect(self, attempt: _Attempt, generation: int) -> _Link:
+        """In a worker thread: a new connection, held by ``attempt``."""
+        conn = psycopg.connect(self.conninfo, autocommit=True)
+        try:
+            # The server's own bound, below ours: on a live server a statement
+            # that runs too long is cancelled, and the connection is kept.
+            conn.execute(
+                "SELECT set_config('statement_timeout', %s, false)",
+                (f"{max(1, int(self.timeout * 900))}ms",),
+            )
+            link = _Link(conn, generation)
+        except BaseException:
+            conn.close()
+            raise
+        if not attempt.hold(link):
+            link.close()
+            raise _Abandoned
+        return link
 
-    async def fill(self, count: int) -> None:
-        """Open ``count`` connections now (to fail early on a bad DSN)."""
-        for _ in range(count):
-            conn = await trio.to_thread.run_sync(self._connect)
-            self._idle.append(_Idle(conn, time.monotonic(), self._generation))
-
-    def _prepare(self, idle: _Idle | None, generation: int) -> Conn:
-        """In a worker thread: a usable connection (checked or new)."""
+    def _prepare(self, idle: _Link | None, generation: int, attempt: _Attempt) -> _Link:
+        """In a worker thread: a usable connection (checked or new), held by ``attempt``."""
         if idle is not None:
+            if not attempt.hold(idle, idle=True):
+                raise _Abandoned  # Trio keeps the idle connection
             conn = idle.conn
             if conn.broken or conn.closed:
-                conn.close()
-                return self._connect()
+                attempt.release()
+                idle.close()
+                return self._connect(attempt, generation)
             stale = (
                 idle.generation != generation
                 or time.monotonic() - idle.since > self.check_after
@@ -356,68 +509,92 @@ class _Pool:
                 or bool(select.select([conn.fileno()], [], [], 0)[0])
             )
             if not stale:
-                return conn
+                return idle
             try:
                 conn.execute("")
             except psycopg.Error:
-                conn.close()
+                attempt.release()
+                idle.close()
             else:
-                return conn
-        return self._connect()
+                return idle
+        return self._connect(attempt, generation)
 
-    async def run(self, fn: Callable[[Conn], T]) -> T:
-        """Run ``fn`` on a connection in a worker thread; return its result.
+    async def fill(self, count: int) -> None:
+        """Open ``count`` connections now (to fail early on a bad DSN)."""
+        for _ in range(count):
+            await self.run(_nothing, fresh=True)
 
-        Raises what ``fn`` raises, or :exc:`psycopg.Error` if no connection
-        could be made.
+    async def run(self, fn: Callable[[Conn], T], *, fresh: bool = False) -> T:
+        """Run ``fn`` on a connection (a new one if ``fresh``) in a worker thread.
+
+        Raises what ``fn`` raises, :exc:`psycopg.Error` if no connection could
+        be made, :exc:`StoreError` if the call took longer than ``timeout``,
+        :exc:`trio.Cancelled` at once if it is cancelled.
         """
         if self._closed:
             raise StoreError("the PostgreSQL event store is closed")
         async with self._limiter:
-            idle = self._idle.pop() if self._idle else None
+            idle = self._idle.pop() if self._idle and not fresh else None
             generation = self._generation
-            self._in_use += 1
+            attempt = _Attempt()
 
-            def work() -> tuple[Conn | None, outcome.Outcome[T]]:
-                conn: Conn | None = None
+            def work() -> tuple[_Link | None, outcome.Outcome[T]]:
+                link: _Link | None = None
                 try:
-                    conn = self._prepare(idle, generation)
-                    result: outcome.Outcome[T] = outcome.Value(fn(conn))
+                    link = self._prepare(idle, generation, attempt)
+                    result: outcome.Outcome[T] = outcome.Value(fn(link.conn))
                 except Exception as exc:
                     result = outcome.Error(exc)
-                if conn is not None and (
-                    conn.broken or conn.info.transaction_status != TransactionStatus.IDLE
-                ):
-                    conn.close()
-                if conn is not None and conn.closed:
-                    conn = None
-                return conn, result
+                if link is not None:
+                    conn = link.conn
+                    keep = attempt.release() and not (
+                        conn.broken
+                        or conn.closed
+                        or conn.info.transaction_status != TransactionStatus.IDLE
+                    )
+                    if not keep:
+                        link.close()
+                        link = None
+                return link, result
 
+            self._in_use += 1
             try:
-                # Not abandoned on cancellation: ``work`` always finishes and
-                # hands its connection back. Raises only if cancelled before
-                # the thread started; then the idle connection was not used.
-                conn, result = await trio.to_thread.run_sync(work)
-            except BaseException:
-                if idle is not None:
-                    self._idle.append(idle)
+                with trio.move_on_after(self.timeout) as bound:
+                    link, result = await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+                if bound.cancelled_caught:
+                    self._abandon(attempt, idle)
+                    raise StoreError(
+                        f"PostgreSQL did not answer within {self.timeout} s (timeout); the "
+                        "connection was dropped (a write in flight may or may not have "
+                        "been committed)"
+                    )
+            except trio.Cancelled:
+                self._abandon(attempt, idle)
                 raise
-            else:
-                if conn is None:
-                    # A connection failed: check the other idle ones before use.
-                    self._generation += 1
-                elif self._closed:
-                    conn.close()  # closing while closing the store: no thread hop
-                else:
-                    self._idle.append(_Idle(conn, time.monotonic(), self._generation))
             finally:
                 self._in_use -= 1
                 if self._in_use == 0:
                     self._all_returned.set()
+            if link is None:
+                # A connection failed: check the other idle ones before use.
+                self._generation += 1
+            elif self._closed:
+                link.close()  # closing while closing the store: no thread hop
+            else:
+                link.since = time.monotonic()
+                link.generation = self._generation
+                self._idle.append(link)
         return result.unwrap()
 
+    def _abandon(self, attempt: _Attempt, idle: _Link | None) -> None:
+        if attempt.abandon() or idle is None:
+            # The thread's connection is cut; look at the idle ones before use.
+            self._generation += 1
+        else:
+            self._idle.append(idle)  # the thread never took it
+
     async def aclose(self) -> None:
-        """Wait for the connections in use, then close all of them."""
+        """Wait for the calls in progress (each bounded), then close every connection."""
         self._closed = True
         while self._in_use:
             self._all_returned = trio.Event()
@@ -425,10 +602,13 @@ class _Pool:
         idle, self._idle = self._idle, []
 
         def close_all() -> None:
-            for entry in idle:
-                entry.conn.close()
+            for link in idle:
+                with contextlib.suppress(Exception):
+                    link.close()
 
-        await trio.to_thread.run_sync(close_all)
+        # Closing does not wait for the server; bounded all the same.
+        with trio.move_on_after(self.timeout):
+            await trio.to_thread.run_sync(close_all, abandon_on_cancel=True)
 
 
 def _migrate(conn: Conn) -> None:
@@ -689,26 +869,54 @@ WHERE s.name = %s AND s.state <> 1
 """
 
 
+def _columns(names: tuple[str, ...], values: tuple[Any, ...]) -> str:
+    """The first column holding NULL, for messages (the others are typed by the schema)."""
+    for name, value in zip(names, values, strict=True):
+        if value is None:
+            return f"its {name} column holds NULL"
+    return "a column holds a value of the wrong type"  # pragma: no cover
+
+
+def _unreadable_event(stream: str, rows: list[Any]) -> EventDecodeError:
+    """The error for the first event of ``rows`` that cannot be read (a foreign row).
+
+    The schema types every column (``NOT NULL``, ``bytea``, ``timestamptz``),
+    so only a changed schema lets a NULL through; say where it is.
+    """
+    names = ("version", "type", "data", "metadata", "recorded_at")
+    for row in rows:
+        version, *rest = row[1:]
+        if version is None or None in rest:
+            return EventDecodeError(
+                f"event at {stream}@{version} cannot be read: {_columns(names, row[1:])}"
+            )
+    return EventDecodeError(f"stream {stream!r} holds an event that cannot be read")
+
+
 @final
 @attrs.define(eq=False)
 class PostgresEventStore(_DurableStore):
     """An :class:`~trio_aggregates.EventStore` in PostgreSQL. Make one with
     :func:`open_postgres_store`.
 
-    Every call runs in a worker thread and is a checkpoint. Calls are not
-    abandoned on cancellation: a cancelled call finishes its statement first.
-    Writes go through group commit; a cancelled write either committed
-    entirely or not at all: if it was still queued it is withdrawn and
-    :exc:`trio.Cancelled` is raised; if its transaction had begun, the call
-    returns its result and the cancellation takes effect at the next
-    checkpoint.
+    Every call runs in a worker thread and is a checkpoint, and takes at most
+    the store's ``timeout`` (see :func:`open_postgres_store`): past it, the
+    call fails with :exc:`StoreError` ("PostgreSQL did not answer within ...
+    (timeout)") and its connection is dropped. A cancelled read is abandoned
+    at once (:exc:`trio.Cancelled`; its connection is dropped). Writes go
+    through group commit; a cancelled write either committed entirely or not
+    at all: if it was still queued it is withdrawn and :exc:`trio.Cancelled`
+    is raised; if its transaction had begun, the call returns its result (or
+    its error, at most ``timeout`` later) and the cancellation takes effect
+    at the next checkpoint.
 
     Errors: every driver error (``psycopg.Error``: connection refused or lost,
     ...) comes out as :exc:`StoreError` with the driver's exception as
     ``__cause__``. A failed write leaves nothing behind, except when the
-    connection was lost during ``COMMIT``: then the write may or may not have
-    happened. After the database comes back, the store works again: a failed
-    connection is replaced at the next call. Calls after :meth:`aclose` raise
+    connection was lost during ``COMMIT`` or the server did not answer in
+    time: then the write may or may not have happened. After the database
+    comes back (or answers again), the store works again: a failed or
+    dropped connection is replaced at the next call. Calls after :meth:`aclose` raise
     :exc:`StoreError`.
     """
 
@@ -753,11 +961,14 @@ class PostgresEventStore(_DurableStore):
             return []
         if rows[0][0] == _TOMBSTONE:
             raise StreamDeleted(stream)
-        return [
-            RecordedEvent(stream, int(v), t, bytes(d), bytes(m), float(r))
-            for _, v, t, d, m, r in rows
-            if v is not None
-        ]
+        try:
+            return [
+                RecordedEvent(stream, int(v), t, bytes(d), bytes(m), float(r))
+                for _, v, t, d, m, r in rows
+                if v is not None
+            ]
+        except (TypeError, ValueError):
+            raise _unreadable_event(stream, rows) from None
 
     async def stream_version(self, stream: str) -> int:
         """Return the stream's version (0 for a stream with no events).
@@ -790,7 +1001,13 @@ class PostgresEventStore(_DurableStore):
             raise StreamDeleted(stream)
         if version is None:
             return None
-        return Snapshot(stream, int(version), int(schema), type_, bytes(data))
+        try:
+            return Snapshot(stream, int(version), int(schema), type_, bytes(data))
+        except (TypeError, ValueError):
+            raise EventDecodeError(
+                f"the snapshot of stream {stream!r} cannot be read: "
+                f"{_columns(('version', 'schema', 'type', 'data'), rows[0][1:])}"
+            ) from None
 
     async def _close_connections(self) -> None:
         await self._pool.aclose()
@@ -798,7 +1015,12 @@ class PostgresEventStore(_DurableStore):
 
 @asynccontextmanager
 async def open_postgres_store(
-    dsn: str, *, min_size: int = 1, max_size: int = 8, connect_timeout: float = 10.0
+    dsn: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 8,
+    connect_timeout: float | None = None,
+    timeout: float = 30.0,
 ) -> AsyncIterator[PostgresEventStore]:
     """Connect to PostgreSQL, create or migrate the schema, and yield the store.
 
@@ -808,24 +1030,47 @@ async def open_postgres_store(
             await store.append("order-1", [event], expected_version=0)
 
     Args:
-        dsn: a libpq connection string or ``postgresql://`` URL.
+        dsn: a libpq connection string or ``postgresql://`` URL (with libpq's
+            parameters only; :func:`open_store` also takes the store's own
+            knobs in a URL).
         min_size: connections opened at once (at least 1, which also runs
             the migrations).
         max_size: most connections open at a time (calls beyond wait).
-        connect_timeout: seconds to wait for a new connection (libpq rounds
-            it to whole seconds, at least 2).
+        connect_timeout: seconds to wait for a new connection (psycopg rounds
+            it up to whole seconds, at least 2; never more than ``timeout``).
+            ``None``: the DSN's ``connect_timeout``, else 10.
+        timeout: seconds any one database operation may take (a read, a
+            write transaction, a connection). Past it the call fails with
+            :exc:`StoreError` and its connection is dropped; the server
+            cancels a statement running longer than nine tenths of it; TCP
+            keepalives notice a dead peer within about two thirds of it.
 
     Raises:
-        StoreError: the server could not be reached, or the migration failed
-            (the driver's exception is the ``__cause__``), or the database's
-            schema is newer than this library's.
+        InvalidArgument: an argument is out of range or of the wrong type, or
+            the DSN is malformed.
+        StoreError: the server could not be reached or did not answer within
+            ``timeout``, or the migration failed (the driver's exception is
+            the ``__cause__``), or the database's schema is newer than this
+            library's.
 
     On exit (also on error or cancellation) the store finishes its queued
-    writes and closes its connections.
+    writes and closes its connections; with the server not answering, that
+    takes at most ``timeout``.
     """
-    if not 1 <= min_size <= max_size:
-        raise ValueError("need 1 <= min_size <= max_size")
-    pool = _Pool(dsn, max_size, connect_timeout)
+    if not isinstance(dsn, str):
+        raise InvalidArgument(f"dsn must be a str, not {type(dsn).__name__}")
+    min_size = check_count("min_size", min_size)
+    max_size = check_count("max_size", max_size)
+    if min_size > max_size:
+        raise InvalidArgument(f"min_size ({min_size}) must not exceed max_size ({max_size})")
+    timeout = check_seconds("timeout", timeout, allow_zero=False)
+    if connect_timeout is not None:
+        connect_timeout = check_seconds("connect_timeout", connect_timeout, allow_zero=False)
+    try:
+        conninfo = _conninfo(dsn, timeout=timeout, connect_timeout=connect_timeout)
+    except psycopg.Error as exc:
+        raise InvalidArgument(f"malformed PostgreSQL DSN: {exc}") from None
+    pool = _Pool(conninfo, max_size, timeout)
     store = PostgresEventStore(pool)
     try:
         try:

@@ -59,9 +59,10 @@ tombstone.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import logging
-import math
+import os
 import sqlite3
 import threading
 import time
@@ -87,8 +88,16 @@ from ._durable import (
     _wrap_error,
     _WriteOp,
 )
-from ._exceptions import ConcurrencyConflict, DuplicateCommand, StoreError, StreamDeleted
+from ._exceptions import (
+    ConcurrencyConflict,
+    DuplicateCommand,
+    EventDecodeError,
+    InvalidArgument,
+    StoreError,
+    StreamDeleted,
+)
 from ._groupcommit import _BatchResult
+from ._options import check_count, check_seconds
 from ._store import RecordedEvent, Snapshot, _check_command_id
 
 __all__ = ["SQLiteEventStore", "open_sqlite_store"]
@@ -323,6 +332,8 @@ def _write_one(db: sqlite3.Connection, op: _WriteOp, now: float) -> outcome.Outc
     try:
         value = _apply(db, op, now)
     except Exception as exc:
+        if not db.in_transaction:
+            raise  # SQLite rolled the whole transaction back (disk full, I/O error)
         db.execute("ROLLBACK TO write")
         db.execute("RELEASE write")
         if isinstance(exc, _DRIVER_ERRORS):
@@ -461,6 +472,8 @@ def _write_ops(
         try:
             done = _write_set(db, run, now)
         except Exception:
+            if not db.in_transaction:
+                raise  # SQLite rolled the whole transaction back (disk full, I/O error)
             db.execute("ROLLBACK TO run")
             db.execute("RELEASE run")
             done = [_write_one(db, op, now) for op in run]
@@ -472,6 +485,174 @@ def _write_ops(
 
 def _not_a_delete(op: _WriteOp) -> bool:
     return type(op) is not _Delete
+
+
+# -- reading rows, including rows another program wrote -------------------------
+#
+# SQLite columns hold whatever a writer put there: the sqlite3 shell writes
+# TEXT where the store writes BLOBs, a timestamp as text, and nothing stops a
+# number in the data column. The fast path takes rows of the types the store
+# writes; any other row (or text that is not UTF-8, which sqlite3 cannot even
+# fetch) sends the page through the careful path, which reads every column
+# with its storage class and either converts it or raises EventDecodeError
+# naming the stream, the version and the column.
+
+_READ_EVENTS = (
+    "SELECT version, type, data, metadata, recorded_at FROM events "
+    "WHERE stream_id = ? AND version >= ? ORDER BY version LIMIT ?"
+)
+
+
+def _raw(column: str) -> str:
+    """SQL giving ``column``'s storage class and its value (text as UTF-8 bytes)."""
+    return (
+        f"typeof({column}), CASE WHEN typeof({column}) IN ('text', 'blob') "
+        f"THEN CAST({column} AS BLOB) ELSE {column} END"
+    )
+
+
+_READ_EVENTS_RAW = (
+    f"SELECT {_raw('version')}, {_raw('type')}, {_raw('data')}, {_raw('metadata')}, "
+    f"{_raw('recorded_at')} FROM events "
+    "WHERE stream_id = ? AND version >= ? ORDER BY version LIMIT ?"
+)
+
+_READ_SNAPSHOT = "SELECT version, schema, type, data FROM snapshots WHERE stream_id = ?"
+_MAX_VERSION = "SELECT coalesce(max(version), 0) FROM events WHERE stream_id = ?"
+_READ_SNAPSHOT_RAW = (
+    f"SELECT {_raw('version')}, {_raw('schema')}, {_raw('type')}, {_raw('data')} "
+    "FROM snapshots WHERE stream_id = ?"
+)
+
+_STORAGE_CLASS = {"integer": "an integer", "real": "a real", "text": "text", "blob": "a blob"}
+
+
+def _held(storage: str, value: object) -> str:
+    """What a column holds, for messages: ``an integer (42)``, ``NULL``, ..."""
+    if storage == "null":
+        return "NULL"
+    shown = repr(value)
+    if len(shown) > 40:
+        shown = shown[:37] + "..."
+    return f"{_STORAGE_CLASS.get(storage, storage)} ({shown})"
+
+
+class _Unreadable(Exception):
+    """A column's value the store cannot read; the caller says where."""
+
+
+def _as_int(storage: str, value: object) -> int:
+    if storage == "integer":
+        return cast("int", value)
+    raise _Unreadable(f"holds {_held(storage, value)}, not a whole number")
+
+
+def _as_text(storage: str, value: object) -> str:
+    if storage in ("text", "blob"):
+        try:
+            return cast("bytes", value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Unreadable(f"holds {_held(storage, value)}, not UTF-8 text") from None
+    raise _Unreadable(f"holds {_held(storage, value)}, not text")
+
+
+def _as_bytes(storage: str, value: object) -> bytes:
+    if storage in ("text", "blob"):
+        return cast("bytes", value)
+    raise _Unreadable(f"holds {_held(storage, value)}, not bytes or text")
+
+
+def _as_time(storage: str, value: object) -> float:
+    if storage in ("real", "integer"):
+        return float(cast("float", value))
+    if storage == "text":
+        text = cast("bytes", value).decode("utf-8", "replace").strip()
+        try:
+            return float(text)
+        except ValueError:
+            pass
+        try:
+            moment = datetime.datetime.fromisoformat(text)
+        except ValueError:
+            pass
+        else:
+            if moment.tzinfo is None:  # SQLite's datetime() is UTC
+                moment = moment.replace(tzinfo=datetime.timezone.utc)
+            return moment.timestamp()
+    raise _Unreadable(f"holds {_held(storage, value)}, not a time")
+
+
+def _careful_events(
+    db: sqlite3.Connection, stream: str, params: tuple[Any, ...]
+) -> list[RecordedEvent]:
+    """The events of a page, read column by column (see above)."""
+    events = []
+    for row in db.execute(_READ_EVENTS_RAW, params):
+        try:
+            version = _as_int(row[0], row[1])
+        except _Unreadable as exc:
+            raise EventDecodeError(
+                f"stream {stream!r} holds an event that cannot be read: its version {exc}"
+            ) from None
+        column = "type"
+        try:
+            type_ = _as_text(row[2], row[3])
+            column = "data"
+            data = _as_bytes(row[4], row[5])
+            column = "metadata"
+            metadata = _as_bytes(row[6], row[7])
+            column = "recorded_at"
+            recorded_at = _as_time(row[8], row[9])
+        except _Unreadable as exc:
+            raise EventDecodeError(
+                f"event at {stream}@{version} cannot be read: its {column} column {exc}"
+            ) from None
+        events.append(RecordedEvent(stream, version, type_, data, metadata, recorded_at))
+    return events
+
+
+def _careful_snapshot(db: sqlite3.Connection, stream: str, stream_id: int) -> Snapshot | None:
+    row = db.execute(_READ_SNAPSHOT_RAW, (stream_id,)).fetchone()
+    if row is None:
+        return None
+    column = "version"
+    try:
+        version = _as_int(row[0], row[1])
+        column = "schema"
+        schema = _as_int(row[2], row[3])
+        column = "type"
+        type_ = _as_text(row[4], row[5])
+        column = "data"
+        data = _as_bytes(row[6], row[7])
+    except _Unreadable as exc:
+        raise EventDecodeError(
+            f"the snapshot of stream {stream!r} cannot be read: its {column} column {exc}"
+        ) from None
+    return Snapshot(stream, version, schema, type_, data)
+
+
+def _read_events(
+    db: sqlite3.Connection, stream: str, params: tuple[Any, ...]
+) -> list[RecordedEvent]:
+    """A page of events: the fast path, or the careful one for rows the store did not write."""
+    try:
+        rows = db.execute(_READ_EVENTS, params).fetchall()
+    except sqlite3.OperationalError:
+        # Text that is not UTF-8 cannot be fetched as str; anything else
+        # fails again, and is reported, in the careful path.
+        return _careful_events(db, stream, params)
+    events = []
+    for v, t, d, m, r in rows:
+        if not (
+            type(v) is int
+            and type(t) is str
+            and type(d) is bytes
+            and type(m) is bytes
+            and type(r) is float
+        ):
+            return _careful_events(db, stream, params)
+        events.append(RecordedEvent(stream, v, t, d, m, r))
+    return events
 
 
 @final
@@ -490,7 +671,10 @@ class SQLiteEventStore(_DurableStore):
 
     Errors: every :mod:`sqlite3` error comes out as :exc:`StoreError` (or a
     subclass) with the driver's exception as ``__cause__``; a failed write
-    leaves nothing behind. Calls after :meth:`aclose` raise :exc:`StoreError`.
+    leaves nothing behind. Rows another program wrote are read as they are
+    (TEXT as UTF-8 bytes, a text timestamp parsed); one that cannot be read
+    raises :exc:`EventDecodeError` naming the stream, the version and the
+    column. Calls after :meth:`aclose` raise :exc:`StoreError`.
     """
 
     _backend: ClassVar[str] = "SQLite"
@@ -537,7 +721,8 @@ class SQLiteEventStore(_DurableStore):
                     try:
                         outcomes = [outcome.Value(_apply(db, ops[0], now))]
                     except Exception as exc:
-                        db.execute("ROLLBACK")
+                        if db.in_transaction:  # SQLite may have rolled back itself
+                            db.execute("ROLLBACK")
                         if isinstance(exc, _DRIVER_ERRORS):
                             exc = _wrap(exc, _describe(ops[0]))
                         return _BatchResult([outcome.Error(exc)], False)
@@ -602,12 +787,7 @@ class SQLiteEventStore(_DurableStore):
                 return []
             if row[1] == _TOMBSTONE:
                 raise StreamDeleted(stream)
-            rows = db.execute(
-                "SELECT version, type, data, metadata, recorded_at FROM events "
-                "WHERE stream_id = ? AND version >= ? ORDER BY version LIMIT ?",
-                (row[0], start, count),
-            ).fetchall()
-            return [RecordedEvent(stream, v, t, bytes(d), bytes(m), r) for v, t, d, m, r in rows]
+            return _read_events(db, stream, (row[0], start, count))
 
         events: list[RecordedEvent] = await self._read(query, f"read stream {stream!r}")
         return events
@@ -623,9 +803,18 @@ class SQLiteEventStore(_DurableStore):
 
         def query(db: sqlite3.Connection) -> int:
             row = _find_stream(db, stream)
-            if row is not None and row[1] == _TOMBSTONE:
+            if row is None:
+                return 0
+            if row[1] == _TOMBSTONE:
                 raise StreamDeleted(stream)
-            return _version_of(db, None if row is None else row[0])
+            (version,) = db.execute(_MAX_VERSION, (row[0],)).fetchone()
+            if type(version) is not int:
+                raise EventDecodeError(
+                    f"stream {stream!r} holds an event that cannot be read: "
+                    f"its version holds {_held(type(version).__name__, version)}, "
+                    "not a whole number"
+                )
+            return version
 
         version: int = await self._read(query, f"read the version of stream {stream!r}")
         return version
@@ -669,13 +858,21 @@ class SQLiteEventStore(_DurableStore):
                 return None
             if row[1] == _TOMBSTONE:
                 raise StreamDeleted(stream)
-            found = db.execute(
-                "SELECT version, schema, type, data FROM snapshots WHERE stream_id = ?", (row[0],)
-            ).fetchone()
+            try:
+                found = db.execute(_READ_SNAPSHOT, (row[0],)).fetchone()
+            except sqlite3.OperationalError:  # text that is not UTF-8
+                return _careful_snapshot(db, stream, row[0])
             if found is None:
                 return None
             version, schema, type_, data = found
-            return Snapshot(stream, version, schema, type_, bytes(data))
+            if (
+                type(version) is int
+                and type(schema) is int
+                and type(type_) is str
+                and type(data) is bytes
+            ):
+                return Snapshot(stream, version, schema, type_, data)
+            return _careful_snapshot(db, stream, row[0])
 
         snapshot: Snapshot | None = await self._read(query, f"load the snapshot of {stream!r}")
         return snapshot
@@ -785,21 +982,26 @@ async def open_sqlite_store(
         path: the database file, created if missing. ``":memory:"`` makes a
             private in-memory database (gone when the store closes; its reads
             and writes share one connection).
-        readers: how many read connections (reads running at once).
-        busy_timeout: seconds to wait for another process's write lock.
+        readers: how many read connections (reads running at once), at
+            least 1.
+        busy_timeout: seconds to wait for another process's write lock
+            (finite, at least 0).
 
     Raises:
+        InvalidArgument: an argument is out of range or of the wrong type.
         StoreError: the file could not be opened or is not a database, or its
             schema is newer than this library's.
 
     On exit (also on error or cancellation) the store finishes its queued
     writes and closes its connections.
     """
-    if readers < 1:
-        raise ValueError("readers must be at least 1")
-    if not math.isfinite(busy_timeout) or busy_timeout < 0:
-        raise ValueError("busy_timeout must be a finite number of seconds >= 0")
-    target = str(path)
+    if not isinstance(path, str | os.PathLike):
+        raise InvalidArgument(f"path must be a str or a path, not {type(path).__name__}")
+    readers = check_count("readers", readers)
+    busy_timeout = check_seconds("busy_timeout", busy_timeout, allow_zero=True)
+    target = os.fspath(path)
+    if not isinstance(target, str):
+        raise InvalidArgument(f"path must be a str or a path, not {type(target).__name__}")
     connections = await trio.to_thread.run_sync(
         _open_connections, target, readers, busy_timeout, abandon_on_cancel=False
     )
