@@ -280,3 +280,14 @@ def test_reference_lists_invalid_argument_in_the_hierarchy() -> None:
     assert re.search(r"InvalidArgument\s+\(also ValueError, TypeError\)", tree)
     assert ".. autoexception:: InvalidArgument" in text
     assert issubclass(InvalidArgument, TrioAggregatesError)
+
+
+async def test_stream_names_must_be_str(tmp_path: Path) -> None:
+    for url in ("memory://", sqlite_url(tmp_path / "names.db")):
+        async with open_store(url) as store:
+            with pytest.raises(InvalidArgument, match="stream names are str"):
+                await store.append(42, [ev(1)], expected_version=0)  # type: ignore[arg-type]
+            with pytest.raises(InvalidArgument, match="stream names are str"):
+                await store.read(b"s")  # type: ignore[arg-type]
+            with pytest.raises(TypeError):  # what it was before, still
+                await store.stream_version(None)  # type: ignore[arg-type]

@@ -33,7 +33,7 @@ import attrs
 import outcome
 import trio
 
-from ._exceptions import StoreError
+from ._exceptions import InvalidArgument, StoreError
 from ._groupcommit import StoreStatistics, _BatchResult, _GroupCommit
 from ._store import NewEvent, Snapshot, _check_command_id
 
@@ -49,7 +49,7 @@ _TOMBSTONE: Final = 2  # hard-deleted: no events, refuses reads and writes
 
 def _check_name(stream: object) -> None:
     if not isinstance(stream, str):
-        raise TypeError(f"stream names are str, not {type(stream).__name__}")
+        raise InvalidArgument(f"stream names are str, not {type(stream).__name__}")
 
 
 # -- write operations ---------------------------------------------------------

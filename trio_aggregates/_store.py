@@ -225,7 +225,7 @@ class InMemoryEventStore:
 
     def _check(self, stream: str) -> None:
         if not isinstance(stream, str):
-            raise TypeError(f"stream names are str, not {type(stream).__name__}")
+            raise InvalidArgument(f"stream names are str, not {type(stream).__name__}")
         if stream in self._tombstones:
             raise StreamDeleted(stream)
 
