@@ -515,9 +515,7 @@ async def test_open_store_memory() -> None:
 
 
 @pytest.fixture
-def command_store(store: EventStore, store_url: str) -> EventStore:
-    if store_url.startswith("postgresql"):
-        pytest.skip("command ids land on the PostgreSQL store in the next commit")
+def command_store(store: EventStore) -> EventStore:
     return store
 
 

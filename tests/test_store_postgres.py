@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import psycopg
 import pytest
@@ -13,8 +13,18 @@ import trio.testing
 from _pgserver import PostgresServer
 from conftest import PostgresDatabase, make_postgres_server
 
-from trio_aggregates._exceptions import ConcurrencyConflict, StoreError, StreamDeleted
-from trio_aggregates._postgres import SCHEMA_VERSION, PostgresEventStore, open_postgres_store
+from trio_aggregates._exceptions import (
+    ConcurrencyConflict,
+    DuplicateCommand,
+    StoreError,
+    StreamDeleted,
+)
+from trio_aggregates._postgres import (
+    _MIGRATIONS,
+    SCHEMA_VERSION,
+    PostgresEventStore,
+    open_postgres_store,
+)
 from trio_aggregates._store import NewEvent, Snapshot
 
 pytestmark = pytest.mark.postgres
@@ -321,3 +331,191 @@ async def test_open_store_accepts_both_url_schemes(postgres_database: PostgresDa
             await store.append("s", [ev(url)], expected_version=None)
     async with open_postgres_store(postgres_database.dsn) as store:
         assert await store.stream_version("s") == 2
+
+
+# -- batches: one transaction, one round trip, outcomes per op ----------------
+
+
+@contextlib.asynccontextmanager
+async def writer_held(store: PostgresEventStore, dsn: str) -> AsyncIterator[trio.Nursery]:
+    """Keep the store's writer busy on a row lock held here, so that the writes
+    started in the body queue up together; they form the next batch on exit."""
+    await store.append("busy", [ev(0)], expected_version=None)
+    blocker = await trio.to_thread.run_sync(psycopg.connect, dsn)
+    try:
+        blocker.execute("SELECT id FROM trio_aggregates_streams WHERE name = 'busy' FOR UPDATE")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                functools.partial(store.append, "busy", [ev(1)], expected_version=None)
+            )
+            await trio.testing.wait_all_tasks_blocked()
+            yield nursery
+            await trio.testing.wait_all_tasks_blocked()
+            assert store.statistics().pending_writes > 0
+            await trio.to_thread.run_sync(blocker.commit)
+    finally:
+        await trio.to_thread.run_sync(blocker.close)
+
+
+async def test_a_mixed_batch_is_one_transaction(postgres_database: PostgresDatabase) -> None:
+    """Appends, a conflict, a duplicate command, a snapshot and deletes in one batch."""
+    dsn = postgres_database.dsn
+    async with open_postgres_store(dsn) as store:
+        await store.append("taken", [ev(0)], expected_version=0, command_id="done")
+        await store.append("soft", [ev(0)], expected_version=0)
+        outcomes: dict[str, object] = {}
+
+        async def run(name: str, call: Callable[[], Awaitable[object]]) -> None:
+            try:
+                outcomes[name] = await call()
+            except (StoreError, DuplicateCommand) as exc:
+                outcomes[name] = exc
+
+        before = store.statistics().transactions
+        with trio.fail_after(60):
+            async with writer_held(store, dsn) as nursery:
+                for i in range(5):
+                    nursery.start_soon(
+                        run,
+                        f"a-{i}",
+                        functools.partial(store.append, f"a-{i}", [ev(i)], expected_version=0),
+                    )
+                nursery.start_soon(
+                    run,
+                    "conflict",
+                    functools.partial(store.append, "taken", [ev(1)], expected_version=0),
+                )
+                nursery.start_soon(
+                    run,
+                    "duplicate",
+                    functools.partial(
+                        store.append, "taken", [ev(1)], expected_version=1, command_id="done"
+                    ),
+                )
+                nursery.start_soon(
+                    run,
+                    "chained",
+                    functools.partial(
+                        store.append, "taken", [ev(1)], expected_version=1, command_id="new"
+                    ),
+                )
+                nursery.start_soon(
+                    run,
+                    "snapshot",
+                    functools.partial(store.save_snapshot, Snapshot("a-2", 1, 1, "S", b"s")),
+                )
+                nursery.start_soon(run, "soft", functools.partial(store.delete_stream, "soft"))
+                nursery.start_soon(
+                    run, "hard", functools.partial(store.delete_stream, "gone", hard=True)
+                )
+        # writer_held's two appends, then one batch for all the others.
+        assert store.statistics().transactions - before == 3
+        assert {f"a-{i}": outcomes[f"a-{i}"] for i in range(5)} == {f"a-{i}": 1 for i in range(5)}
+        assert isinstance(outcomes["conflict"], ConcurrencyConflict)
+        assert isinstance(outcomes["duplicate"], DuplicateCommand)
+        assert outcomes["duplicate"].version == 1
+        assert outcomes["chained"] == 2
+        assert (
+            outcomes["snapshot"] is None and outcomes["soft"] is None and outcomes["hard"] is None
+        )
+        assert await store.load_snapshot("a-2") == Snapshot("a-2", 1, 1, "S", b"s")
+        assert await store.find_command("taken", "new") == 2
+        assert await store.stream_version("soft") == 0
+        with pytest.raises(StreamDeleted):
+            await store.read("gone")
+    # Every row the batch wrote carries one transaction id.
+    rows = query(
+        dsn,
+        "SELECT e.xmin::text FROM trio_aggregates_events e JOIN trio_aggregates_streams s"
+        " ON s.id = e.stream_id WHERE s.name LIKE 'a-%%' OR (s.name = 'taken' AND e.version = 2)"
+        " UNION SELECT xmin::text FROM trio_aggregates_snapshots"
+        " UNION SELECT xmin::text FROM trio_aggregates_commands WHERE command_id = 'new'"
+        " UNION SELECT xmin::text FROM trio_aggregates_streams WHERE name IN ('soft', 'gone')",
+    )
+    assert len(rows) == 1, rows
+
+
+async def test_a_server_side_error_fails_only_its_op(postgres_database: PostgresDatabase) -> None:
+    """The batch's transaction fails; its ops are written again one at a time."""
+    dsn = postgres_database.dsn
+    async with open_postgres_store(dsn) as store:
+        query(
+            dsn,
+            "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            " IF NEW.type = 'Poison' THEN RAISE EXCEPTION 'poisoned event'; END IF;"
+            " RETURN NEW; END $$",
+        )
+        query(
+            dsn,
+            "CREATE TRIGGER poison BEFORE INSERT ON trio_aggregates_events"
+            " FOR EACH ROW EXECUTE FUNCTION poison()",
+        )
+        errors: dict[str, BaseException] = {}
+
+        async def append(stream: str, event: NewEvent, command_id: str | None = None) -> None:
+            try:
+                await store.append(stream, [event], expected_version=0, command_id=command_id)
+            except StoreError as exc:
+                errors[stream] = exc
+
+        with trio.fail_after(60):
+            async with writer_held(store, dsn) as nursery:
+                for i in range(4):
+                    nursery.start_soon(append, f"ok-{i}", ev(i), f"c-{i}")
+                nursery.start_soon(append, "bad", NewEvent("Poison", b""), "c-bad")
+                nursery.start_soon(store.save_snapshot, Snapshot("ok-0", 1, 1, "S", b""))
+        assert set(errors) == {"bad"}
+        assert type(errors["bad"]) is StoreError
+        assert isinstance(errors["bad"].__cause__, psycopg.errors.RaiseException)
+        assert "poisoned event" in str(errors["bad"])
+        for i in range(4):
+            assert await store.stream_version(f"ok-{i}") == 1
+            assert await store.find_command(f"ok-{i}", f"c-{i}") == 1
+        assert await store.stream_version("bad") == 0
+        assert await store.find_command("bad", "c-bad") is None
+        assert await store.load_snapshot("ok-0") is not None
+
+
+async def test_a_version_2_schema_is_migrated(postgres_database: PostgresDatabase) -> None:
+    """A schema made by the library before command ids: upgraded on open, nothing lost."""
+    dsn = postgres_database.dsn
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE trio_aggregates_schema (version integer PRIMARY KEY,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for version in (1, 2):
+            for statement in _MIGRATIONS[version - 1]:
+                conn.execute(statement)
+            conn.execute("INSERT INTO trio_aggregates_schema (version) VALUES (%s)", (version,))
+        conn.execute(
+            "SELECT trio_aggregates_append_batch(ARRAY['old'], ARRAY[0::bigint], ARRAY[2],"
+            " ARRAY['Happened', 'Happened'], ARRAY['a'::bytea, 'b'::bytea],"
+            " ARRAY['{}'::bytea, '{}'::bytea])"
+        )
+    async with open_postgres_store(dsn) as store:
+        assert [e.data for e in await store.read("old")] == [b"a", b"b"]
+        assert await store.append("old", [ev(3)], expected_version=2, command_id="c") == 3
+        with pytest.raises(DuplicateCommand):
+            await store.append("old", [ev(4)], expected_version=3, command_id="c")
+        assert await store.find_command("old", "c") == 3
+    rows = query(dsn, "SELECT version FROM trio_aggregates_schema ORDER BY version")
+    assert rows == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
+    assert SCHEMA_VERSION >= 3
+
+
+async def test_hard_delete_erases_command_ids(postgres_database: PostgresDatabase) -> None:
+    dsn = postgres_database.dsn
+    async with open_postgres_store(dsn) as store:
+        await store.append("hard", [ev(1)], expected_version=0, command_id="c")
+        await store.append("soft", [ev(1)], expected_version=0, command_id="c")
+        await store.delete_stream("hard", hard=True)
+        await store.delete_stream("soft")
+        assert await store.find_command("soft", "c") is None
+    rows = query(
+        dsn,
+        "SELECT s.name, s.state FROM trio_aggregates_commands c"
+        " JOIN trio_aggregates_streams s ON s.id = c.stream_id",
+    )
+    # The soft-deleted stream's ids stay with its detached row, like its events.
+    assert rows == [("soft", 1)]

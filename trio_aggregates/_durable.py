@@ -237,12 +237,6 @@ class _DurableStore:
         )
         return version
 
-    async def find_command(self, stream: str, command_id: str) -> int | None:
-        """Return the version recorded with ``command_id``, or ``None``."""
-        _check_name(stream)
-        _check_command_id(command_id, required=True)
-        return None  # the backends record command ids in the next step
-
     async def save_snapshot(self, snapshot: Snapshot) -> None:
         """Store ``snapshot``, replacing the stream's previous one.
 

@@ -39,34 +39,34 @@ writes queued while a transaction runs share the next transaction, taken in
 the same order and cannot deadlock. The expected-version check is enforced by
 the database: the stream's row is locked (``FOR UPDATE``) and ``(stream_id,
 version)`` is the events' primary key, so two processes racing on a stream can
-never both win; a unique violation becomes :exc:`ConcurrencyConflict`.
-Within the transaction:
+never both win. So is the command-id check: ``(stream_id, command_id)`` is the
+primary key of ``trio_aggregates_commands``, written in the append's
+transaction, and read under the stream's row lock.
 
-* a batch of one append is one statement (``trio_aggregates_append``) in
-  autocommit mode: one round trip;
-* a run of two or more appends is written *set-based*, in one savepoint and
-  one call of ``trio_aggregates_append_batch``: the function locks (creates)
-  the streams' rows in name order (C collation: the order of Python's sort),
-  checks each append against its stream's running version (appends to one
-  stream in a batch chain), inserts every accepted event with one ``INSERT
-  ... SELECT FROM unnest(...)`` and returns an outcome per append. A
-  conflicting append (:exc:`ConcurrencyConflict`) or one to a hard-deleted
-  stream (:exc:`StreamDeleted`) fails alone while the others commit. If the
-  call raises anyway (a driver error, a unique violation of the primary-key
-  backstop), the savepoint is rolled back and the run written again one
-  savepoint per append, so that only the appends at fault fail. So a batch
-  costs about five round trips (``BEGIN``, ``SAVEPOINT``, the call,
-  ``RELEASE``, ``COMMIT``), whatever its number of appends;
-* snapshots, deletes and lone appends among them take that one-savepoint-per-
-  write path.
+A batch is one transaction and one round trip. Each write op is one call of a
+function that reports its outcome rather than raising (a conflict, a
+duplicate command or a tombstone fails its op alone): a run of appends is
+one call of ``trio_aggregates_write_appends`` (it locks, or creates, the
+streams' rows in name order, C collation: the order of Python's sort; checks
+each append against its stream's running version, so that appends to one
+stream in a batch chain; records command ids; inserts every accepted event
+with one ``INSERT ... SELECT FROM unnest(...)``); a snapshot is one call of
+``trio_aggregates_save_snapshot``, a delete one of
+``trio_aggregates_delete_stream``. A batch of one call (the usual case: a run
+of appends) runs in autocommit mode, so the call is its own transaction; a
+batch of several calls is sent in *pipeline mode*, between ``BEGIN`` and
+``COMMIT``, without waiting for each answer. If the transaction raises anyway
+(a value the driver cannot send, a deadlock, the primary-key backstop),
+nothing of it is written, and its ops are written again one transaction each,
+so that only the ops at fault fail.
 
 Schema: tables ``trio_aggregates_streams``, ``trio_aggregates_events``,
-``trio_aggregates_snapshots`` and the functions ``trio_aggregates_append`` (an
-append in one round trip, version 1) and ``trio_aggregates_append_batch`` (a
-run of appends in one round trip, version 2), created in the first schema of
-the connection's ``search_path`` and migrated by the library; applied versions
-are rows of ``trio_aggregates_schema``. Migrations run in one transaction under
-a transaction-scoped advisory lock, so processes opening the store at once are
+``trio_aggregates_snapshots``, ``trio_aggregates_commands`` (version 3) and
+the write functions (version 3; versions 1 and 2 made the functions an older
+library calls), created in the first schema of the connection's
+``search_path`` and migrated by the library; applied versions are rows of
+``trio_aggregates_schema``. Migrations run in one transaction under a
+transaction-scoped advisory lock, so processes opening the store at once are
 safe, and opening again is a no-op. A released migration is never edited: a
 change is a new migration.
 """
@@ -81,7 +81,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, ClassVar, TypeVar, cast, final
 
@@ -97,8 +97,11 @@ from ._durable import (
     _TOMBSTONE,
     _Append,
     _check_name,
+    _Delete,
     _describe,
     _DurableStore,
+    _fail_all,
+    _is_append,
     _op_stream,
     _SaveSnapshot,
     _split_runs,
@@ -107,6 +110,7 @@ from ._durable import (
 )
 from ._exceptions import (
     ConcurrencyConflict,
+    DuplicateCommand,
     EventDecodeError,
     InvalidArgument,
     StoreError,
@@ -114,7 +118,7 @@ from ._exceptions import (
 )
 from ._groupcommit import _BatchResult
 from ._options import check_count, check_seconds
-from ._store import RecordedEvent, Snapshot
+from ._store import RecordedEvent, Snapshot, _check_command_id
 
 __all__ = ["PostgresEventStore", "open_postgres_store"]
 
@@ -305,6 +309,204 @@ _MIGRATIONS: list[tuple[str, ...]] = [
                         AS u(id, version, type, data, metadata)
                     WHERE u.id IS NOT NULL;
             END IF;
+        END
+        $$
+        """,
+    ),
+    # version 3: command ids (idempotent appends), and one function per write
+    # op, so that a batch is one statement per run of ops, sent in one round
+    # trip (pipeline mode). Functions report outcomes (o_status: 0 written,
+    # 1 version conflict, 2 tombstone, 3 duplicate command) rather than raise.
+    (
+        """
+        CREATE TABLE trio_aggregates_commands (
+            stream_id bigint NOT NULL REFERENCES trio_aggregates_streams (id),
+            command_id text NOT NULL,
+            version bigint NOT NULL,
+            PRIMARY KEY (stream_id, command_id)
+        )
+        """,
+        # trio_aggregates_append_batch's rules, plus command ids: append i
+        # carries p_commands[i] (NULL: none). The stream's row is locked (and
+        # created if needed) before any check, so the checks see every
+        # committed write; then, in this order: a tombstone (2), a command id
+        # the stream holds (3, o_version = the version recorded with it), the
+        # expected version (1, o_version = the stream's version). An accepted
+        # append records its command id at once (so a second append of the
+        # same command in this call sees it); the events go in with one
+        # INSERT at the end.
+        """
+        CREATE FUNCTION trio_aggregates_write_appends(
+            p_streams text[], p_expected bigint[], p_counts integer[], p_commands text[],
+            p_types text[], p_data bytea[], p_metadata bytea[],
+            OUT o_status integer[], OUT o_version bigint[]
+        ) LANGUAGE plpgsql AS $$
+        DECLARE
+            v_n integer := coalesce(cardinality(p_streams), 0);
+            v_total integer := coalesce(cardinality(p_types), 0);
+            v_offsets integer[];
+            v_ids bigint[];
+            v_versions bigint[];
+            v_prev text;
+            v_name text;
+            v_id bigint;
+            v_state smallint;
+            v_version bigint;
+            v_count integer;
+            v_command text;
+            v_applied bigint;
+            v_offset integer := 0;
+            v_any boolean := false;
+            i integer;
+        BEGIN
+            o_status := array_fill(NULL::integer, ARRAY[v_n]);
+            o_version := array_fill(NULL::bigint, ARRAY[v_n]);
+            v_offsets := array_fill(0, ARRAY[v_n]);
+            v_ids := array_fill(NULL::bigint, ARRAY[v_total]);
+            v_versions := array_fill(NULL::bigint, ARRAY[v_total]);
+            FOR i IN 1 .. v_n LOOP
+                v_offsets[i] := v_offset;
+                v_offset := v_offset + coalesce(p_counts[i], 0);
+            END LOOP;
+            IF v_offset <> v_total THEN
+                RAISE EXCEPTION 'trio_aggregates_write_appends: counts do not match the events';
+            END IF;
+            FOR i IN
+                SELECT u.ord FROM unnest(p_streams) WITH ORDINALITY AS u(name, ord)
+                ORDER BY u.name COLLATE "C", u.ord
+            LOOP
+                v_name := p_streams[i];
+                v_count := coalesce(p_counts[i], 0);
+                v_command := p_commands[i];
+                IF v_prev IS NULL OR v_name <> v_prev THEN
+                    v_prev := v_name;
+                    v_id := NULL;
+                    v_state := NULL;
+                    v_version := 0;
+                    SELECT s.id, s.state INTO v_id, v_state FROM trio_aggregates_streams s
+                        WHERE s.name = v_name AND s.state <> 1 FOR UPDATE;
+                    IF v_id IS NOT NULL AND v_state <> 2 THEN
+                        SELECT coalesce(max(e.version), 0) INTO v_version
+                            FROM trio_aggregates_events e WHERE e.stream_id = v_id;
+                    END IF;
+                END IF;
+                IF v_id IS NULL AND (v_count > 0 OR v_command IS NOT NULL) THEN
+                    INSERT INTO trio_aggregates_streams (name) VALUES (v_name)
+                        ON CONFLICT (name) WHERE state <> 1 DO NOTHING;
+                    -- Ours, or the row another transaction committed meanwhile.
+                    SELECT s.id, s.state INTO v_id, v_state FROM trio_aggregates_streams s
+                        WHERE s.name = v_name AND s.state <> 1 FOR UPDATE;
+                    v_version := 0;
+                    IF v_state <> 2 THEN
+                        SELECT coalesce(max(e.version), 0) INTO v_version
+                            FROM trio_aggregates_events e WHERE e.stream_id = v_id;
+                    END IF;
+                END IF;
+                IF v_state = 2 THEN
+                    o_status[i] := 2;
+                    CONTINUE;
+                END IF;
+                IF v_command IS NOT NULL AND v_id IS NOT NULL THEN
+                    SELECT c.version INTO v_applied FROM trio_aggregates_commands c
+                        WHERE c.stream_id = v_id AND c.command_id = v_command;
+                    IF FOUND THEN
+                        o_status[i] := 3;
+                        o_version[i] := v_applied;
+                        CONTINUE;
+                    END IF;
+                END IF;
+                IF p_expected[i] IS NOT NULL AND p_expected[i] <> v_version THEN
+                    o_status[i] := 1;
+                    o_version[i] := v_version;
+                    CONTINUE;
+                END IF;
+                FOR j IN 1 .. v_count LOOP
+                    v_version := v_version + 1;
+                    v_ids[v_offsets[i] + j] := v_id;
+                    v_versions[v_offsets[i] + j] := v_version;
+                    v_any := true;
+                END LOOP;
+                IF v_command IS NOT NULL THEN
+                    INSERT INTO trio_aggregates_commands (stream_id, command_id, version)
+                        VALUES (v_id, v_command, v_version);
+                END IF;
+                o_status[i] := 0;
+                o_version[i] := v_version;
+            END LOOP;
+            IF v_any THEN
+                INSERT INTO trio_aggregates_events (stream_id, version, type, data, metadata)
+                    SELECT u.id, u.version, u.type, u.data, u.metadata
+                    FROM unnest(v_ids, v_versions, p_types, p_data, p_metadata)
+                        AS u(id, version, type, data, metadata)
+                    WHERE u.id IS NOT NULL;
+            END IF;
+        END
+        $$
+        """,
+        # Save a snapshot: lock (create) the stream's row; 0 saved, 2 tombstone.
+        """
+        CREATE FUNCTION trio_aggregates_save_snapshot(
+            p_name text, p_version bigint, p_schema integer, p_type text, p_data bytea
+        ) RETURNS integer LANGUAGE plpgsql AS $$
+        DECLARE
+            v_id bigint;
+            v_state smallint;
+        BEGIN
+            SELECT s.id, s.state INTO v_id, v_state FROM trio_aggregates_streams s
+                WHERE s.name = p_name AND s.state <> 1 FOR UPDATE;
+            IF NOT FOUND THEN
+                INSERT INTO trio_aggregates_streams (name) VALUES (p_name)
+                    ON CONFLICT (name) WHERE state <> 1 DO NOTHING;
+                SELECT s.id, s.state INTO v_id, v_state FROM trio_aggregates_streams s
+                    WHERE s.name = p_name AND s.state <> 1 FOR UPDATE;
+            END IF;
+            IF v_state = 2 THEN
+                RETURN 2;
+            END IF;
+            INSERT INTO trio_aggregates_snapshots (stream_id, version, schema, type, data)
+                VALUES (v_id, p_version, p_schema, p_type, p_data)
+                ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version,
+                    schema = excluded.schema, type = excluded.type, data = excluded.data;
+            RETURN 0;
+        END
+        $$
+        """,
+        # Delete a stream: 0 deleted, 2 already a tombstone. Soft: detach the
+        # live row (its events, snapshot and command ids stay with it). Hard:
+        # erase them and make the row a tombstone (creating one if needed).
+        """
+        CREATE FUNCTION trio_aggregates_delete_stream(p_name text, p_hard boolean)
+        RETURNS integer LANGUAGE plpgsql AS $$
+        DECLARE
+            v_id bigint;
+            v_state smallint;
+        BEGIN
+            SELECT s.id, s.state INTO v_id, v_state FROM trio_aggregates_streams s
+                WHERE s.name = p_name AND s.state <> 1 FOR UPDATE;
+            IF NOT FOUND THEN
+                IF NOT p_hard THEN
+                    RETURN 0;
+                END IF;
+                INSERT INTO trio_aggregates_streams (name, state) VALUES (p_name, 2)
+                    ON CONFLICT (name) WHERE state <> 1 DO NOTHING;
+                -- Ours (a tombstone), or a row another transaction committed meanwhile.
+                SELECT s.id, s.state INTO v_id, v_state FROM trio_aggregates_streams s
+                    WHERE s.name = p_name AND s.state <> 1 FOR UPDATE;
+                IF v_state = 2 THEN
+                    RETURN 0;
+                END IF;
+            ELSIF v_state = 2 THEN
+                RETURN 2;
+            END IF;
+            IF p_hard THEN
+                DELETE FROM trio_aggregates_events WHERE stream_id = v_id;
+                DELETE FROM trio_aggregates_snapshots WHERE stream_id = v_id;
+                DELETE FROM trio_aggregates_commands WHERE stream_id = v_id;
+                UPDATE trio_aggregates_streams SET state = 2 WHERE id = v_id;
+            ELSE
+                UPDATE trio_aggregates_streams SET state = 1 WHERE id = v_id;
+            END IF;
+            RETURN 0;
         END
         $$
         """,
@@ -634,215 +836,133 @@ def _migrate(conn: Conn) -> None:
             conn.execute("INSERT INTO trio_aggregates_schema (version) VALUES (%s)", (version,))
 
 
-# -- write operations, run inside a savepoint --------------------------------
+# -- writing: one statement per op run ----------------------------------------
 
+# What the write functions report for an op (o_status).
+_OK, _CONFLICT, _DELETED, _DUPLICATE = 0, 1, 2, 3
 
-def _lock_stream(conn: Conn, stream: str) -> tuple[int, int] | None:
-    row = conn.execute(
-        "SELECT id, state FROM trio_aggregates_streams WHERE name = %s AND state <> 1 FOR UPDATE",
-        (stream,),
-    ).fetchone()
-    return None if row is None else (int(row[0]), int(row[1]))
-
-
-def _live_stream_id(conn: Conn, stream: str, *, create: bool) -> int | None:
-    row = _lock_stream(conn, stream)
-    if row is None and create:
-        conn.execute(
-            "INSERT INTO trio_aggregates_streams (name) VALUES (%s) "
-            "ON CONFLICT (name) WHERE state <> 1 DO NOTHING",
-            (stream,),
-        )
-        # Either our row, or the one another transaction committed meanwhile.
-        row = _lock_stream(conn, stream)
-        assert row is not None
-    if row is None:
-        return None
-    if row[1] == _TOMBSTONE:
-        raise StreamDeleted(stream)
-    return row[0]
-
-
-def _apply(conn: Conn, op: _WriteOp) -> Any:
-    if isinstance(op, _Append):
-        events = op.events
-        try:
-            row = conn.execute(
-                _APPEND_ONE,
-                (
-                    op.stream,
-                    op.expected_version,
-                    [e.type for e in events] if events else None,
-                    [e.data for e in events] if events else None,
-                    [e.metadata for e in events] if events else None,
-                ),
-            ).fetchone()
-        except psycopg.errors.UniqueViolation as exc:
-            # Unreachable while the function locks the stream's row; the
-            # primary key would still refuse a second writer.
-            raise ConcurrencyConflict(
-                op.stream, -1 if op.expected_version is None else op.expected_version
-            ) from exc
-        assert row is not None
-        status, version = row
-        if status == 2:
-            raise StreamDeleted(op.stream)
-        if status == 1:
-            assert op.expected_version is not None
-            raise ConcurrencyConflict(op.stream, op.expected_version, int(version))
-        return int(version)
-    if isinstance(op, _SaveSnapshot):
-        s = op.snapshot
-        stream_id = _live_stream_id(conn, s.stream, create=True)
-        conn.execute(
-            "INSERT INTO trio_aggregates_snapshots (stream_id, version, schema, type, data)"
-            " VALUES (%s, %s, %s, %s, %b) ON CONFLICT (stream_id) DO UPDATE SET"
-            " version = excluded.version, schema = excluded.schema,"
-            " type = excluded.type, data = excluded.data",
-            (stream_id, s.version, s.schema, s.type, s.data),
-        )
-        return None
-    row = _lock_stream(conn, op.stream)
-    if row is not None and row[1] == _TOMBSTONE:
-        raise StreamDeleted(op.stream)
-    if op.hard:
-        if row is None:
-            conn.execute(
-                "INSERT INTO trio_aggregates_streams (name, state) VALUES (%s, 2) "
-                "ON CONFLICT (name) WHERE state <> 1 DO NOTHING",
-                (op.stream,),
-            )
-        else:
-            conn.execute("DELETE FROM trio_aggregates_events WHERE stream_id = %s", (row[0],))
-            conn.execute("DELETE FROM trio_aggregates_snapshots WHERE stream_id = %s", (row[0],))
-            conn.execute("UPDATE trio_aggregates_streams SET state = 2 WHERE id = %s", (row[0],))
-    elif row is not None:
-        conn.execute("UPDATE trio_aggregates_streams SET state = 1 WHERE id = %s", (row[0],))
-    return None
-
-
-_APPEND_ONE = "SELECT o_status, o_version FROM trio_aggregates_append(%s, %s, %s, %b, %b)"
-_APPEND_BATCH = (
-    "SELECT o_status, o_version FROM trio_aggregates_append_batch("
-    "%s::text[], %s::bigint[], %s::integer[], %s::text[], %b::bytea[], %b::bytea[])"
+_WRITE_APPENDS = (
+    "SELECT o_status, o_version FROM trio_aggregates_write_appends("
+    "%s::text[], %s::bigint[], %s::integer[], %s::text[], %s::text[], %b::bytea[], %b::bytea[])"
 )
+_SAVE_SNAPSHOT = "SELECT trio_aggregates_save_snapshot(%s, %s, %s, %s, %b)"
+_DELETE_STREAM = "SELECT trio_aggregates_delete_stream(%s, %s)"
+
+_Statement = tuple[str, tuple[Any, ...]]
 
 
-def _append_outcome(op: _Append, status: int, version: int | None) -> outcome.Outcome[Any]:
-    if status == 2:
-        return outcome.Error(StreamDeleted(op.stream))
-    assert version is not None
-    if status == 1:
-        assert op.expected_version is not None
-        return outcome.Error(ConcurrencyConflict(op.stream, op.expected_version, int(version)))
-    return outcome.Value(int(version))
-
-
-def _append_set(conn: Conn, ops: list[_Append]) -> list[outcome.Outcome[Any]]:
-    """Write a run of appends with one call of ``trio_aggregates_append_batch``.
-
-    A conflict or a deleted stream fails its append alone (the function
-    reports it). Anything that raises (a driver error, a unique violation of
-    the primary-key backstop) makes the caller roll the run back and write it
-    again one savepoint per append.
-    """
+def _statement(ops: Sequence[_WriteOp]) -> _Statement:
+    """The one statement that writes ``ops``: a run of appends, or one snapshot or delete."""
+    first = ops[0]
+    if type(first) is _SaveSnapshot:
+        s = first.snapshot
+        return _SAVE_SNAPSHOT, (s.stream, s.version, s.schema, s.type, s.data)
+    if type(first) is _Delete:
+        return _DELETE_STREAM, (first.stream, first.hard)
     streams: list[str] = []
     expected: list[int | None] = []
     counts: list[int] = []
+    commands: list[str | None] = []
     types: list[str] = []
     datas: list[bytes] = []
     metadatas: list[bytes] = []
-    for op in ops:
+    for op in cast("Sequence[_Append]", ops):
         streams.append(op.stream)
         expected.append(op.expected_version)
         counts.append(len(op.events))
+        commands.append(op.command_id)
         for e in op.events:
             types.append(e.type)
             datas.append(e.data)
             metadatas.append(e.metadata)
-    row = conn.execute(
-        _APPEND_BATCH, (streams, expected, counts, types, datas, metadatas)
-    ).fetchone()
+    return _WRITE_APPENDS, (streams, expected, counts, commands, types, datas, metadatas)
+
+
+def _outcomes(ops: Sequence[_WriteOp], row: Any) -> list[outcome.Outcome[Any]]:
+    """Each op's outcome, from the row its statement (:func:`_statement`) returned."""
     assert row is not None
-    statuses, versions = row
-    return [
-        _append_outcome(op, status, version)
-        for op, status, version in zip(ops, statuses, versions, strict=True)
-    ]
+    first = ops[0]
+    if type(first) is not _Append:
+        if row[0] == _DELETED:
+            return [outcome.Error(StreamDeleted(_op_stream(first)))]
+        return [outcome.Value(None)]
+    results: list[outcome.Outcome[Any]] = []
+    for op, status, version in zip(cast("Sequence[_Append]", ops), row[0], row[1], strict=True):
+        if status == _OK:
+            results.append(outcome.Value(int(version)))
+        elif status == _CONFLICT:
+            assert op.expected_version is not None
+            error = ConcurrencyConflict(op.stream, op.expected_version, int(version))
+            results.append(outcome.Error(error))
+        elif status == _DUPLICATE:
+            assert op.command_id is not None
+            results.append(outcome.Error(DuplicateCommand(op.stream, op.command_id, int(version))))
+        else:
+            results.append(outcome.Error(StreamDeleted(op.stream)))
+    return results
 
 
-def _write_one(conn: Conn, op: _WriteOp) -> outcome.Outcome[Any]:
-    """Write ``op`` inside its own savepoint: if it fails, it fails alone."""
+def _run_statements(conn: Conn, statements: list[_Statement]) -> list[Any]:
+    """Run ``statements`` in one transaction and one round trip; return their rows.
+
+    One statement runs alone in autocommit mode (it is its own transaction);
+    several are sent together in pipeline mode between ``BEGIN`` and
+    ``COMMIT``. Raises if any of them fails (nothing is written then).
+    """
+    if len(statements) == 1:
+        sql, params = statements[0]
+        return [conn.execute(sql, params).fetchone()]
+    with conn.pipeline(), conn.transaction():
+        cursors = [conn.execute(sql, params) for sql, params in statements]
+    return [cursor.fetchone() for cursor in cursors]
+
+
+def _write_alone(conn: Conn, op: _WriteOp) -> outcome.Outcome[Any]:
+    """Write ``op`` in a transaction of its own: if it fails, it fails alone."""
+    sql, params = _statement([op])
     try:
-        with conn.transaction():
-            return outcome.Value(_apply(conn, op))
-    except Exception as exc:
+        row = conn.execute(sql, params).fetchone()
+    except psycopg.Error as exc:
         if conn.broken:
             raise
-        if isinstance(exc, psycopg.Error):
-            exc = _wrap(exc, _describe(op))
-        return outcome.Error(exc)
-
-
-def _write_ops(conn: Conn, ops: list[_WriteOp]) -> list[outcome.Outcome[Any]]:
-    """Write ``ops`` inside the batch's transaction; return their outcomes, in order.
-
-    The ops are taken in (stable) order of stream name, so that every writer
-    locks streams in the same order. Runs of two or more appends are written by
-    :func:`_append_set` inside one savepoint; if that raises, the savepoint is
-    rolled back and the run written again one savepoint per append
-    (:func:`_write_one`), so that only the appends at fault fail. Snapshots,
-    deletes and lone appends always take that path.
-    """
-    outcomes: list[outcome.Outcome[Any]] = [outcome.Value(None)] * len(ops)
-    # Stable sort: one stream's writes keep their order.
-    order = sorted(range(len(ops)), key=lambda i: _op_stream(ops[i]))
-    for is_run, start, end in _split_runs(order, lambda i: type(ops[i]) is _Append):
-        if is_run and end - start >= 2:
-            run = order[start:end]
-            appends = cast("list[_Append]", [ops[i] for i in run])
-            try:
-                with conn.transaction():
-                    done = _append_set(conn, appends)
-            except Exception:
-                if conn.broken:
-                    raise
-                logger.debug("batch append failed; writing one append at a time", exc_info=True)
-                done = [_write_one(conn, op) for op in appends]
-            for i, result in zip(run, done, strict=True):
-                outcomes[i] = result
-        else:
-            for i in order[start:end]:
-                outcomes[i] = _write_one(conn, ops[i])
-    return outcomes
+        return outcome.Error(_wrap(exc, _describe(op)))
+    return _outcomes([op], row)[0]
 
 
 def _write_batch(conn: Conn, ops: list[_WriteOp]) -> _BatchResult:
-    """In a worker thread: write ``ops`` in one transaction (see :func:`_write_ops`).
+    """In a worker thread: write ``ops`` in one transaction, in one round trip.
 
-    A lone append is one statement in autocommit mode: one round trip.
+    The ops are taken in (stable) order of stream name, so that every writer
+    locks streams in the same order, and split into runs of appends (one call
+    of ``trio_aggregates_write_appends`` each) and lone snapshots and deletes
+    (one function call each). A conflict, a duplicate command or a deleted
+    stream is an outcome the functions report, failing its op alone. If the
+    transaction raises anyway (a value the driver cannot send, a deadlock
+    with another process, ...), nothing of it is written, and the ops are
+    written again one transaction each, so that only the ops at fault fail.
     """
+    # Stable sort: one stream's writes keep their order.
+    order = sorted(range(len(ops)), key=lambda i: _op_stream(ops[i]))
+    runs = [order[start:end] for _, start, end in _split_runs(order, lambda i: _is_append(ops[i]))]
+    results: list[outcome.Outcome[Any]] = [outcome.Value(None)] * len(ops)
     try:
-        if len(ops) == 1 and type(ops[0]) is _Append:
-            op = ops[0]
-            try:
-                result = _apply(conn, op)
-            except (StreamDeleted, ConcurrencyConflict) as exc:
-                return _BatchResult([outcome.Error(exc)], committed=True)
-            except psycopg.Error as exc:
-                if conn.broken:
-                    raise
-                return _BatchResult([outcome.Error(_wrap(exc, _describe(op)))], committed=False)
-            return _BatchResult([outcome.Value(result)], committed=True)
-        with conn.transaction():
-            outcomes = _write_ops(conn, ops)
+        try:
+            rows = _run_statements(conn, [_statement([ops[i] for i in run]) for run in runs])
+        except psycopg.Error:
+            if conn.broken:
+                raise
+            logger.debug("batch write failed; writing one op at a time", exc_info=True)
+            for i in order:
+                results[i] = _write_alone(conn, ops[i])
+            return _BatchResult(results, committed=True)
     except Exception as exc:
-        # The transaction failed as a whole (connection lost, ...): none of it
-        # is written -- unless the connection was lost during COMMIT, when the
-        # outcome is unknown.
-        error = exc if isinstance(exc, StoreError) else _wrap(exc, "write a transaction")
-        return _BatchResult([outcome.Error(error) for _ in ops], committed=False)
-    return _BatchResult(outcomes, committed=True)
+        # The connection was lost: none of the batch is written -- unless it
+        # was lost during COMMIT, when the outcome is unknown.
+        return _fail_all(ops, _wrap(exc, "write a transaction"))
+    for run, row in zip(runs, rows, strict=True):
+        for i, result in zip(run, _outcomes([ops[i] for i in run], row), strict=True):
+            results[i] = result
+    return _BatchResult(results, committed=True)
 
 
 _READ = """
@@ -860,6 +980,13 @@ _VERSION = """
 SELECT s.state,
     (SELECT coalesce(max(version), 0) FROM trio_aggregates_events WHERE stream_id = s.id)
 FROM trio_aggregates_streams s WHERE s.name = %s AND s.state <> 1
+"""
+
+_COMMAND = """
+SELECT s.state, c.version
+FROM trio_aggregates_streams s
+LEFT JOIN trio_aggregates_commands c ON c.stream_id = s.id AND c.command_id = %s
+WHERE s.name = %s AND s.state <> 1
 """
 
 _SNAPSHOT = """
@@ -984,6 +1111,26 @@ class PostgresEventStore(_DurableStore):
         if rows[0][0] == _TOMBSTONE:
             raise StreamDeleted(stream)
         return int(rows[0][1])
+
+    async def find_command(self, stream: str, command_id: str) -> int | None:
+        """Return the stream's version right after the append that carried
+        ``command_id``, or ``None`` if the stream does not hold it.
+
+        Raises:
+            StreamDeleted: the stream was hard-deleted.
+            StoreError: PostgreSQL failed.
+        """
+        _check_name(stream)
+        _check_command_id(command_id, required=True)
+        rows = await self._query(
+            _COMMAND, (command_id, stream), f"look up command {command_id!r} of {stream!r}"
+        )
+        if not rows:
+            return None
+        state, version = rows[0]
+        if state == _TOMBSTONE:
+            raise StreamDeleted(stream)
+        return None if version is None else int(version)
 
     async def load_snapshot(self, stream: str) -> Snapshot | None:
         """Return the stream's latest snapshot, or ``None``.
