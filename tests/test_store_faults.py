@@ -408,10 +408,36 @@ async def test_sqlite_version_that_is_not_a_number_fails_its_aggregate_alone(
         await tallies.create(1, Open())
         await tallies.create(2, Open())
     sqlite_insert(sqlite_file, "Tally-2", [("two", "tally.added", added(1), b"{}", 0.0)])
+    async with open_sqlite_store(sqlite_file) as store:
+        with pytest.raises(EventDecodeError, match=r"Tally-2.*version.*'two'"):
+            await store.stream_version("Tally-2")
+        with pytest.raises(EventDecodeError, match=r"Tally-2.*version.*'two'"):
+            await store.read("Tally-2")
+        assert await store.stream_version("Tally-1") == 1
     async with open_aggregates(Tally, url) as tallies:
         with pytest.raises(EventDecodeError, match=r"Tally-2.*version"):
             await tallies.execute(2, Add(3))
         assert await tallies.execute(1, Add(3)) == 4
+
+
+async def test_sqlite_foreign_command_rows(sqlite_file: Path) -> None:
+    async with open_sqlite_store(sqlite_file) as store:
+        await store.append("s", [ev(1)], expected_version=0, command_id="mine")
+    db = sqlite3.connect(sqlite_file, isolation_level=None)
+    try:
+        db.execute(
+            "INSERT INTO commands (stream_id, command_id, version)"
+            " SELECT id, 'theirs', 'one' FROM streams WHERE name = 's'"
+        )
+    finally:
+        db.close()
+    async with open_sqlite_store(sqlite_file) as store:
+        with pytest.raises(EventDecodeError, match=r"'theirs'.*version.*'one'"):
+            await store.find_command("s", "theirs")
+        with pytest.raises(EventDecodeError, match=r"'theirs'"):
+            await store.append("s", [ev(2)], expected_version=1, command_id="theirs")
+        assert await store.find_command("s", "mine") == 1
+        assert await store.append("s", [ev(2)], expected_version=1, command_id="new") == 2
 
 
 async def test_sqlite_foreign_snapshot_rows(sqlite_file: Path) -> None:

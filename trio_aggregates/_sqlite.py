@@ -258,7 +258,15 @@ def _command_version(db: sqlite3.Connection, stream_id: int, command_id: str) ->
         "SELECT version FROM commands WHERE stream_id = ? AND command_id = ?",
         (stream_id, command_id),
     ).fetchone()
-    return None if row is None else int(row[0])
+    if row is None:
+        return None
+    (version,) = row
+    if type(version) is not int:  # a row another program wrote
+        raise EventDecodeError(
+            f"command {command_id!r} cannot be read: its version column holds "
+            f"{_held(_storage_of(version), version)}, not a whole number"
+        )
+    return version
 
 
 _STREAM_AND_VERSION = (
@@ -537,6 +545,20 @@ def _held(storage: str, value: object) -> str:
     return f"{_STORAGE_CLASS.get(storage, storage)} ({shown})"
 
 
+def _storage_of(value: object) -> str:
+    """The SQLite storage class of a value as sqlite3 returns it."""
+    return _PYTHON_STORAGE.get(type(value), type(value).__name__)
+
+
+_PYTHON_STORAGE: dict[type, str] = {
+    int: "integer",
+    float: "real",
+    str: "text",
+    bytes: "blob",
+    type(None): "null",
+}
+
+
 class _Unreadable(Exception):
     """A column's value the store cannot read; the caller says where."""
 
@@ -811,7 +833,7 @@ class SQLiteEventStore(_DurableStore):
             if type(version) is not int:
                 raise EventDecodeError(
                     f"stream {stream!r} holds an event that cannot be read: "
-                    f"its version holds {_held(type(version).__name__, version)}, "
+                    f"its version holds {_held(_storage_of(version), version)}, "
                     "not a whole number"
                 )
             return version
