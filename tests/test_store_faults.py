@@ -259,7 +259,9 @@ async def test_leaving_open_aggregates_while_frozen_honours_the_grace_period(
 
 
 @pytest.mark.postgres
-async def test_postgres_connections_carry_every_bound(postgres_database: PostgresDatabase) -> None:
+async def test_postgres_connections_carry_every_bound(
+    postgres_database: PostgresDatabase, postgres_dsn: str
+) -> None:
     def look(conn: Any) -> tuple[dict[str, str], str]:
         row = conn.execute("SHOW statement_timeout").fetchone()
         return conn.info.get_parameters(), row[0]
@@ -282,6 +284,11 @@ async def test_postgres_connections_carry_every_bound(postgres_database: Postgre
     assert params["keepalives_idle"] == "7"
     assert params["application_name"] == "mine"
     assert params["connect_timeout"] == "3"
+    options = f"-csearch_path={postgres_database.schema} -cstatement_timeout=7s"
+    dsn = f"{postgres_dsn} options='{options}'"
+    async with open_postgres_store(dsn, timeout=60) as store:
+        params, statement_timeout = await store._pool.run(look)
+    assert statement_timeout == "7s"
 
 
 # -- 4. data the store did not write ------------------------------------------------

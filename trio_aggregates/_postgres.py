@@ -670,20 +670,27 @@ class _Pool:
     _in_use: int = attrs.field(default=0, init=False)
     _all_returned: trio.Event = attrs.field(factory=trio.Event, init=False)
     _closed: bool = attrs.field(default=False, init=False)
+    # False when the DSN's ``options`` set statement_timeout themselves.
+    _set_statement_timeout: bool = attrs.field(default=True, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._limiter = trio.CapacityLimiter(self.max_size)
+        options = psycopg.conninfo.conninfo_to_dict(self.conninfo).get("options") or ""
+        self._set_statement_timeout = "statement_timeout" not in str(options)
 
     def _connect(self, attempt: _Attempt, generation: int) -> _Link:
         """In a worker thread: a new connection, held by ``attempt``."""
+        if attempt.abandoned:
+            raise _Abandoned  # (after a failed check of an idle connection)
         conn = psycopg.connect(self.conninfo, autocommit=True)
         try:
-            # The server's own bound, below ours: on a live server a statement
-            # that runs too long is cancelled, and the connection is kept.
-            conn.execute(
-                "SELECT set_config('statement_timeout', %s, false)",
-                (f"{max(1, int(self.timeout * 900))}ms",),
-            )
+            if self._set_statement_timeout:
+                # The server's own bound, below ours: on a live server a
+                # statement that runs too long is cancelled, the connection kept.
+                conn.execute(
+                    "SELECT set_config('statement_timeout', %s, false)",
+                    (f"{max(1, int(self.timeout * 900))}ms",),
+                )
             link = _Link(conn, generation)
         except BaseException:
             conn.close()
@@ -929,6 +936,12 @@ def _write_alone(conn: Conn, op: _WriteOp) -> outcome.Outcome[Any]:
     return _outcomes([op], row)[0]
 
 
+# Errors that are not one op's fault: writing the ops again one at a time
+# would only fail each again, after as long (the statement_timeout, under the
+# store's own bound): the whole batch fails at once.
+_NOT_ONE_OPS_FAULT = (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable)
+
+
 def _write_batch(conn: Conn, ops: list[_WriteOp]) -> _BatchResult:
     """In a worker thread: write ``ops`` in one transaction, in one round trip.
 
@@ -948,8 +961,8 @@ def _write_batch(conn: Conn, ops: list[_WriteOp]) -> _BatchResult:
     try:
         try:
             rows = _run_statements(conn, [_statement([ops[i] for i in run]) for run in runs])
-        except psycopg.Error:
-            if conn.broken:
+        except psycopg.Error as exc:
+            if conn.broken or isinstance(exc, _NOT_ONE_OPS_FAULT):
                 raise
             logger.debug("batch write failed; writing one op at a time", exc_info=True)
             for i in order:
