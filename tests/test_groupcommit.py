@@ -207,7 +207,7 @@ async def test_the_lead_passes_to_the_first_queued_writer(
     # No background task: each batch ran in the task of its first writer.
     assert db.batches == [[0], [1, 2, 3], [4, 5]]
     assert db.leaders == [tasks[0], tasks[1], tasks[4]]
-    assert not group._leading
+    assert group._leaders == 0
     await group.wait_idle()  # idle: returns at once
 
 
@@ -322,7 +322,7 @@ async def test_a_write_cancelled_before_the_call_writes_nothing(
         await group.submit(1)
     assert scope.cancelled_caught
     assert db.batches == []
-    assert not group._leading
+    assert group._leaders == 0
 
 
 async def test_wait_idle_waits_for_every_queued_write(
@@ -351,3 +351,52 @@ async def test_a_gated_batch_holds_the_queue(autojump_clock: trio.testing.MockCl
         assert db.gate is not None
         db.gate.set()
     assert db.batches == [[0], list(range(1, 50))]
+
+
+async def test_two_batches_in_flight(autojump_clock: trio.testing.MockClock) -> None:
+    """With ``max_batches=2`` a second writer leads at once; later ones queue
+    for the first slot that frees, and share its batch."""
+    db = FakeDatabase()
+    group = _GroupCommit(db.run_batch, lambda op: True, max_batches=2)
+    results: dict[int, int] = {}
+    tasks: dict[int, trio.lowlevel.Task] = {}
+
+    async def write(op: int) -> None:
+        tasks[op] = trio.lowlevel.current_task()
+        results[op] = await group.submit(op)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write, 0)
+        await db.wait_for_batch(1)
+        await trio.sleep(0.5)
+        nursery.start_soon(write, 1)
+        await db.wait_for_batch(2)  # in flight together with the first
+        assert db.started == [0.0, 0.5]
+        await start_in_order(nursery, write, [2, 3, 4])
+        assert group.statistics().pending_writes == 3
+        await db.wait_for_batch(3)
+    # The first slot freed at 1.0: the queued writes went in one batch, led by
+    # the first of them.
+    assert db.batches == [[0], [1], [2, 3, 4]]
+    assert db.started == [0.0, 0.5, 1.0]
+    assert db.leaders == [tasks[0], tasks[1], tasks[2]]
+    assert results == {op: op * 10 for op in range(5)}
+    assert group.statistics() == StoreStatistics(3, 5, 5, 0, 0)
+    assert group._leaders == 0
+    await group.wait_idle()
+
+
+async def test_wait_idle_waits_for_every_batch_in_flight(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    db = FakeDatabase(duration=2.0)
+    group = _GroupCommit(db.run_batch, lambda op: True, max_batches=2)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(group.submit, 0)
+        await db.wait_for_batch(1)
+        await trio.sleep(1)
+        nursery.start_soon(group.submit, 1)
+        await db.wait_for_batch(2)
+        await group.wait_idle()
+        assert trio.current_time() == 3.0
+        assert db.written == [0, 1]

@@ -14,7 +14,9 @@ connections and migrations, and fills in the hooks:
   alone); raising :exc:`StoreError` fails every op of the batch;
 * :meth:`~_DurableStore._close_connections`: close what the store holds, once
   the queued writes are done;
-* the class variable ``_backend`` ("SQLite", "PostgreSQL"), for messages;
+* the class variable ``_backend`` ("SQLite", "PostgreSQL"), for messages,
+  and ``_batches_in_flight``: how many batches may be written at once (1
+  for SQLite's single writer connection);
 * the reads (``read``, ``stream_version``, ``load_snapshot``,
   ``find_command``), which are queries and so the backend's own.
 
@@ -163,12 +165,14 @@ class _DurableStore:
 
     #: The backend's name, for messages ("SQLite", "PostgreSQL").
     _backend: ClassVar[str] = "the database"
+    #: How many batches may be written at once (see ``_GroupCommit``).
+    _batches_in_flight: ClassVar[int] = 1
 
     _group: _GroupCommit[_WriteOp] = attrs.field(init=False)
     _closed: bool = attrs.field(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._group = _GroupCommit(self._run_batch, _is_append)
+        self._group = _GroupCommit(self._run_batch, _is_append, max_batches=self._batches_in_flight)
 
     # -- hooks ------------------------------------------------------------
 

@@ -58,7 +58,7 @@ class StoreStatistics:
 
 OpT = TypeVar("OpT")
 
-# A request's states: queued; queued and handed the lead; taken into a batch.
+# A request's states: queued; handed the lead (out of the queue); taken into a batch.
 _PENDING: Final = 0
 _PROMOTED: Final = 1
 _TAKEN: Final = 2
@@ -99,6 +99,12 @@ class _GroupCommit(Generic[OpT]):
     ``run_batch`` must return one outcome per write, in order, and
     ``committed`` (whether the transaction committed).
 
+    ``max_batches`` batches may be written at once (each by its own leader):
+    a writer that arrives while fewer are in flight leads at once. With more
+    than one, ``run_batch`` must be safe to run concurrently (the PostgreSQL
+    store writes each batch on its own connection). A batch's writes keep
+    their order of arrival; batches in flight together are not ordered.
+
     Cancellation: a write still queued is withdrawn (nothing is written): the
     abort function removes it from the queue. Once taken into a batch it cannot
     be withdrawn (the abort function refuses): the call waits for the
@@ -111,7 +117,8 @@ class _GroupCommit(Generic[OpT]):
     __slots__ = (
         "_idle",
         "_is_append",
-        "_leading",
+        "_leaders",
+        "_max_batches",
         "_pending",
         "_run_batch",
         "appends",
@@ -124,11 +131,18 @@ class _GroupCommit(Generic[OpT]):
         self,
         run_batch: Callable[[list[OpT]], Awaitable[_BatchResult]],
         is_append: Callable[[OpT], bool],
+        *,
+        max_batches: int = 1,
     ) -> None:
         self._run_batch = run_batch
         self._is_append = is_append
+        self._max_batches = max_batches
+        # The queued writes, in order of arrival (a writer handed the lead
+        # leaves the queue). Invariant: the queue is empty unless
+        # ``_leaders == _max_batches`` (a free slot takes the whole queue).
         self._pending: list[_Request[OpT]] = []
-        self._leading = False
+        # Batches being written right now, each by its leader.
+        self._leaders = 0
         # Made only when someone waits for the writer to go idle (aclose).
         self._idle: trio.Event | None = None
         self.transactions = 0
@@ -148,11 +162,10 @@ class _GroupCommit(Generic[OpT]):
     async def submit(self, op: OpT) -> Any:
         """Queue ``op`` for the next transaction; return its result or raise its error."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        if not self._leading:
-            self._leading = True
+        if self._leaders < self._max_batches:
+            self._leaders += 1
             request = _Request(op, None)
             request.state = _PROMOTED
-            self._pending.append(request)
             return await self._lead(request)
         request = _Request(op, trio.lowlevel.current_task())
         self._pending.append(request)
@@ -180,7 +193,8 @@ class _GroupCommit(Generic[OpT]):
             try:
                 # Let the writes of tasks woken in this same tick join the batch.
                 await trio.lowlevel.cancel_shielded_checkpoint()
-                batch, self._pending = self._pending, []
+                batch = [own, *self._pending]
+                self._pending = []
                 ops = []
                 for request in batch:
                     request.state = _TAKEN
@@ -217,19 +231,20 @@ class _GroupCommit(Generic[OpT]):
 
     def _hand_off(self) -> None:
         if self._pending:
-            successor = self._pending[0]
+            # The slot passes to the first queued write.
+            successor = self._pending.pop(0)
             successor.state = _PROMOTED
             assert successor.task is not None
             trio.lowlevel.reschedule(successor.task, outcome.Value(_LEAD))
         else:
-            self._leading = False
-            if self._idle is not None:
+            self._leaders -= 1
+            if self._leaders == 0 and self._idle is not None:
                 self._idle.set()
                 self._idle = None
 
     async def wait_idle(self) -> None:
         """Wait until every queued write is done."""
-        while self._leading:
+        while self._leaders:
             if self._idle is None:
                 self._idle = trio.Event()
             await self._idle.wait()

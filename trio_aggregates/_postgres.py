@@ -327,14 +327,18 @@ _MIGRATIONS: list[tuple[str, ...]] = [
         )
         """,
         # trio_aggregates_append_batch's rules, plus command ids: append i
-        # carries p_commands[i] (NULL: none). The stream's row is locked (and
-        # created if needed) before any check, so the checks see every
-        # committed write; then, in this order: a tombstone (2), a command id
-        # the stream holds (3, o_version = the version recorded with it), the
-        # expected version (1, o_version = the stream's version). An accepted
-        # append records its command id at once (so a second append of the
-        # same command in this call sees it); the events go in with one
-        # INSERT at the end.
+        # carries p_commands[i] (NULL: none). Set-based: one statement locks
+        # the streams' rows, creating the missing ones, in name order (C
+        # collation: the order of Python's sort, so that writers cannot
+        # deadlock), and one, with a fresh snapshot taken after the locks,
+        # reads each append's stream (id, state, version).
+        # Then each append, in name order (appends to one stream chain), is
+        # checked against its stream's running version, in this order: a
+        # tombstone (2), a command id the stream holds (3, o_version = the
+        # version recorded with it), the expected version (1, o_version = the
+        # stream's version). An accepted append records its command id at
+        # once (so a second append of the same command in this call sees it);
+        # the events go in with one INSERT at the end.
         """
         CREATE FUNCTION trio_aggregates_write_appends(
             p_streams text[], p_expected bigint[], p_counts integer[], p_commands text[],
@@ -347,8 +351,10 @@ _MIGRATIONS: list[tuple[str, ...]] = [
             v_offsets integer[];
             v_ids bigint[];
             v_versions bigint[];
+            v_sids bigint[];
+            v_states smallint[];
+            v_svers bigint[];
             v_prev text;
-            v_name text;
             v_id bigint;
             v_state smallint;
             v_version bigint;
@@ -371,41 +377,35 @@ _MIGRATIONS: list[tuple[str, ...]] = [
             IF v_offset <> v_total THEN
                 RAISE EXCEPTION 'trio_aggregates_write_appends: counts do not match the events';
             END IF;
+            -- Lock every stream's row, creating the missing ones, in one pass in
+            -- name order (a conflicting row is locked, not updated: WHERE false).
+            INSERT INTO trio_aggregates_streams AS s (name)
+                SELECT DISTINCT u.name COLLATE "C" FROM unnest(p_streams) AS u(name) ORDER BY 1
+                ON CONFLICT (name) WHERE state <> 1 DO UPDATE SET state = s.state WHERE false;
+            SELECT array_agg(s.id ORDER BY u.ord), array_agg(s.state ORDER BY u.ord),
+                    array_agg(v.version ORDER BY u.ord)
+                INTO v_sids, v_states, v_svers
+                FROM unnest(p_streams) WITH ORDINALITY AS u(name, ord)
+                LEFT JOIN trio_aggregates_streams s ON s.name = u.name AND s.state <> 1
+                LEFT JOIN LATERAL (
+                    SELECT coalesce(max(e.version), 0) AS version
+                    FROM trio_aggregates_events e WHERE e.stream_id = s.id
+                ) v ON true;
             FOR i IN
                 SELECT u.ord FROM unnest(p_streams) WITH ORDINALITY AS u(name, ord)
                 ORDER BY u.name COLLATE "C", u.ord
             LOOP
-                v_name := p_streams[i];
-                v_count := coalesce(p_counts[i], 0);
-                v_command := p_commands[i];
-                IF v_prev IS NULL OR v_name <> v_prev THEN
-                    v_prev := v_name;
-                    v_id := NULL;
-                    v_state := NULL;
-                    v_version := 0;
-                    SELECT s.id, s.state INTO v_id, v_state FROM trio_aggregates_streams s
-                        WHERE s.name = v_name AND s.state <> 1 FOR UPDATE;
-                    IF v_id IS NOT NULL AND v_state <> 2 THEN
-                        SELECT coalesce(max(e.version), 0) INTO v_version
-                            FROM trio_aggregates_events e WHERE e.stream_id = v_id;
-                    END IF;
-                END IF;
-                IF v_id IS NULL AND (v_count > 0 OR v_command IS NOT NULL) THEN
-                    INSERT INTO trio_aggregates_streams (name) VALUES (v_name)
-                        ON CONFLICT (name) WHERE state <> 1 DO NOTHING;
-                    -- Ours, or the row another transaction committed meanwhile.
-                    SELECT s.id, s.state INTO v_id, v_state FROM trio_aggregates_streams s
-                        WHERE s.name = v_name AND s.state <> 1 FOR UPDATE;
-                    v_version := 0;
-                    IF v_state <> 2 THEN
-                        SELECT coalesce(max(e.version), 0) INTO v_version
-                            FROM trio_aggregates_events e WHERE e.stream_id = v_id;
-                    END IF;
+                IF v_prev IS NULL OR p_streams[i] <> v_prev THEN
+                    v_prev := p_streams[i];
+                    v_id := v_sids[i];
+                    v_state := v_states[i];
+                    v_version := coalesce(v_svers[i], 0);
                 END IF;
                 IF v_state = 2 THEN
                     o_status[i] := 2;
                     CONTINUE;
                 END IF;
+                v_command := p_commands[i];
                 IF v_command IS NOT NULL AND v_id IS NOT NULL THEN
                     SELECT c.version INTO v_applied FROM trio_aggregates_commands c
                         WHERE c.stream_id = v_id AND c.command_id = v_command;
@@ -420,6 +420,7 @@ _MIGRATIONS: list[tuple[str, ...]] = [
                     o_version[i] := v_version;
                     CONTINUE;
                 END IF;
+                v_count := coalesce(p_counts[i], 0);
                 FOR j IN 1 .. v_count LOOP
                     v_version := v_version + 1;
                     v_ids[v_offsets[i] + j] := v_id;
@@ -1061,6 +1062,9 @@ class PostgresEventStore(_DurableStore):
     """
 
     _backend: ClassVar[str] = "PostgreSQL"
+    # Two batches at once, each on its own connection: while one waits for
+    # its commit to reach the disk, the next is written.
+    _batches_in_flight: ClassVar[int] = 2
 
     _pool: _Pool
 
