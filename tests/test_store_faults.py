@@ -203,6 +203,21 @@ async def test_frozen_server_fails_operations_within_the_bound(
 
 
 @pytest.mark.postgres
+async def test_opening_a_store_on_a_frozen_server_fails_within_the_bound(
+    private_server: PostgresServer, private_database: PostgresDatabase
+) -> None:
+    with frozen(private_server):
+        start = trio.current_time()
+        with pytest.raises(StoreError, match=r"did not answer within 1.0 s \(timeout\)"):
+            async with open_store(f"{private_database.url}?timeout={BOUND}"):
+                pass  # pragma: no cover
+        assert trio.current_time() - start < BOUND + SLACK
+    with trio.fail_after(30):
+        async with open_store(f"{private_database.url}?timeout={BOUND}") as store:
+            assert await store.append("s", [ev(1)], expected_version=0) == 1
+
+
+@pytest.mark.postgres
 async def test_frozen_server_reads_do_not_hold_the_runtime(
     private_server: PostgresServer, private_database: PostgresDatabase
 ) -> None:
