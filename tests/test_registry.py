@@ -1638,7 +1638,9 @@ async def test_calls_queued_behind_a_task_that_left_its_loop_wait_for_it(
                 nursery.start_soon(capture, results, registry.call, "k", n)
             await trio.testing.wait_all_tasks_blocked()
             assert registry.get("k") is None or registry.get("k") is send
-        assert [r.unwrap() for r in results] == [("ok", "return"), ("ok", 0), ("ok", 1), ("ok", 2)]
+        answers = [r.unwrap() for r in results]
+        assert answers[0] == ("ok", "return")
+        assert sorted(answers[1:]) == [("ok", 0), ("ok", 1), ("ok", 2)]  # queued in any order
         assert trio.current_time() == start + 5
         assert tasks.most["k"] == 1
 

@@ -70,7 +70,7 @@ from typing import Any, Final, Protocol, TypeAlias, final
 import attrs
 import outcome
 import trio
-from trio.lowlevel import disable_ki_protection, enable_ki_protection
+from trio.lowlevel import enable_ki_protection
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -345,6 +345,7 @@ class Mailbox(trio.abc.ReceiveChannel[Any]):
         return self._idle_timeout
 
     @idle_timeout.setter
+    @enable_ki_protection
     def idle_timeout(self, value: float | None) -> None:
         if value is not None and not value > 0:
             raise InvalidArgument(f"idle_timeout must be positive or None, not {value!r}")
@@ -520,6 +521,7 @@ class _Reaper:
         self._scope: trio.CancelScope | None = None
         self._running = False
 
+    @enable_ki_protection
     def add(self, mailbox: Mailbox, *, earlier: bool = False) -> None:
         """Give ``mailbox`` an entry, unless it has one (or ``earlier``: a shorter timeout)."""
         idle = mailbox._idle_timeout
@@ -566,6 +568,7 @@ class _Reaper:
             self._scope = None
             self.expire(trio.current_time())
 
+    @enable_ki_protection
     def close(self) -> None:
         if self._scope is not None:
             self._scope.cancel()
@@ -657,14 +660,6 @@ class _StartupStatus:
         mailbox = self._mailbox
         live = mailbox._registry._go_live(mailbox)
         status.started(mailbox._send if live else None)
-
-
-@disable_ki_protection
-async def _run_aggregate(
-    fn: AggregateFunction, key: Any, mailbox: Mailbox, status: _StartupStatus
-) -> None:
-    """The aggregate function itself runs without KeyboardInterrupt protection."""
-    await fn(key, mailbox, task_status=status)
 
 
 class _Unset:
@@ -957,6 +952,44 @@ class Registry:
             self._undeliverable(key, carry, error)
         mailbox._wake()
 
+    @enable_ki_protection
+    def _task_returned(self, mailbox: Mailbox) -> None:
+        """The aggregate function returned: declined (before ``started()``) or ended."""
+        if mailbox._state is _STARTING:
+            self._counters.declined += 1
+            self._start_ended(mailbox, AggregateDeclined(mailbox.key))
+            raise _Declined
+        if mailbox._ended_by is _PASSIVATED:
+            self._counters.passivations += 1
+        else:
+            self._counters.normal_ends += 1
+        self._task_ended(mailbox)
+
+    @enable_ki_protection
+    def _task_raised(self, mailbox: Mailbox, exc: Exception) -> None:
+        """The aggregate function raised: a failed start-up (raised on), or a crash."""
+        key = mailbox.key
+        if mailbox._state is _STARTING:
+            self._counters.start_failures += 1
+            error = AggregateStartError(key, exc)
+            error.__cause__ = exc
+            self._start_ended(mailbox, error)
+            raise error
+        self._counters.crashes += 1
+        logger.warning("aggregate %r crashed: %r", key, exc, exc_info=exc)
+        self._task_ended(mailbox, crash=exc)
+
+    @enable_ki_protection
+    def _task_interrupted(self, mailbox: Mailbox) -> None:
+        """The aggregate task was cancelled, or got a KeyboardInterrupt."""
+        if mailbox._state is _GONE:
+            return
+        if mailbox._state is _STARTING:
+            self._start_ended(mailbox, None)
+            return
+        self._counters.normal_ends += 1
+        self._task_ended(mailbox, interrupted=True)
+
     def _hand_over(self, old: Mailbox, leftovers: list[Any]) -> None:
         """Give an ended activation's leftovers to a fresh one, started in the background."""
         key = old.key
@@ -1110,50 +1143,36 @@ class Registry:
         if send is None:
             raise RegistryClosed("the registry closed while the aggregate was starting")
 
-    @enable_ki_protection
     async def _run(self, mailbox: Mailbox, *, task_status: trio.TaskStatus[SendEnd | None]) -> None:
-        # Until started(), this task runs in nursery.start's own nursery, in
-        # the caller's task tree: its scope covers the start-up and nothing else.
-        parent = trio.lowlevel.current_task().parent_nursery
-        if parent is not None:
-            mailbox._scope = parent.cancel_scope
-            if self._closed:
-                mailbox._scope.deadline = self._nursery.cancel_scope.deadline
-        del parent  # the idle task must not keep start()'s nursery alive
-        status = _StartupStatus(mailbox, task_status)
-        del task_status  # keep the idle task small: trio's status object stays behind
-        key = mailbox.key
+        # Not KeyboardInterrupt-protected: the aggregate function runs in this
+        # frame (Ctrl-C must interrupt a busy aggregate). Its end is recorded by
+        # the protected _task_* methods, and the finally records it even if a
+        # KeyboardInterrupt lands between the aggregate's return and them.
         try:
-            await _run_aggregate(mailbox._fn, key, mailbox, status)
-        except Exception as exc:
-            if not status.is_started:
-                self._counters.start_failures += 1
-                error = AggregateStartError(key, exc)
-                error.__cause__ = exc
-                self._start_ended(mailbox, error)
-                raise error from exc
-            self._counters.crashes += 1
-            logger.warning("aggregate %r crashed: %r", key, exc, exc_info=exc)
-            self._task_ended(mailbox, crash=exc)
-            return
-        except BaseException:
-            # Cancelled (start-up cancelled, or the shutdown grace period ran
-            # out), or KeyboardInterrupt: end cleanly, then let it propagate.
-            if status.is_started:
-                self._counters.normal_ends += 1
-                self._task_ended(mailbox, interrupted=True)
-            else:
-                self._start_ended(mailbox, None)
-            raise
-        if not status.is_started:
-            self._counters.declined += 1
-            self._start_ended(mailbox, AggregateDeclined(key))
-            raise _Declined
-        if mailbox._ended_by is _PASSIVATED:
-            self._counters.passivations += 1
-        else:
-            self._counters.normal_ends += 1
-        self._task_ended(mailbox)
+            # Until started(), this task runs in nursery.start's own nursery, in
+            # the caller's task tree: its scope covers the start-up and nothing else.
+            parent = trio.lowlevel.current_task().parent_nursery
+            if parent is not None:
+                mailbox._scope = parent.cancel_scope
+                if self._closed:
+                    mailbox._scope.deadline = self._nursery.cancel_scope.deadline
+            del parent  # the idle task must not keep start()'s nursery alive
+            status = _StartupStatus(mailbox, task_status)
+            del task_status  # keep the idle task small: trio's status object stays behind
+            try:
+                await mailbox._fn(mailbox.key, mailbox, task_status=status)
+            except Exception as exc:
+                self._task_raised(mailbox, exc)
+                return
+            except BaseException:
+                # Cancelled (start-up cancelled, or the shutdown grace period ran
+                # out), or KeyboardInterrupt: end cleanly, then let it propagate.
+                self._task_interrupted(mailbox)
+                raise
+            self._task_returned(mailbox)
+        finally:
+            if mailbox._state is not _GONE:
+                self._task_interrupted(mailbox)
 
     @enable_ki_protection
     async def _redeliver(self, mailbox: Mailbox) -> None:
