@@ -1435,8 +1435,6 @@ async def test_a_retry_after_an_unknown_outcome_is_applied_once() -> None:
         assert await stored(store, Account, "a") == 2
 
 
-# SQLite joins once its store records command ids (in progress).
-@pytest.mark.parametrize("target", ["memory"], indirect=True)
 async def test_retries_after_a_restart_are_applied_once(target: Any) -> None:
     store = target
     async with open_aggregates(Account, store) as repo:
@@ -1456,8 +1454,6 @@ async def test_retries_after_a_restart_are_applied_once(target: Any) -> None:
         assert (await repo.load("a")).balance == 0
 
 
-# SQLite joins once its store records command ids (in progress).
-@pytest.mark.parametrize("target", ["memory"], indirect=True)
 async def test_a_retry_from_another_runtime_is_applied_once(target: Any) -> None:
     async with open_aggregates(Account, target) as a, open_aggregates(Account, target) as b:
         await a.create("x", OpenAccount("ann"))

@@ -407,9 +407,6 @@ class AggregateRepository(Generic[A]):
             if type(message) is not Call:
                 logger.warning("aggregate %r ignored %r: send commands with a call", key, message)
                 continue
-            if message.abandoned:
-                message.reply(None)  # the caller gave up before we took it: skip
-                continue
             try:
                 result = await self._step(live, stream, message.message)
             except _ANSWERS as exc:
