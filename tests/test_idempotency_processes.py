@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 
 from trio_aggregates import open_aggregates
@@ -26,10 +27,15 @@ KEYS = 10
 COMMANDS = 300
 
 
-async def test_two_processes_retrying_the_same_command_ids_apply_each_once(
-    tmp_path: Path,
-) -> None:
-    url = f"sqlite:///{tmp_path}/shared.db"
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/shared.db"
+    return request.getfixturevalue("postgres_database").url  # type: ignore[no-any-return]
+
+
+async def test_two_processes_retrying_the_same_command_ids_apply_each_once(store_url: str) -> None:
+    url = store_url
     async with open_aggregates(Tally, url) as tallies:
         for key in range(KEYS):
             await tallies.create(key, Open())
