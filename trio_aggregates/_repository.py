@@ -228,7 +228,10 @@ class AggregateRepository(Generic[A]):
         :class:`AlreadyExists`) is answered only after the aggregate caught up
         with the store, so it reflects every event committed before the
         call, whoever wrote it; if there were newer events, the command is
-        decided again on them.
+        decided again on them. An accepted command needs no catch-up: the
+        store's expected-version check vouches for the state it was decided
+        on. A handler's own reply to a command that stores nothing (a query)
+        comes from the live state; :meth:`load` reads fresh.
 
         Raises:
             AggregateNotFound: no stream for ``key``.
