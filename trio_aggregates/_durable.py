@@ -159,8 +159,10 @@ class _DurableStore:
     either committed entirely or not at all.
 
     Errors: only :exc:`StoreError` and its subclasses (the driver's exception
-    as ``__cause__``), plus :exc:`TypeError` for a stream name or command id
-    that is not a str. Calls after :meth:`aclose` raise :exc:`StoreError`.
+    as ``__cause__``); :exc:`DuplicateCommand` from ``append`` when the
+    stream already holds its command id (nothing appended); and
+    :exc:`InvalidArgument` (a :exc:`TypeError`) for a stream name or command
+    id that is not a str. Calls after :meth:`aclose` raise :exc:`StoreError`.
     """
 
     #: The backend's name, for messages ("SQLite", "PostgreSQL").

@@ -160,7 +160,13 @@ class _GroupCommit(Generic[OpT]):
         )
 
     async def submit(self, op: OpT) -> Any:
-        """Queue ``op`` for the next transaction; return its result or raise its error."""
+        """Queue ``op`` for the next transaction; return its result or raise its error.
+
+        Cancellation: while ``op`` is queued, it is withdrawn (never handed to
+        ``run_batch``) and :exc:`trio.Cancelled` is raised; once taken into a
+        batch (or leading one), the call returns the op's outcome and the
+        cancellation takes effect at the caller's next checkpoint.
+        """
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._leaders < self._max_batches:
             self._leaders += 1
