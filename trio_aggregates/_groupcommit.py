@@ -101,9 +101,10 @@ class _GroupCommit(Generic[OpT]):
 
     ``max_batches`` batches may be written at once (each by its own leader):
     a writer that arrives while fewer are in flight leads at once. With more
-    than one, ``run_batch`` must be safe to run concurrently (the PostgreSQL
-    store writes each batch on its own connection). A batch's writes keep
-    their order of arrival; batches in flight together are not ordered.
+    than one, ``run_batch`` must be safe to run concurrently (each batch on
+    its own connection, say). A batch's writes keep their order of arrival;
+    batches in flight together are not ordered. Both durable stores use one
+    (see ``_batches_in_flight`` in ``_postgres.py`` for why).
 
     Cancellation: a write still queued is withdrawn (nothing is written): the
     abort function removes it from the queue. Once taken into a batch it cannot
