@@ -76,7 +76,7 @@ def test_bank_example_in_memory_as_a_program(tmp_path: Path) -> None:
 def test_counters_example_runs_as_a_program(tmp_path: Path) -> None:
     done = run_example("counters.py", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "1000 live counters, 10000 increments in all" in done.stdout
+    assert "1000 counters, 10000 increments in all" in done.stdout
     assert "contained:" in done.stdout
     assert "counter-1 after the crash starts afresh at 0" in done.stdout
     assert "after 1 s idle: 0 live counters" in done.stdout
