@@ -1497,3 +1497,13 @@ async def test_command_ids_must_be_non_empty_strings() -> None:
         for bad in ["", 5]:
             with pytest.raises(InvalidArgument):
                 await repo.execute("a", Deposit(1), command_id=bad)  # type: ignore[arg-type]
+
+
+async def test_errors_name_the_key_as_the_caller_gave_it() -> None:
+    async with open_aggregates(Account, "memory://") as accounts:
+        with pytest.raises(AggregateNotFound) as info:
+            await accounts.execute(5, Deposit(1))
+        assert info.value.key == 5
+        with pytest.raises(AggregateNotFound) as info:
+            await accounts.load("5")
+        assert info.value.key == "5"

@@ -379,9 +379,11 @@ class AggregateRepository(Generic[A]):
         return Command(command, mode, expected_version, dry_run, verbose, command_id, head)
 
     async def _send(self, key: Any, request: object, timeout: float | None) -> Any:
-        key = canonical_key(key)
+        canonical = canonical_key(key)
         try:
-            return await self.registry.call(key, request, timeout=timeout, aggregate=self._serve)
+            return await self.registry.call(
+                canonical, request, timeout=timeout, aggregate=self._serve
+            )
         except AggregateDeclined:  # pragma: no cover (the runtime never declines)
             raise AggregateNotFound(key) from None
         except AggregateStartError as exc:
@@ -389,6 +391,12 @@ class AggregateRepository(Generic[A]):
             cause = exc.__cause__
             if isinstance(cause, TrioAggregatesError):
                 raise _copy_error(cause) from exc
+            raise
+        except TrioAggregatesError as exc:
+            # The aggregate task knows the key in its canonical (str) form;
+            # the caller's error names the key as the caller gave it.
+            if canonical is not key and getattr(exc, "key", None) == canonical:
+                exc.key = key  # type: ignore[attr-defined]
             raise
 
     async def _serve(
