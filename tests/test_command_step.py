@@ -18,6 +18,7 @@ from trio_aggregates import (
     AggregateNotFound,
     AlreadyExists,
     ConcurrencyConflict,
+    Decision,
     RecordedEvent,
     Snapshot,
     StoreError,
@@ -27,6 +28,7 @@ from trio_aggregates import (
     handles,
 )
 from trio_aggregates._command import (
+    ANY,
     APPEND,
     CATCH_UP,
     DONE,
@@ -89,8 +91,9 @@ def command(
     command_id: str | None = None,
     dry_run: bool = False,
     verbose: bool = False,
+    detailed: bool = False,
 ) -> Command:
-    return Command(cmd, mode, expected, dry_run, verbose, command_id, '{"at":')
+    return Command(cmd, mode, expected, dry_run, verbose, command_id, '{"at":', detailed)
 
 
 def live_at(*events: object, cls: Any = Account, retries: int = 3) -> LiveAggregate[Any]:
@@ -327,3 +330,77 @@ def test_the_task_ends_only_holding_no_stream_and_nothing_queued() -> None:
     assert not live_at(OPENED).should_end(0)
     empty.failed(StoreError("connection lost"))
     assert not empty.should_end(0)  # version 0 is not known now
+
+
+# -- create-if-missing (mode ANY) and detailed answers (the server's) -----------------
+
+
+def test_mode_any_runs_on_a_new_stream_and_on_an_existing_one() -> None:
+    new = live_at()
+    assert new.start(command(OpenAccount("ann"), mode=ANY)) is APPEND
+    assert new.expected == 0
+    assert new.committed(1) is DONE and new.result == 1
+    existing = live_at(OPENED)
+    assert existing.start(command(Deposit(3), mode=ANY)) is APPEND
+    assert existing.expected == 1
+
+
+def test_mode_any_still_honours_the_expected_version() -> None:
+    live = live_at(OPENED)
+    assert live.start(command(Deposit(3), mode=ANY, expected=0)) is CATCH_UP
+    assert live.caught_up() is FAIL
+    assert isinstance(live.error, WrongExpectedVersion)
+    fresh = live_at()
+    assert fresh.start(command(OpenAccount("ann"), mode=ANY, expected=0)) is APPEND
+
+
+def test_mode_any_refuses_as_the_handler_does_on_a_new_stream() -> None:
+    live = live_at()
+    assert live.start(command(Withdraw(5), mode=ANY)) is CATCH_UP  # fresh state first
+    assert live.caught_up() is FAIL
+    assert isinstance(live.error, bank.InsufficientFunds)
+
+
+def test_detailed_answers_carry_the_version_and_the_reply() -> None:
+    live = live_at(OPENED, Deposited(4))
+    assert live.start(command(Deposit(1), detailed=True)) is APPEND
+    assert live.committed(3) is DONE and live.result == (3, None)
+    # a query: its reply, and the version it was answered at
+    assert live.start(command(bank.GetBalance(), detailed=True)) is DONE
+    assert live.result == (3, 5)
+    # a dry run: the current version and the events that would be stored
+    assert live.start(command(Deposit(2), dry_run=True, verbose=True, detailed=True)) is DONE
+    assert live.result == (3, [Deposited(2)])
+    assert live.start(command(Deposit(2), dry_run=True, detailed=True)) is DONE
+    assert live.result == (3, None)
+
+
+def test_detailed_answers_of_a_retried_command_id_carry_no_reply() -> None:
+    live = live_at(OPENED)
+    assert live.start(command(Deposit(1), command_id="c", detailed=True)) is APPEND
+    assert live.committed(2) is DONE and live.result == (2, None)
+    assert live.start(command(Deposit(1), command_id="c", detailed=True)) is DONE
+    assert live.result == (2, None)  # remembered: the first outcome
+    other = live_at(OPENED, Deposited(1))
+    assert other.start(command(Deposit(1), command_id="c", detailed=True)) is APPEND
+    assert other.duplicate(2) is REBUILD
+    other.reset(None)
+    other.advance([record(1, OPENED), record(2, Deposited(1))])
+    assert other.rebuilt() is DONE and other.result == (2, None)
+
+
+@attrs.define
+class Replying(bank.Account):
+    """An account whose deposit also replies (the balance after it)."""
+
+    @handles
+    def deposit(self, command: Deposit) -> Any:
+        return Decision([Deposited(command.amount)], reply=self.balance + command.amount)
+
+
+def test_detailed_answer_of_a_stored_command_with_a_reply() -> None:
+    live = live_at(OPENED, cls=Replying)
+    assert live.start(command(Deposit(7), detailed=True)) is APPEND
+    assert live.committed(2) is DONE and live.result == (2, 7)
+    assert live.start(command(Deposit(1))) is APPEND
+    assert live.committed(3) is DONE and live.result == 8  # not detailed: the reply only

@@ -30,6 +30,7 @@ from trio_aggregates import (
     CallTimeout,
     CommandRejected,
     ConcurrencyConflict,
+    Decision,
     EventDecodeError,
     EventStore,
     InMemoryEventStore,
@@ -49,6 +50,7 @@ from trio_aggregates import (
     handles,
     open_aggregates,
 )
+from trio_aggregates._command import ANY, NEW
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 if str(EXAMPLES) not in sys.path:
@@ -1507,3 +1509,104 @@ async def test_errors_name_the_key_as_the_caller_gave_it() -> None:
         with pytest.raises(AggregateNotFound) as info:
             await accounts.load("5")
         assert info.value.key == "5"
+
+
+# -- for the protocol server: create-if-missing, extra metadata, version and reply --
+
+
+async def test_create_if_missing_creates_or_executes_in_one_call(target: Any) -> None:
+    async with open_aggregates(Account, target) as repo:
+        assert await repo.execute("a", OpenAccount("ann"), create_if_missing=True) == 1
+        assert await repo.execute("a", Deposit(5), create_if_missing=True) == 2
+        assert await repo.load("a") == Account("ann", 5, 0, False)
+        # the handler decides on a fresh state for a new key: refusals as usual
+        with pytest.raises(bank.InsufficientFunds):
+            await repo.execute("b", Withdraw(5), create_if_missing=True)
+        with pytest.raises(AggregateNotFound):
+            await repo.version("b")
+        # expected_version still holds: 0 means "only if new"
+        with pytest.raises(WrongExpectedVersion):
+            await repo.execute("a", Deposit(1), create_if_missing=True, expected_version=0)
+        assert await repo.execute("c", Deposit(1), create_if_missing=True, expected_version=0) == 1
+        assert await stored(repo.store, Account, "a") == 2
+
+
+async def test_create_if_missing_is_idempotent_with_a_command_id(target: Any) -> None:
+    async with open_aggregates(Account, target) as repo:
+        for _ in range(2):
+            version = await repo.execute(
+                "a", Deposit(5), create_if_missing=True, command_id="dep-1"
+            )
+            assert version == 1
+        assert await stored(repo.store, Account, "a") == 1
+
+
+async def test_extra_metadata_is_merged_into_each_events_metadata(target: Any) -> None:
+    async with open_aggregates(Ledger, target) as repo:
+        await repo.create("l", OpenAccount("ann"), metadata={"user": "bob", "n": [1, 2]})
+        await repo.execute(
+            "l", AddLines("x", 2), metadata={"ip": "::1"}, correlation_id="corr", command_id="c"
+        )
+        await repo.execute("l", AddLines("y", 1), metadata={})
+        first, *lines, last = await repo.history("l")
+        assert first.metadata["user"] == "bob" and first.metadata["n"] == [1, 2]
+        assert first.metadata["command"] == "OpenAccount"
+        for event in lines:
+            assert event.metadata["ip"] == "::1"
+            assert event.metadata["correlation_id"] == "corr"
+            assert event.metadata["command_id"] == "c"
+            assert event.metadata["command"] == "AddLines"
+            assert isinstance(event.metadata["at"], float)
+        assert set(last.metadata) == {"command_id", "command", "at"}
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"command_id": "x"},
+        {"correlation_id": "x"},
+        {"causation_id": "x"},
+        {"command": "x"},
+        {"at": 1},
+        {1: "x"},
+        {"bad": object()},
+        ["not", "a", "mapping"],
+    ],
+)
+async def test_bad_extra_metadata_is_refused_before_anything_happens(metadata: Any) -> None:
+    async with open_aggregates(Account, InMemoryEventStore()) as repo:
+        with pytest.raises(InvalidArgument):
+            await repo.create("a", OpenAccount("ann"), metadata=metadata)
+        with pytest.raises(InvalidArgument):
+            await repo.execute("a", OpenAccount("ann"), metadata=metadata, create_if_missing=True)
+        assert len(repo.registry) == 0
+        assert await stored(repo.store, Account, "a") == 0
+
+
+@attrs.define
+class Teller(bank.Account):
+    """An account whose deposit replies with the new balance."""
+
+    category = "Teller"
+
+    @handles
+    def deposit(self, command: Deposit) -> Decision:
+        return Decision([Deposited(command.amount)], reply=self.balance + command.amount)
+
+
+async def test_execute_detailed_gives_the_version_and_the_reply(target: Any) -> None:
+    async with open_aggregates(Teller, target) as repo:
+        assert await repo._execute_detailed("t", OpenAccount("ann"), mode=NEW) == (1, None)
+        assert await repo._execute_detailed("t", Deposit(4)) == (2, 4)
+        assert await repo.execute("t", Deposit(1)) == 5  # the public form: the reply only
+        assert await repo._execute_detailed("t", bank.GetBalance()) == (3, 5)
+        assert await repo._execute_detailed("t", Deposit(2), dry_run=True) == (3, [Deposited(2)])
+        assert await repo._execute_detailed("u", Deposit(2), mode=ANY) == (1, 2)
+        with pytest.raises(AlreadyExists):
+            await repo._execute_detailed("t", OpenAccount("ann"), mode=NEW)
+        with pytest.raises(AggregateNotFound):
+            await repo._execute_detailed("v", Deposit(2))
+        # a retried command id: the first version, no reply (the runtime keeps versions)
+        assert await repo._execute_detailed("t", Deposit(1), command_id="d") == (4, 6)
+        assert await repo._execute_detailed("t", Deposit(1), command_id="d") == (4, None)
+        assert await repo.version("t") == 4

@@ -17,7 +17,8 @@ command goes::
 The rules, written down in one place:
 
 * **Checks and refusals.** ``create`` needs an empty stream, ``execute`` a
-  non-empty one; an ``expected_version`` must match. A refusal
+  non-empty one, ``execute(create_if_missing=True)`` (mode :data:`ANY`)
+  either; an ``expected_version`` must match. A refusal
   (:class:`CommandRejected`, :class:`WrongExpectedVersion`,
   :class:`AlreadyExists`, :class:`AggregateNotFound`) is answered only after
   catching up with the store (reading the events after :attr:`version`); if
@@ -99,8 +100,12 @@ A = TypeVar("A", bound=Aggregate)
 
 # -- requests -------------------------------------------------------------------
 
+# A command's mode: which streams it may run on.
+#: Any stream, with events or not (create-if-missing).
 ANY: Final = 0
+#: A stream with events (``execute``).
 EXISTING: Final = 1
+#: An empty stream (``create``).
 NEW: Final = 2
 
 
@@ -118,6 +123,10 @@ class Command:
     #: The events' metadata as JSON, but for the time of the append:
     #: ``{"command_id": ..., ..., "at": `` (closed with the time and ``}``).
     metadata_head: str
+    #: Answer ``(version, reply)`` (``reply`` ``None`` when the handler chose
+    #: none; the events for a verbose dry run) instead of the version *or*
+    #: the reply. The protocol server's form: it sends both.
+    detailed: bool = False
 
 
 @attrs.frozen
@@ -291,7 +300,7 @@ class LiveAggregate(Generic[A]):
         if command_id is not None and self._recent is not None:
             version = self._recent.get(command_id)
             if version is not None:
-                return self._done(version)  # applied before: the first outcome
+                return self._answer(version)  # applied before: the first outcome
         if self.stale:
             return self._rebuild(_DECIDE)
         return self._decide()
@@ -315,7 +324,10 @@ class LiveAggregate(Generic[A]):
         if request.command_id is not None:
             self._remember(request.command_id, version)
         reply = self._reply
-        self.result = version if reply is NO_REPLY else reply
+        if request.detailed:
+            self.result = (version, None if reply is NO_REPLY else reply)
+        else:
+            self.result = version if reply is NO_REPLY else reply
         # An idle aggregate keeps nothing of its last command.
         self.request = self._reply = None
         self.new_events = _NO_EVENTS
@@ -360,7 +372,7 @@ class LiveAggregate(Generic[A]):
         if then is _INSPECT:
             return self._inspected()
         if then is _ANSWER_DUPLICATE:
-            return self._done(self._dup_version)
+            return self._answer(self._dup_version)
         if then is _GIVE_UP:
             refused = self._check()
             if refused is not None:
@@ -374,7 +386,7 @@ class LiveAggregate(Generic[A]):
         request = self.request
         if version is not None and request is not None and request.command_id is not None:
             self._remember(request.command_id, version)
-            return self._done(version)
+            return self._answer(version)
         assert self._refusal is not None
         return self._fail(self._refusal)
 
@@ -439,9 +451,9 @@ class LiveAggregate(Generic[A]):
         if request.dry_run:
             for event in events:
                 codec.encode(event)  # validates: every event can be stored
-            return self._done(list(events) if request.verbose else self.version)
+            return self._answer(self.version, list(events) if request.verbose else NO_REPLY)
         if not events:
-            return self._done(self.version if reply is NO_REPLY else reply)
+            return self._answer(self.version, reply)
         metadata = f"{request.metadata_head}{time.time()!r}}}".encode()
         self.new_events = [NewEvent(*codec.encode(event), metadata) for event in events]
         self.expected = self.version
@@ -489,6 +501,16 @@ class LiveAggregate(Generic[A]):
 
     def _done(self, result: Any) -> _Action:
         self.result = result
+        return DONE
+
+    def _answer(self, version: int, reply: Any = NO_REPLY) -> _Action:
+        """Answer a command: the version or the reply; ``(version, reply)`` if detailed."""
+        request = self.request
+        assert request is not None
+        if request.detailed:
+            self.result = (version, None if reply is NO_REPLY else reply)
+        else:
+            self.result = version if reply is NO_REPLY else reply
         return DONE
 
     def _fail(self, error: TrioAggregatesError) -> _Action:

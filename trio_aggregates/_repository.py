@@ -46,7 +46,7 @@ import itertools
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from typing import Any, Final, Generic, TypeVar, final
 
@@ -54,8 +54,9 @@ import attrs
 import trio
 
 from ._aggregate import Aggregate, canonical_key
-from ._codec import type_name_of
+from ._codec import encode_json, type_name_of
 from ._command import (
+    ANY,
     APPEND,
     CATCH_UP,
     DONE,
@@ -112,6 +113,11 @@ _ANSWERS: Final = (
 
 #: Events read per page when loading or catching up.
 _PAGE: Final = 1000
+
+#: Metadata keys the runtime writes itself: not allowed in ``metadata=``.
+RESERVED_METADATA: Final = frozenset(
+    {"command_id", "correlation_id", "causation_id", "command", "at"}
+)
 
 
 @attrs.frozen
@@ -192,6 +198,8 @@ class AggregateRepository(Generic[A]):
         command_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        create_if_missing: bool = False,
     ) -> Any:
         """Run ``command`` on the existing aggregate ``key``; return the new version.
 
@@ -217,6 +225,15 @@ class AggregateRepository(Generic[A]):
                 gets a fresh unique id and a retry is a new command.
             correlation_id, causation_id: stored in each event's metadata,
                 with ``command_id``.
+            metadata: more metadata stored with each event: a mapping of str
+                keys to JSON values, merged into the runtime's own (its keys
+                ``command_id``, ``correlation_id``, ``causation_id``,
+                ``command`` and ``at`` are reserved: :class:`InvalidArgument`).
+            create_if_missing: run the command whether or not the stream has
+                events (the handler sees a fresh state on a new key), in one
+                call: no ``execute``, ``create``, ``execute`` dance. Never
+                :class:`AggregateNotFound`; ``expected_version`` still holds
+                (``0`` for "only if new").
 
         Returns:
             The version after the command, or the handler's own reply (a
@@ -249,10 +266,12 @@ class AggregateRepository(Generic[A]):
             CallTimeout: no answer within ``timeout``.
             RegistryClosed: the block of :func:`open_aggregates` has ended.
             InvalidKey: ``key`` is not a str, int or UUID.
+            InvalidArgument: a bad ``expected_version``, ``command_id`` or
+                ``metadata``.
         """
         request = self._request(
-            command, EXISTING, expected_version, dry_run, verbose,
-            command_id, correlation_id, causation_id,
+            command, ANY if create_if_missing else EXISTING, expected_version, dry_run, verbose,
+            command_id, correlation_id, causation_id, metadata,
         )  # fmt: skip
         return await self._send(key, request, timeout)
 
@@ -267,6 +286,7 @@ class AggregateRepository(Generic[A]):
         command_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
     ) -> Any:
         """Run ``command`` on a new aggregate ``key``; return its version.
 
@@ -281,9 +301,42 @@ class AggregateRepository(Generic[A]):
                 a retry of the same ``command_id``: that returns its version).
         """
         request = self._request(
-            command, NEW, 0, dry_run, verbose, command_id, correlation_id, causation_id
+            command, NEW, 0, dry_run, verbose, command_id, correlation_id, causation_id, metadata
         )
         return await self._send(key, request, timeout)
+
+    async def _execute_detailed(
+        self,
+        key: str | int | uuid.UUID,
+        command: object,
+        *,
+        mode: int = EXISTING,
+        expected_version: int | None = None,
+        dry_run: bool = False,
+        timeout: float | None = None,
+        command_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> tuple[int, Any]:
+        """Run ``command``; return ``(version, reply)``: both, where :meth:`execute` gives one.
+
+        The protocol server's entry point (internal). ``mode`` is
+        ``_command.EXISTING`` (:meth:`execute`), ``NEW`` (:meth:`create`) or
+        ``ANY`` (``execute(create_if_missing=True)``). ``reply`` is the
+        handler's own reply, ``None`` if it chose none (and for a retried
+        ``command_id``: the runtime keeps versions, not replies); for a
+        ``dry_run``, ``version`` is the current version and ``reply`` the list
+        of events that would be stored. Errors and cancellation as
+        :meth:`execute`.
+        """
+        if mode == NEW:
+            expected_version = 0
+        request = self._request(
+            command, mode, expected_version, dry_run, dry_run,
+            command_id, correlation_id, causation_id, metadata, detailed=True,
+        )  # fmt: skip
+        return await self._send(key, request, timeout)  # type: ignore[no-any-return]
 
     async def load(
         self, key: str | int | uuid.UUID, *, timeout: float | None = None, fresh: bool = True
@@ -358,6 +411,9 @@ class AggregateRepository(Generic[A]):
         command_id: str | None,
         correlation_id: str | None,
         causation_id: str | None,
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        detailed: bool = False,
     ) -> Command:
         if expected_version is not None and (
             isinstance(expected_version, bool)
@@ -375,8 +431,12 @@ class AggregateRepository(Generic[A]):
             head += f',"correlation_id":{_json_str(correlation_id)}'
         if causation_id is not None:
             head += f',"causation_id":{_json_str(causation_id)}'
+        if metadata is not None:
+            head += _extra_metadata(metadata)
         head += f',"command":{_json_str(type_name_of(type(command)))},"at":'
-        return Command(command, mode, expected_version, dry_run, verbose, command_id, head)
+        return Command(
+            command, mode, expected_version, dry_run, verbose, command_id, head, detailed
+        )
 
     async def _send(self, key: Any, request: object, timeout: float | None) -> Any:
         canonical = canonical_key(key)
@@ -520,6 +580,27 @@ class AggregateRepository(Generic[A]):
 
 def _at(record: Any) -> str:
     return f"{record.stream}@{record.version}"
+
+
+def _extra_metadata(metadata: Mapping[str, Any]) -> str:
+    """The caller's ``metadata`` as JSON members to splice into the runtime's: ``,"k":v...``.
+
+    Raises:
+        InvalidArgument: not a mapping, a key not a str or reserved, or a
+            value JSON cannot encode.
+    """
+    if not isinstance(metadata, Mapping):
+        raise InvalidArgument(f"metadata must be a mapping, not {type(metadata).__name__}")
+    for name in metadata:
+        if not isinstance(name, str):
+            raise InvalidArgument(f"metadata keys must be str, not {name!r}")
+        if name in RESERVED_METADATA:
+            raise InvalidArgument(f"metadata key {name!r} is reserved (the runtime writes it)")
+    try:
+        text = encode_json(dict(metadata)).decode()
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidArgument(f"metadata must be JSON-encodable: {exc}") from None
+    return "" if text == "{}" else "," + text[1:-1]
 
 
 @asynccontextmanager
