@@ -10,6 +10,10 @@ vanished and that every live state equals a replay of its stream.
     python examples/bank.py                        # SQLite, ./bank.db
     python examples/bank.py --store memory://      # in memory
     python examples/bank.py --store postgresql://user@host/db
+
+The same domain served over TCP, loaded, and checked from outside::
+
+    trio-aggregates load --serve examples/bank.py:app
 """
 
 from __future__ import annotations
@@ -292,6 +296,11 @@ def _check_email(email: str) -> None:
     local, at, domain = email.partition("@")
     if not (local and at and "." in domain):
         raise InvalidEmail(f"{email!r} is not an e-mail address")
+
+
+#: The app: what ``trio-aggregates serve examples/bank.py:app`` serves over TCP (wire type
+#: names ``Account`` and ``User``, command names the command classes' names).
+app = [Account, User]
 
 
 # -- the run -----------------------------------------------------------------
