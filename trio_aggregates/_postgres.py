@@ -121,7 +121,7 @@ from ._exceptions import (
 )
 from ._groupcommit import _BatchResult
 from ._options import check_count, check_seconds
-from ._store import RecordedEvent, Snapshot, _check_command_id
+from ._store import RecordedEvent, Snapshot, _check_command_id, _check_read_all
 
 __all__ = ["PostgresEventStore", "open_postgres_store"]
 
@@ -1001,15 +1001,28 @@ def _write_batch(conn: Conn, ops: list[_WriteOp]) -> _BatchResult:
 
 
 _READ = """
-SELECT s.state, e.version, e.type, e.data, e.metadata, extract(epoch FROM e.recorded_at)::float8
+SELECT s.state, e.version, e.type, e.data, e.metadata, extract(epoch FROM e.recorded_at)::float8,
+    e.position
 FROM trio_aggregates_streams s
 LEFT JOIN LATERAL (
-    SELECT version, type, data, metadata, recorded_at FROM trio_aggregates_events
+    SELECT version, type, data, metadata, recorded_at, position FROM trio_aggregates_events
     WHERE stream_id = s.id AND version >= %s ORDER BY version LIMIT %s
 ) e ON true
 WHERE s.name = %s AND s.state <> 1
 ORDER BY e.version
 """
+
+# The global order: every live stream's events from a position on (see
+# "Global order" in the module docstring for why a reader never finds a new
+# event below one it has seen). A stream's category is split_part(name, '-', 1).
+_READ_ALL = """
+SELECT e.position, s.name, e.version, e.type, e.data, e.metadata,
+    extract(epoch FROM e.recorded_at)::float8
+FROM trio_aggregates_events e JOIN trio_aggregates_streams s ON s.id = e.stream_id
+WHERE e.position >= %s AND s.state = 0{filters}
+ORDER BY e.position LIMIT %s
+"""
+_HEAD = "SELECT coalesce(max(position), 0) FROM trio_aggregates_events"
 
 _VERSION = """
 SELECT s.state,
@@ -1047,10 +1060,10 @@ def _unreadable_event(stream: str, rows: list[Any]) -> EventDecodeError:
     """
     names = ("version", "type", "data", "metadata", "recorded_at")
     for row in rows:
-        version, *rest = row[1:]
+        version, *rest = row[1:6]
         if version is None or None in rest:
             return EventDecodeError(
-                f"event at {stream}@{version} cannot be read: {_columns(names, row[1:])}"
+                f"event at {stream}@{version} cannot be read: {_columns(names, row[1:6])}"
             )
     return EventDecodeError(f"stream {stream!r} holds an event that cannot be read")
 
@@ -1129,12 +1142,64 @@ class PostgresEventStore(_DurableStore):
             raise StreamDeleted(stream)
         try:
             return [
-                RecordedEvent(stream, int(v), t, bytes(d), bytes(m), float(r))
-                for _, v, t, d, m, r in rows
+                RecordedEvent(stream, int(v), t, bytes(d), bytes(m), float(r), p)
+                for _, v, t, d, m, r, p in rows
                 if v is not None
             ]
         except (TypeError, ValueError):
             raise _unreadable_event(stream, rows) from None
+
+    async def read_all(
+        self,
+        from_position: int = 1,
+        *,
+        limit: int | None = 1000,
+        categories: Sequence[str] | None = None,
+        event_types: Sequence[str] | None = None,
+    ) -> list[RecordedEvent]:
+        """Return up to ``limit`` events of every live stream from ``from_position`` on,
+        in position order (see :meth:`EventStore.read_all`).
+
+        With any number of writer processes, once this has returned an event
+        at position P no later call returns a new event below P (see "Global
+        order" in the module docstring).
+
+        Raises:
+            EventDecodeError: a row cannot be read (a changed schema).
+            StoreError: PostgreSQL failed.
+        """
+        start, count, cats, types = _check_read_all(from_position, limit, categories, event_types)
+        if count == 0 or (cats is not None and not cats) or (types is not None and not types):
+            self._check_open()
+            await trio.lowlevel.checkpoint()
+            return []
+        filters = ""
+        params: list[Any] = [start]
+        if cats is not None:
+            filters += " AND split_part(s.name, '-', 1) = ANY(%s::text[])"
+            params.append(sorted(cats))
+        if types is not None:
+            filters += " AND e.type = ANY(%s::text[])"
+            params.append(sorted(types))
+        params.append(count)
+        rows = await self._query(
+            _READ_ALL.format(filters=filters), tuple(params), "read all streams"
+        )
+        try:
+            return [
+                RecordedEvent(n, v, t, bytes(d), bytes(m), r, p) for p, n, v, t, d, m, r in rows
+            ]
+        except (TypeError, ValueError):  # pragma: no cover - NOT NULL columns
+            raise EventDecodeError("an event cannot be read: a column holds NULL") from None
+
+    async def head_position(self) -> int:
+        """Return the highest position readable now (0 if none).
+
+        Raises:
+            StoreError: PostgreSQL failed.
+        """
+        rows = await self._query(_HEAD, (), "read the head position")
+        return int(rows[0][0])
 
     async def stream_version(self, stream: str) -> int:
         """Return the stream's version (0 for a stream with no events).

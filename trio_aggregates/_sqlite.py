@@ -98,7 +98,7 @@ from ._exceptions import (
 )
 from ._groupcommit import _BatchResult
 from ._options import check_count, check_seconds
-from ._store import RecordedEvent, Snapshot, _check_command_id
+from ._store import RecordedEvent, Snapshot, _check_command_id, _check_read_all
 
 __all__ = ["SQLiteEventStore", "open_sqlite_store"]
 
@@ -491,6 +491,11 @@ def _write_ops(
     return outcomes
 
 
+def _head_position(db: sqlite3.Connection) -> int:
+    (position,) = db.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()
+    return int(position)
+
+
 def _not_a_delete(op: _WriteOp) -> bool:
     return type(op) is not _Delete
 
@@ -506,7 +511,7 @@ def _not_a_delete(op: _WriteOp) -> bool:
 # naming the stream, the version and the column.
 
 _READ_EVENTS = (
-    "SELECT version, type, data, metadata, recorded_at FROM events "
+    "SELECT version, type, data, metadata, recorded_at, position FROM events "
     "WHERE stream_id = ? AND version >= ? ORDER BY version LIMIT ?"
 )
 
@@ -521,9 +526,37 @@ def _raw(column: str) -> str:
 
 _READ_EVENTS_RAW = (
     f"SELECT {_raw('version')}, {_raw('type')}, {_raw('data')}, {_raw('metadata')}, "
-    f"{_raw('recorded_at')} FROM events "
+    f"{_raw('recorded_at')}, position FROM events "
     "WHERE stream_id = ? AND version >= ? ORDER BY version LIMIT ?"
 )
+
+# The global order: every live stream's events from a position on. The
+# category of a stream is the part of its name before the first "-".
+_CATEGORY = (
+    "CASE WHEN instr(s.name, '-') > 0 THEN substr(s.name, 1, instr(s.name, '-') - 1) "
+    "ELSE s.name END"
+)
+
+
+@functools.cache
+def _read_all_sql(categories: int, types: int, *, raw: bool = False) -> str:
+    """The query of a read_all page with that many category and type filters."""
+    columns = (
+        "e.position, s.name, e.version, e.type, e.data, e.metadata, e.recorded_at"
+        if not raw
+        else f"e.position, s.name, {_raw('e.version')}, {_raw('e.type')}, {_raw('e.data')}, "
+        f"{_raw('e.metadata')}, {_raw('e.recorded_at')}"
+    )
+    where = ""
+    if categories:
+        where += f" AND {_CATEGORY} IN ({', '.join('?' * categories)})"
+    if types:
+        where += f" AND e.type IN ({', '.join('?' * types)})"
+    return (
+        f"SELECT {columns} FROM events e JOIN streams s ON s.id = e.stream_id "
+        f"WHERE e.position >= ? AND s.state = 0{where} ORDER BY e.position LIMIT ?"
+    )
+
 
 _READ_SNAPSHOT = "SELECT version, schema, type, data FROM snapshots WHERE stream_id = ?"
 _MAX_VERSION = "SELECT coalesce(max(version), 0) FROM events WHERE stream_id = ?"
@@ -629,7 +662,7 @@ def _careful_events(
             raise EventDecodeError(
                 f"event at {stream}@{version} cannot be read: its {column} column {exc}"
             ) from None
-        events.append(RecordedEvent(stream, version, type_, data, metadata, recorded_at))
+        events.append(RecordedEvent(stream, version, type_, data, metadata, recorded_at, row[10]))
     return events
 
 
@@ -664,7 +697,7 @@ def _read_events(
         # fails again, and is reported, in the careful path.
         return _careful_events(db, stream, params)
     events = []
-    for v, t, d, m, r in rows:
+    for v, t, d, m, r, p in rows:
         if not (
             type(v) is int
             and type(t) is str
@@ -673,7 +706,62 @@ def _read_events(
             and type(r) is float
         ):
             return _careful_events(db, stream, params)
-        events.append(RecordedEvent(stream, v, t, d, m, r))
+        events.append(RecordedEvent(stream, v, t, d, m, r, p))
+    return events
+
+
+def _read_all_page(db: sqlite3.Connection, params: list[Any], sql: str, raw_sql: str) -> list[Any]:
+    """A read_all page: the fast path, or the careful one for rows the store did not write."""
+    try:
+        rows = db.execute(sql, params).fetchall()
+    except sqlite3.OperationalError:
+        return _careful_all(db, params, raw_sql)
+    try:
+        return [
+            RecordedEvent(n, v, t, d, m, r, p)
+            for p, n, v, t, d, m, r in rows
+            if (
+                type(v) is int
+                and type(t) is str
+                and type(d) is bytes
+                and type(m) is bytes
+                and type(r) is float
+            )
+            or _bad()
+        ]
+    except _Unreadable:
+        return _careful_all(db, params, raw_sql)
+
+
+def _bad() -> bool:
+    raise _Unreadable
+
+
+def _careful_all(db: sqlite3.Connection, params: list[Any], raw_sql: str) -> list[Any]:
+    """A read_all page, read column by column (see above)."""
+    events = []
+    for row in db.execute(raw_sql, params):
+        position, stream = row[0], row[1]
+        try:
+            version = _as_int(row[2], row[3])
+        except _Unreadable as exc:
+            raise EventDecodeError(
+                f"stream {stream!r} holds an event that cannot be read: its version {exc}"
+            ) from None
+        column = "type"
+        try:
+            type_ = _as_text(row[4], row[5])
+            column = "data"
+            data = _as_bytes(row[6], row[7])
+            column = "metadata"
+            metadata = _as_bytes(row[8], row[9])
+            column = "recorded_at"
+            recorded_at = _as_time(row[10], row[11])
+        except _Unreadable as exc:
+            raise EventDecodeError(
+                f"event at {stream}@{version} cannot be read: its {column} column {exc}"
+            ) from None
+        events.append(RecordedEvent(stream, version, type_, data, metadata, recorded_at, position))
     return events
 
 
@@ -813,6 +901,60 @@ class SQLiteEventStore(_DurableStore):
 
         events: list[RecordedEvent] = await self._read(query, f"read stream {stream!r}")
         return events
+
+    async def read_all(
+        self,
+        from_position: int = 1,
+        *,
+        limit: int | None = 1000,
+        categories: Sequence[str] | None = None,
+        event_types: Sequence[str] | None = None,
+    ) -> list[RecordedEvent]:
+        """Return up to ``limit`` events of every live stream from ``from_position`` on,
+        in position order (see :meth:`EventStore.read_all`).
+
+        SQLite has one writer at a time, and positions are given in the write
+        transaction, so commit order is position order: a reader never finds a
+        new event below one it has seen.
+
+        Raises:
+            EventDecodeError: a row another program wrote cannot be read.
+            StoreError: SQLite failed.
+        """
+        start, count, cats, types = _check_read_all(from_position, limit, categories, event_types)
+        if count == 0 or (cats is not None and not cats) or (types is not None and not types):
+            self._check_open()
+            await trio.lowlevel.checkpoint()
+            return []
+        ncats = 0 if cats is None else len(cats)
+        ntypes = 0 if types is None else len(types)
+        params: list[Any] = [start]
+        if cats:
+            params += sorted(cats)
+        if types:
+            params += sorted(types)
+        params.append(-1 if count is None else count)
+        sql = _read_all_sql(ncats, ntypes)
+        raw_sql = _read_all_sql(ncats, ntypes, raw=True)
+
+        def query(db: sqlite3.Connection) -> list[RecordedEvent]:
+            return _read_all_page(db, params, sql, raw_sql)
+
+        events: list[RecordedEvent] = await self._read(query, "read all streams")
+        return events
+
+    async def head_position(self) -> int:
+        """Return the position of the last event written (0 if none).
+
+        Raises:
+            StoreError: SQLite failed.
+        """
+
+        def query(db: sqlite3.Connection) -> int:
+            return _head_position(db)
+
+        position: int = await self._read(query, "read the head position")
+        return position
 
     async def stream_version(self, stream: str) -> int:
         """Return the stream's version (0 for a stream with no events).

@@ -33,6 +33,17 @@ conformance suite in ``tests/test_store_conformance.py`` holds them to it:
   :class:`StreamDeleted`.
 * Snapshots: one per stream, the latest saved wins; ``load_snapshot`` returns
   ``None`` for none.
+* The global order: every event gets a *position* when it is appended
+  (``RecordedEvent.position``), increasing strictly across all streams, with
+  possible gaps, never reused (not even after a hard delete).
+  ``read_all(from_position, limit=, categories=, event_types=)`` returns the
+  events with ``position >= from_position`` in position order, the events of
+  deleted streams (soft or hard) left out; the *category* of a stream is the
+  part of its name before the first ``"-"`` (the whole name if it has none).
+  Invariant 8 of the design: once ``read_all`` has returned an event at
+  position P, no later call returns a *new* event below P, however many
+  writers (tasks or processes) append at once. ``head_position()`` is the
+  highest position readable now (0 for none).
 
 Errors: stores raise :class:`StoreError` (or its subclasses) and never let a
 driver's exception escape; the driver's exception is the ``__cause__``.
@@ -42,7 +53,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Protocol, final, runtime_checkable
 
 import attrs
 import trio
@@ -51,6 +62,7 @@ from ._exceptions import ConcurrencyConflict, DuplicateCommand, InvalidArgument,
 
 __all__ = [
     "EventStore",
+    "category_of",
     "InMemoryEventStore",
     "NewEvent",
     "RecordedEvent",
@@ -85,6 +97,9 @@ class RecordedEvent:
         data: the encoded event.
         metadata: the encoded metadata.
         recorded_at: when the store wrote it (seconds since the epoch, UTC).
+        position: its place in the store's global order (from 1, increasing
+            strictly across all streams, possibly with gaps); 0 only for a
+            record made by hand.
     """
 
     stream: str
@@ -93,6 +108,7 @@ class RecordedEvent:
     data: bytes
     metadata: bytes
     recorded_at: float
+    position: int = 0
 
 
 @attrs.frozen
@@ -161,6 +177,30 @@ class EventStore(Protocol):
         """Return the stream's version (0 for a stream with no events)."""
         ...
 
+    async def read_all(
+        self,
+        from_position: int = 1,
+        *,
+        limit: int | None = 1000,
+        categories: Sequence[str] | None = None,
+        event_types: Sequence[str] | None = None,
+    ) -> list[RecordedEvent]:
+        """Return up to ``limit`` events of every stream with ``position >= from_position``,
+        in position order, optionally only those of the given stream categories
+        and event types. The events of deleted streams are left out.
+
+        Once this has returned an event at position P, no later call returns a
+        new event below P (see the module docstring).
+
+        Raises:
+            StoreError: the backend failed.
+        """
+        ...
+
+    async def head_position(self) -> int:
+        """Return the highest position readable now (0 if none)."""
+        ...
+
     async def save_snapshot(self, snapshot: Snapshot) -> None:
         """Store ``snapshot``, replacing the stream's previous one."""
         ...
@@ -192,6 +232,70 @@ async def read_stream(
         version = page[-1].version + 1
 
 
+def category_of(stream: str) -> str:
+    """The category of a stream: the part of its name before the first ``"-"``."""
+    return stream.partition("-")[0]
+
+
+def _check_read_all(
+    from_position: int,
+    limit: int | None,
+    categories: Sequence[str] | None,
+    event_types: Sequence[str] | None,
+) -> tuple[int, int | None, frozenset[str] | None, frozenset[str] | None]:
+    """Check and normalize ``read_all``'s arguments: (start >= 1, limit >= 0 or None, sets)."""
+    if not isinstance(from_position, int) or isinstance(from_position, bool):
+        raise InvalidArgument(f"from_position must be an int, not {type(from_position).__name__}")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)):
+        raise InvalidArgument(f"limit must be an int or None, not {type(limit).__name__}")
+    return (
+        max(from_position, 1),
+        None if limit is None else max(limit, 0),
+        _names("categories", categories),
+        _names("event_types", event_types),
+    )
+
+
+def _names(what: str, names: Sequence[str] | None) -> frozenset[str] | None:
+    if names is None:
+        return None
+    if isinstance(names, str):
+        raise InvalidArgument(f"{what} must be a sequence of str, not a str")
+    found = frozenset(names)
+    for name in found:
+        if not isinstance(name, str):
+            raise InvalidArgument(f"{what} must hold str, not {type(name).__name__}")
+    return found
+
+
+@final
+class _AppendSignal:
+    """The in-process wake-up: set after every committed append.
+
+    A waiter calls :meth:`arm` *before* it reads, then waits on the event it
+    got: an append committed after the read sets it. Events are made only
+    when someone waits, so an append nobody waits for costs one attribute test.
+    """
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event: trio.Event | None = None
+
+    def arm(self) -> trio.Event:
+        """The event the next :meth:`notify` sets."""
+        if self._event is None:
+            self._event = trio.Event()
+        return self._event
+
+    def notify(self) -> None:
+        """Wake every task waiting for new events (from the Trio thread)."""
+        event = self._event
+        if event is not None:
+            self._event = None
+            event.set()
+
+
 def _check_command_id(command_id: object, *, required: bool = False) -> None:
     """Refuse a command id that is not a str (``None`` too, if ``required``)."""
     if isinstance(command_id, str) or (command_id is None and not required):
@@ -201,9 +305,10 @@ def _check_command_id(command_id: object, *, required: bool = False) -> None:
 
 @attrs.define(eq=False)
 class _MemoryStream:
-    # (type, data, metadata, recorded_at): tuples of atomic values, which the
-    # garbage collector stops tracking, so a big store costs it nothing.
-    events: list[tuple[str, bytes, bytes, float]] = attrs.field(factory=list)
+    name: str
+    # (type, data, metadata, recorded_at, position): tuples of atomic values,
+    # which the garbage collector stops tracking, so a big store costs it nothing.
+    events: list[tuple[str, bytes, bytes, float, int]] = attrs.field(factory=list)
     snapshot: Snapshot | None = None
     # command id -> the stream's version right after the append that carried it
     commands: dict[str, int] | None = None
@@ -222,6 +327,12 @@ class InMemoryEventStore:
     _streams: dict[str, _MemoryStream] = attrs.field(factory=dict, init=False)
     _tombstones: set[str] = attrs.field(factory=set, init=False)
     _detached: list[_MemoryStream] = attrs.field(factory=list, init=False)
+    # The global order: the event at position p is version _log_versions[p-1]
+    # of _log_streams[p-1] (left out of read_all once that stream object is no
+    # longer the live one of its name: deleted).
+    _log_streams: list[_MemoryStream] = attrs.field(factory=list, init=False)
+    _log_versions: list[int] = attrs.field(factory=list, init=False)
+    _append_signal: _AppendSignal = attrs.field(factory=_AppendSignal, init=False)
 
     def _check(self, stream: str) -> None:
         if not isinstance(stream, str):
@@ -251,11 +362,18 @@ class InMemoryEventStore:
         if not events and command_id is None:
             return version
         if entry is None:
-            entry = self._streams[stream] = _MemoryStream()
+            entry = self._streams[stream] = _MemoryStream(stream)
         if events:
             now = time.time()
-            entry.events.extend((e.type, e.data, e.metadata, now) for e in events)
-            version += len(events)
+            first = len(self._log_versions) + 1
+            count = len(events)
+            entry.events.extend(
+                (e.type, e.data, e.metadata, now, p) for p, e in enumerate(events, first)
+            )
+            self._log_streams.extend([entry] * count)
+            self._log_versions.extend(range(version + 1, version + count + 1))
+            version += count
+            self._append_signal.notify()
         if command_id is not None:
             if entry.commands is None:
                 entry.commands = {}
@@ -292,12 +410,53 @@ class InMemoryEventStore:
         entry = self._streams.get(stream)
         return 0 if entry is None else len(entry.events)
 
+    async def read_all(
+        self,
+        from_position: int = 1,
+        *,
+        limit: int | None = 1000,
+        categories: Sequence[str] | None = None,
+        event_types: Sequence[str] | None = None,
+    ) -> list[RecordedEvent]:
+        """Return up to ``limit`` events from ``from_position`` on, in position order.
+
+        See :meth:`EventStore.read_all`. Not a schedule point (only a cancellation check).
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        start, count, cats, types = _check_read_all(from_position, limit, categories, event_types)
+        found: list[RecordedEvent] = []
+        if count == 0:
+            return found
+        live = self._streams
+        log_streams = self._log_streams
+        log_versions = self._log_versions
+        for index in range(start - 1, len(log_versions)):
+            entry = log_streams[index]
+            name = entry.name
+            if live.get(name) is not entry:
+                continue  # a deleted stream's event
+            if cats is not None and name.partition("-")[0] not in cats:
+                continue
+            version = log_versions[index]
+            type_, data, metadata, recorded_at, position = entry.events[version - 1]
+            if types is not None and type_ not in types:
+                continue
+            found.append(RecordedEvent(name, version, type_, data, metadata, recorded_at, position))
+            if len(found) == count:
+                break
+        return found
+
+    async def head_position(self) -> int:
+        """Return the position of the last event appended (0 if none)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        return len(self._log_versions)
+
     async def save_snapshot(self, snapshot: Snapshot) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check(snapshot.stream)
         entry = self._streams.get(snapshot.stream)
         if entry is None:
-            entry = self._streams[snapshot.stream] = _MemoryStream()
+            entry = self._streams[snapshot.stream] = _MemoryStream(snapshot.stream)
         entry.snapshot = snapshot
 
     async def load_snapshot(self, stream: str) -> Snapshot | None:
@@ -312,6 +471,8 @@ class InMemoryEventStore:
         entry = self._streams.pop(stream, None)
         if hard:
             self._tombstones.add(stream)
+            if entry is not None:
+                entry.events.clear()  # erased (read_all skips the stream: not live)
         elif entry is not None:
             self._detached.append(entry)
 
