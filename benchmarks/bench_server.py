@@ -1,0 +1,663 @@
+"""The protocol server: requests/s and latency over TCP, against a bare Trio
+NDJSON echo server with the same framing, in the same run.
+
+Every server runs in its own subprocess (so it has one core and the load
+client the other); the load client (``_load_client.py``) is another process,
+the same for every server, with 100 connections, each keeping ``depth``
+requests in flight (a closed loop: a new request for each answer; depth 1 and
+16). A figure is requests/s answered ``ok`` in a fixed window after a
+warm-up, with the latency percentiles (p50/p90/p99, from the ``send_all``
+carrying a request to the receive bringing its answer).
+
+Servers:
+
+* ``echo`` (the baseline): ``trio.serve_tcp``; per connection, read a chunk
+  (64 KiB, as the library's server), split the lines, ``json.loads`` each,
+  build ``{"id": .., "ok": true, "version": 1, "result": null}``,
+  ``json.dumps`` it, and write the chunk's replies in one ``send_all``. It
+  does no work for the request beyond parsing it: every figure against it
+  measures what the library adds.
+* ``memory``: ``open_aggregate_server(app, "memory://", port=0)`` serving
+  ``examples/bank.py``'s app (its ``Account``).
+* ``sqlite``: the same on ``sqlite:///<temporary directory>/bench.db``.
+
+Workloads (sections for ``--only``):
+
+* ``deposit``: ``execute`` ``Deposit(amount=1)`` on 1,000 accounts created
+  beforehand (``create`` ``OpenAccount``, not timed); each connection walks
+  the keys with a stride of 7 from its own start. A write: on SQLite, an
+  acknowledged deposit is durable.
+* ``balance``: ``execute`` ``GetBalance`` (the handler answers from the live
+  state; no event is written).
+* ``ping``: ``{"op": "ping"}`` (the server's framing and dispatch alone; not
+  run on SQLite, where it is the same as in memory).
+
+After each library server's session the script reads every balance back and
+checks that their sum equals the deposits the client saw acknowledged.
+
+The target (the issue's): at least 0.5x the echo server's requests/s with
+the memory store, for ``deposit`` at both depths. The other rows are for
+information. A repetition runs every server once (each a fresh process and a
+fresh store), in an order that rotates; a figure is the best repetition.
+
+Usage (from the project root)::
+
+    .venv/bin/python benchmarks/bench_server.py --quick          # < 30 s
+    .venv/bin/python benchmarks/bench_server.py --json out/server.json
+    .venv/bin/python benchmarks/bench_server.py --profile py-spy  # where the time goes
+
+Extra options: ``--clients N`` (split the connections over N client
+processes), ``--pin`` (pin the server to CPU 0 and the clients to CPU 1),
+``--stores memory,sqlite``, ``--depths 1,16``, ``--connections 100``,
+``--duration S``, ``--profile py-spy|cprofile`` (after the figures, profile
+the memory server under ``deposit`` and print its top functions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import functools
+import importlib.util
+import json
+import os
+import pstats
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+WORKLOADS = ("deposit", "balance", "ping")
+STORES = ("memory", "sqlite")
+ACCOUNTS = 1000
+#: The workloads each server kind runs (ping is store-independent).
+STORE_WORKLOADS = {"echo": WORKLOADS, "memory": WORKLOADS, "sqlite": ("deposit", "balance")}
+TARGET = 0.5
+_RECEIVE_SIZE = 65536
+
+
+# == the servers (run as ``bench_server.py _serve KIND STORE``) ==================
+
+
+def load_bank_app() -> tuple[Any, str]:
+    """``examples/bank.py``'s ``app`` (or ``[Account]``) and Account's wire name."""
+    spec = importlib.util.spec_from_file_location("bank", ROOT / "examples" / "bank.py")
+    assert spec is not None and spec.loader is not None
+    bank = importlib.util.module_from_spec(spec)
+    sys.modules["bank"] = bank
+    spec.loader.exec_module(bank)
+    app = getattr(bank, "app", None) or [bank.Account]
+    if isinstance(app, Mapping):
+        wire = next(name for name, cls in app.items() if cls is bank.Account)
+    else:
+        wire = "Account"
+    return app, wire
+
+
+def serve_main(argv: Sequence[str]) -> None:
+    import trio
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("kind", choices=["echo", "aggregates"])
+    parser.add_argument("store")
+    parser.add_argument("--cprofile", metavar="PATH")
+    args = parser.parse_args(argv)
+
+    def announce(port: int, wire: str) -> None:
+        print(json.dumps({"port": port, "type": wire, "pid": os.getpid()}), flush=True)
+
+    async def until_signalled() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                return
+
+    async def echo_main() -> None:
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(
+                functools.partial(trio.serve_tcp, echo_connection, 0, host="127.0.0.1")
+            )
+            announce(listeners[0].socket.getsockname()[1], "Account")
+            await until_signalled()
+            nursery.cancel_scope.cancel()
+
+    async def aggregates_main() -> None:
+        from trio_aggregates._server import open_aggregate_server
+
+        app, wire = load_bank_app()
+        async with open_aggregate_server(app, args.store, host="127.0.0.1", port=0) as server:
+            announce(server.port, wire)
+            await until_signalled()
+
+    main = echo_main if args.kind == "echo" else aggregates_main
+    if args.cprofile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            trio.run(main)
+        finally:
+            profiler.disable()
+            profiler.dump_stats(args.cprofile)
+    else:
+        trio.run(main)
+
+
+async def echo_connection(stream: Any) -> None:
+    """The baseline: the same framing as the library's server, no work."""
+    import trio
+
+    loads, dumps = json.loads, json.dumps
+    buf = b""
+    try:
+        while True:
+            data = await stream.receive_some(_RECEIVE_SIZE)
+            if not data:
+                return
+            if buf:
+                data = buf + data
+            lines = data.split(b"\n")
+            buf = lines.pop()
+            out = []
+            for line in lines:
+                if not line.strip():
+                    continue
+                request = loads(line)
+                out.append(
+                    dumps({"id": request.get("id"), "ok": True, "version": 1, "result": None})
+                )
+            if out:
+                out.append("")
+                await stream.send_all("\n".join(out).encode())
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return
+
+
+# == the orchestration ================================================================
+
+
+class Server:
+    """A server subprocess; its first stdout line gives its port, wire type and pid."""
+
+    def __init__(
+        self,
+        kind: str,
+        store: str,
+        workdir: Path,
+        *,
+        pin: int | None,
+        profile: str | None = None,
+        profile_path: Path | None = None,
+    ) -> None:
+        self.kind = kind
+        serve_kind = "echo" if kind == "echo" else "aggregates"
+        command = [sys.executable, str(Path(__file__).resolve()), "_serve", serve_kind, store]
+        if profile == "cprofile":
+            command += ["--cprofile", str(profile_path)]
+        elif profile == "py-spy":
+            pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+            command = [
+                pyspy, "record", "--nolineno", "--format", "raw", "--rate", "250",
+                "--output", str(profile_path), "--", *command,
+            ]  # fmt: skip
+        self.stderr = open(workdir / f"server-{kind}.err", "w+")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            cwd=ROOT,
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        while line.startswith("py-spy>") or (line and not line.startswith("{")):
+            line = self.process.stdout.readline()
+        if not line:
+            self.process.wait(10)
+            self.stderr.seek(0)
+            raise RuntimeError(f"the {kind} server did not start:\n{self.stderr.read()}")
+        info = json.loads(line)
+        self.port: int = info["port"]
+        self.wire_type: str = info["type"]
+        self.pid: int = info["pid"]
+        if pin is not None:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(self.pid, {pin})
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+        self.stderr.close()
+
+
+class Clients:
+    """The load client processes (``_load_client.py``), driven by JSON lines."""
+
+    def __init__(self, server: Server, connections: int, n: int, pin: int | None) -> None:
+        self.processes: list[subprocess.Popen[str]] = []
+        per = [connections // n + (1 if i < connections % n else 0) for i in range(n)]
+        for index, count in enumerate(per):
+            command = [
+                sys.executable, str(HERE / "_load_client.py"),
+                "--port", str(server.port), "--connections", str(count),
+                "--server-pid", str(server.pid), "--index", str(index),
+            ]  # fmt: skip
+            process = subprocess.Popen(
+                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT
+            )
+            if pin is not None:
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(process.pid, {pin})
+            self.processes.append(process)
+        for process in self.processes:
+            self._read(process)
+
+    @staticmethod
+    def _read(process: subprocess.Popen[str]) -> dict[str, Any]:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the load client exited ({process.wait(10)})")
+        answer: dict[str, Any] = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"the load client failed: {answer['error']}")
+        return answer
+
+    def ask(self, cmd: dict[str, Any], only_first: bool = False) -> list[dict[str, Any]]:
+        targets = self.processes[:1] if only_first else self.processes
+        for process in targets:
+            assert process.stdin is not None
+            process.stdin.write(json.dumps(cmd) + "\n")
+            process.stdin.flush()
+        return [self._read(process) for process in targets]
+
+    def close(self) -> None:
+        for process in self.processes:
+            with contextlib.suppress(OSError):
+                assert process.stdin is not None
+                process.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+                process.stdin.close()
+        for process in self.processes:
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+
+
+def percentile(hist: Mapping[int, int], q: float) -> float:
+    """The ``q``-quantile (0..1) of a histogram of whole microseconds, in µs."""
+    total = sum(hist.values())
+    if not total:
+        return float("nan")
+    rank = q * total
+    seen = 0
+    for value in sorted(hist):
+        seen += hist[value]
+        if seen >= rank:
+            return float(value)
+    return float(max(hist))
+
+
+def merge(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One cell's figures from the answers of every client process."""
+    hist: collections.Counter[int] = collections.Counter()
+    errors: collections.Counter[str] = collections.Counter()
+    for r in results:
+        hist.update({int(k): v for k, v in r["hist"].items()})
+        errors.update(r["errors"])
+    count = sum(r["count"] for r in results)
+    seconds = results[0]["seconds"]
+    server_cpu = results[0]["server_cpu"]
+    return {
+        "rate": count / seconds,
+        "count": count,
+        "seconds": seconds,
+        "p50_us": percentile(hist, 0.50),
+        "p90_us": percentile(hist, 0.90),
+        "p99_us": percentile(hist, 0.99),
+        "max_us": float(max(hist)) if hist else float("nan"),
+        "errors": dict(errors),
+        "client_cpu": [r["client_cpu"] for r in results],
+        "server_cpu": server_cpu,
+    }
+
+
+def progress(what: str, _start: list[float] = []) -> None:  # noqa: B006 - the start time
+    if not _start:
+        _start.append(time.perf_counter())
+    print(f"[{time.perf_counter() - _start[0]:6.1f} s] {what}", flush=True)
+
+
+@contextlib.contextmanager
+def session(
+    kind: str, workdir: Path, p: dict[str, Any], *, profile: str | None = None,
+    profile_path: Path | None = None,
+) -> Iterator[tuple[Server, Clients]]:  # fmt: skip
+    """A fresh server (and store) with its clients connected and the accounts created."""
+    if kind == "echo":
+        store = "-"
+    elif kind == "memory":
+        store = "memory://"
+    else:
+        db = workdir / f"bench-{time.monotonic_ns()}.db"
+        store = f"sqlite:///{db}"
+    server = Server(
+        kind,
+        store,
+        workdir,
+        pin=0 if p["pin"] else None,
+        profile=profile,
+        profile_path=profile_path,
+    )
+    clients = None
+    try:
+        clients = Clients(server, p["connections"], p["clients"], 1 if p["pin"] else None)
+        clients.ask({"cmd": "setup", "type": server.wire_type, "accounts": ACCOUNTS}, True)
+        yield server, clients
+    finally:
+        if clients is not None:
+            clients.close()
+        server.stop()
+
+
+def run_cell(
+    server: Server, clients: Clients, workload: str, depth: int, p: dict[str, Any]
+) -> dict[str, Any]:
+    cmd = {
+        "cmd": "run",
+        "workload": workload,
+        "depth": depth,
+        "start_ns": time.monotonic_ns() + 50_000_000,
+        "warmup": p["warmup"],
+        "duration": p["duration"],
+        "type": server.wire_type,
+        "accounts": ACCOUNTS,
+    }
+    return merge(clients.ask(cmd))
+
+
+def check_balances(server: Server, clients: Clients) -> dict[str, Any]:
+    answers = clients.ask({"cmd": "balances", "type": server.wire_type, "accounts": ACCOUNTS})
+    total = answers[0]["total"]
+    acked = sum(a["acked_deposits"] for a in answers)
+    if total != acked:
+        raise RuntimeError(
+            f"{server.kind}: the balances add up to {total}, but {acked} deposits were acknowledged"
+        )
+    return {"total": total, "acked_deposits": acked}
+
+
+# -- profiling ------------------------------------------------------------------------
+
+
+def pyspy_top(path: Path, n: int) -> list[tuple[str, float, float]]:
+    """(function, self %, inclusive %) of py-spy's raw (collapsed) stacks."""
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_text)
+        frames = [f.strip() for f in stack.split(";")]
+        frames = [f for f in frames if not f.startswith("process ") and not f.startswith("thread ")]
+        if not frames:
+            continue
+        total += count
+        own[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    rows = [
+        (name, 100 * count / total, 100 * inclusive[name] / total)
+        for name, count in own.most_common(n)
+    ]
+    return rows
+
+
+def pyspy_inclusive(path: Path, n: int) -> list[tuple[str, float]]:
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_text)
+        total += count
+        for frame in {f.strip() for f in stack.split(";")}:
+            inclusive[frame] += count
+    return [(name, 100 * c / total) for name, c in inclusive.most_common(n)]
+
+
+def run_profile(kind: str, workdir: Path, p: dict[str, Any], out: TextIO) -> dict[str, Any]:
+    """Profile the memory server under ``deposit`` at each depth; print the top functions."""
+    report: dict[str, Any] = {"profiler": kind, "depths": {}}
+    for depth in p["depths"]:
+        path = workdir / f"profile-d{depth}.{'prof' if kind == 'cprofile' else 'txt'}"
+        with session("memory", workdir, p, profile=kind, profile_path=path) as (server, clients):
+            run_cell(server, clients, "deposit", depth, p)  # warm up
+            figures = run_cell(server, clients, "deposit", depth, p)
+        deadline = time.monotonic() + 30
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        print(
+            f"\nprofile ({kind}), memory server, deposit, depth {depth}:"
+            f" {figures['rate']:,.0f} requests/s under the profiler",
+            file=out,
+        )
+        entry: dict[str, Any] = {"rate_under_profiler": figures["rate"]}
+        if kind == "py-spy":
+            top = pyspy_top(path, 30)
+            print(f"  {'self %':>7} {'incl %':>7}  function (file)", file=out)
+            for name, self_pct, incl_pct in top:
+                print(f"  {self_pct:7.1f} {incl_pct:7.1f}  {name}", file=out)
+            incl = pyspy_inclusive(path, 45)
+            print(f"\n  {'incl %':>7}  function (file), by inclusive time", file=out)
+            for name, pct in incl:
+                print(f"  {pct:7.1f}  {name}", file=out)
+            entry["top_self"] = top
+            entry["top_inclusive"] = incl
+        else:
+            stats = pstats.Stats(str(path), stream=out)
+            stats.sort_stats("tottime").print_stats(30)
+            stats.sort_stats("cumulative").print_stats(40)
+        report["depths"][str(depth)] = entry
+    return report
+
+
+# -- main -----------------------------------------------------------------------------
+
+
+def parameters(args: argparse.Namespace, extra: argparse.Namespace) -> dict[str, Any]:
+    p: dict[str, Any] = {
+        "connections": extra.connections,
+        "depths": [int(d) for d in extra.depths.split(",")],
+        "stores": [s.strip() for s in extra.stores.split(",") if s.strip()],
+        "workloads": list(args.only),
+        "accounts": ACCOUNTS,
+        "clients": extra.clients,
+        "pin": extra.pin,
+        "warmup": 0.2 if args.quick else 0.5,
+        "duration": extra.duration or (0.6 if args.quick else 2.0),
+        "reps_server": 1 if args.quick else 3,
+        "server_receive_size": _RECEIVE_SIZE,
+    }
+    if args.reps is not None:
+        p["reps_server"] = args.reps
+    unknown = set(p["stores"]) - set(STORES)
+    if unknown:
+        raise SystemExit(f"unknown store(s) {sorted(unknown)}; choose from {list(STORES)}")
+    return p
+
+
+def fmt_us(us: float) -> str:
+    if us != us:  # NaN
+        return "-"
+    if us >= 1000:
+        return f"{us / 1000:.2f} ms"
+    return f"{us:.0f} µs"
+
+
+def fmt_cpu(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_serve"]:
+        serve_main(argv[1:])
+        return 0
+    from _common import Report, parse_args
+
+    extra_parser = argparse.ArgumentParser(add_help=False)
+    extra_parser.add_argument("--clients", type=int, default=1)
+    extra_parser.add_argument("--pin", action="store_true")
+    extra_parser.add_argument("--stores", default=",".join(STORES))
+    extra_parser.add_argument("--depths", default="1,16")
+    extra_parser.add_argument("--connections", type=int, default=100)
+    extra_parser.add_argument("--duration", type=float, default=None)
+    extra_parser.add_argument("--profile", choices=["py-spy", "cprofile"], default=None)
+    extra, rest = extra_parser.parse_known_args(argv)
+    doc = (__doc__ or "").splitlines()[0]
+    args = parse_args(
+        doc + " (also: --clients N --pin --stores --depths --profile)", WORKLOADS, rest
+    )
+    p = parameters(args, extra)
+    report = Report("bench_server", quick=args.quick, parameters=p, baseline_label="echo server")
+
+    kinds = ["echo", *p["stores"]]
+    cells: dict[tuple[str, str, int], list[dict[str, Any]]] = collections.defaultdict(list)
+    checks: list[dict[str, Any]] = []
+    workdir = Path(tempfile.mkdtemp(prefix="bench_server-"))
+    try:
+        for rep in range(p["reps_server"]):
+            k = rep % len(kinds)
+            for kind in kinds[k:] + kinds[:k]:
+                workloads = [w for w in STORE_WORKLOADS[kind] if w in p["workloads"]]
+                if not workloads:
+                    continue
+                progress(f"rep {rep + 1}/{p['reps_server']}: {kind} server")
+                with session(kind, workdir, p) as (server, clients):
+                    for workload in workloads:
+                        for depth in p["depths"]:
+                            figures = run_cell(server, clients, workload, depth, p)
+                            cells[kind, workload, depth].append(figures)
+                    if kind != "echo":
+                        checks.append({"server": kind, **check_balances(server, clients)})
+        profile_report = None
+        if extra.profile:
+            progress(f"profiling the memory server with {extra.profile}")
+            profile_report = run_profile(extra.profile, workdir, p, sys.stdout)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    progress("done")
+
+    # -- the house-style table: requests/s, ratio to the echo server --
+    for store in p["stores"]:
+        for workload in STORE_WORKLOADS[store]:
+            if workload not in p["workloads"]:
+                continue
+            for depth in p["depths"]:
+                echo = [c["rate"] for c in cells["echo", workload, depth]]
+                lib = [c["rate"] for c in cells[store, workload, depth]]
+                target = TARGET if store == "memory" and workload == "deposit" else None
+                report.compare(
+                    f"{store}_{workload}_d{depth}",
+                    f"{store}: {workload}, {p['connections']} conns x {depth} in flight"
+                    " (requests/s)",
+                    "ops/s",
+                    "higher",
+                    echo,
+                    lib,
+                    target=target,
+                )
+    print()
+    report.print_table()
+
+    # -- the detailed table: latency percentiles, CPU, errors (best repetition) --
+    print()
+    rows = [
+        ("server", "workload", "depth", "requests/s", "p50", "p90", "p99", "max",
+         "vs echo", "server CPU", "client CPU", "errors"),
+    ]  # fmt: skip
+    best: dict[str, Any] = {}
+    for kind in kinds:
+        for workload in STORE_WORKLOADS[kind]:
+            for depth in p["depths"]:
+                samples = cells.get((kind, workload, depth))
+                if not samples:
+                    continue
+                top = max(samples, key=lambda c: c["rate"])
+                echo_samples = cells.get(("echo", workload, depth)) or [{"rate": float("nan")}]
+                ratio = top["rate"] / max(c["rate"] for c in echo_samples)
+                best[f"{kind}_{workload}_d{depth}"] = {**top, "ratio_to_echo": ratio}
+                rows.append(
+                    (
+                        kind, workload, str(depth), f"{top['rate']:,.0f}",
+                        fmt_us(top["p50_us"]), fmt_us(top["p90_us"]), fmt_us(top["p99_us"]),
+                        fmt_us(top["max_us"]), f"{ratio:.2f}x", fmt_cpu(top["server_cpu"]),
+                        "/".join(fmt_cpu(c) for c in top["client_cpu"]),
+                        ", ".join(f"{c}: {n}" for c, n in top["errors"].items()) or "0",
+                    )
+                )  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for n, row in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+    saturated = [
+        name
+        for name, c in best.items()
+        if any(cpu is not None and cpu >= 0.9 for cpu in c["client_cpu"])
+    ]
+    print(
+        f"(best of {p['reps_server']}; latency from the send carrying a request to the receive"
+        " bringing its answer; CPU = share of one core over the window)"
+    )
+    if saturated:
+        print(
+            "NOTE: the load client used >= 90% of a core in: "
+            + ", ".join(saturated)
+            + " (those figures may be the client's limit; try --clients 2)"
+        )
+    for check in checks:
+        print(
+            f"balances add up on {check['server']}: {check['total']:,}"
+            f" == {check['acked_deposits']:,} deposits acknowledged"
+        )
+
+    if args.json:
+        data = report.as_json()
+        data["cells"] = {
+            f"{kind}_{workload}_d{depth}": samples
+            for (kind, workload, depth), samples in cells.items()
+        }
+        data["best"] = best
+        data["balance_checks"] = checks
+        data["client_saturated"] = saturated
+        if profile_report is not None:
+            data["profile"] = profile_report
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    sys.exit(main())
