@@ -1,0 +1,940 @@
+"""The sans-IO wire codec (``_protocol.py``) keeps the rules its docstring states.
+
+No sockets and no Trio: bytes go into the codecs and values come out. Every
+bad input the spec lists gets its precise answer (and the id when the line
+parsed with a valid one), the framing survives oversized lines split over many
+reads, and two Hypothesis properties hold the server codec to "never raises,
+stays bounded, still parses the next good line" and the client/server pair to
+"what the client encodes, the server parses back, however the bytes arrive".
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from trio_aggregates import _exceptions as exc_mod
+from trio_aggregates._protocol import (
+    DEFAULT_MAX_LINE_BYTES,
+    OPS,
+    PROTOCOL_VERSION,
+    BadLine,
+    ClientCodec,
+    ErrorCode,
+    ProtocolError,
+    Request,
+    Response,
+    ServerCodec,
+    error_code_for,
+    error_details,
+)
+
+BAD = ErrorCode.BAD_REQUEST
+
+
+def one(data: bytes, **kwargs: Any) -> Request | BadLine:
+    """The single item a fresh server codec makes of ``data``."""
+    items = ServerCodec(**kwargs).receive_data(data)
+    assert len(items) == 1, items
+    return items[0]
+
+
+def line(**fields: Any) -> bytes:
+    return json.dumps(fields).encode() + b"\n"
+
+
+def bad(data: bytes, id: Any = None, code: ErrorCode = BAD) -> str:
+    """Assert ``data`` gives one BadLine with ``id`` and ``code``; return its message."""
+    item = one(data)
+    assert isinstance(item, BadLine), item
+    assert item.id == id
+    assert item.code is code
+    return item.message
+
+
+EXEC = {"id": 7, "type": "Account", "key": "a1", "command": "Deposit", "data": {"amount": 5}}
+
+
+# -- constants -----------------------------------------------------------------
+
+
+def test_constants() -> None:
+    assert PROTOCOL_VERSION == 1
+    assert DEFAULT_MAX_LINE_BYTES == 1 << 20
+    assert OPS == ("execute", "create", "load", "version", "history", "stats", "ping", "hello")
+    assert [c.value for c in ErrorCode] == [
+        "bad_request",
+        "too_large",
+        "unknown_type",
+        "unknown_command",
+        "not_found",
+        "already_exists",
+        "rejected",
+        "wrong_expected_version",
+        "conflict",
+        "timeout",
+        "store_unavailable",
+        "unauthorized",
+        "overloaded",
+        "shutting_down",
+        "internal",
+    ]
+    assert ErrorCode.BAD_REQUEST == "bad_request"  # type: ignore[comparison-overlap]
+    assert str(ErrorCode.TOO_LARGE) == "too_large"
+    assert issubclass(ProtocolError, exc_mod.TrioAggregatesError)
+
+
+# -- valid requests ------------------------------------------------------------
+
+
+def test_full_execute_request() -> None:
+    fields = {
+        "id": "r-1",
+        "op": "execute",
+        "type": "Account",
+        "key": 42,
+        "command": "Withdraw",
+        "data": {"amount": 3, "note": "é"},
+        "expected_version": 0,
+        "dry_run": True,
+        "command_id": "c" * 200,
+        "metadata": {"user": "bob", "correlation_id": "corr", "causation_id": "cause"},
+        "create": True,
+        "unknown_future_field": [1, 2],
+    }
+    request = one(line(**fields))
+    assert request == Request(
+        id="r-1",
+        op="execute",
+        type="Account",
+        key=42,
+        command="Withdraw",
+        data={"amount": 3, "note": "é"},
+        expected_version=0,
+        dry_run=True,
+        command_id="c" * 200,
+        metadata={"user": "bob", "correlation_id": "corr", "causation_id": "cause"},
+        create=True,
+    )
+    assert isinstance(request, Request)
+    assert request.correlation_id == "corr"
+    assert request.causation_id == "cause"
+    assert request.extra_metadata == {"user": "bob"}
+
+
+def test_defaults_and_nulls_count_as_absent() -> None:
+    request = one(b'{"type":"A","key":"k","command":"C"}\n')
+    assert request == Request(type="A", key="k", command="C")
+    assert isinstance(request, Request)
+    assert request.op == "execute"
+    assert request.id is None
+    assert request.data == {}
+    assert request.dry_run is False
+    assert request.create is False
+    assert request.metadata is None
+    assert request.correlation_id is None
+    assert request.extra_metadata is None
+    nulls = {
+        "id": None,
+        "op": None,
+        "data": None,
+        "expected_version": None,
+        "dry_run": None,
+        "command_id": None,
+        "metadata": None,
+        "create": None,
+        "token": None,
+    }
+    assert one(line(type="A", key="k", command="C", **nulls)) == request
+
+
+def test_extra_metadata() -> None:
+    def extra(metadata: dict[str, Any]) -> Any:
+        request = one(line(**EXEC, metadata=metadata))
+        assert isinstance(request, Request)
+        return request.extra_metadata
+
+    assert extra({}) is None
+    assert extra({"a": 1}) == {"a": 1}
+    assert extra({"correlation_id": "x"}) is None
+    assert extra({"causation_id": "x", "b": [1]}) == {"b": [1]}
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"op": "create", "type": "A", "key": 1, "command": "Open"}, {"command": "Open"}),
+        ({"op": "load", "type": "A", "key": 1}, {}),
+        ({"op": "version", "type": "A", "key": ""}, {"key": ""}),
+        ({"op": "history", "type": "A", "key": -3}, {"key": -3}),
+        ({"op": "stats"}, {"type": None, "key": None}),
+        ({"op": "ping", "id": 0}, {"type": None, "key": None, "id": 0}),
+        ({"op": "hello", "token": "s3cret"}, {"type": None, "key": None, "token": "s3cret"}),
+        ({"op": "hello"}, {"type": None, "key": None}),
+    ],
+)
+def test_each_op(fields: dict[str, Any], expected: dict[str, Any]) -> None:
+    request = one(line(**fields))
+    assert isinstance(request, Request)
+    want = {"type": "A", "key": 1, **fields, **expected}
+    assert request == Request(**want)
+
+
+def test_token_not_in_repr() -> None:
+    request = one(line(op="hello", token="s3cret"))
+    assert "s3cret" not in repr(request)
+
+
+def test_int_and_str_ids_echoed() -> None:
+    for id_ in (0, -1, 2**70, "", "x" * 1000, "é"):
+        request = one(line(op="ping", id=id_))
+        assert isinstance(request, Request)
+        assert request.id == id_
+        assert type(request.id) is type(id_)
+
+
+# -- bad requests --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("op", "explode", "unknown op 'explode'"),
+        ("op", 3, "unknown op 3"),
+        ("op", ["execute"], "unknown op"),
+        ("type", 3, "'type' must be a string, not an integer"),
+        ("type", ["A"], "'type' must be a string, not an array"),
+        ("key", True, "'key' must be a string or an integer, not a boolean"),
+        ("key", 1.5, "'key' must be a string or an integer, not a number"),
+        ("key", 1.0, "not a number"),
+        ("key", {"a": 1}, "not an object"),
+        ("key", [1], "not an array"),
+        ("command", 5, "'command' must be a string"),
+        ("command", False, "'command' must be a string"),
+        ("data", [], "'data' must be an object, not an array"),
+        ("data", "x", "'data' must be an object, not a string"),
+        ("data", 0, "'data' must be an object"),
+        ("expected_version", -1, "'expected_version' must be an integer >= 0"),
+        ("expected_version", True, "not a boolean"),
+        ("expected_version", False, "not a boolean"),
+        ("expected_version", 1.0, "not a number"),
+        ("expected_version", "3", "not a string"),
+        ("dry_run", 1, "'dry_run' must be a boolean, not an integer"),
+        ("dry_run", "true", "'dry_run' must be a boolean"),
+        ("command_id", "", "'command_id' must be a non-empty string of at most 200"),
+        ("command_id", "c" * 201, "at most 200 characters"),
+        ("command_id", 17, "not an integer"),
+        ("metadata", [], "'metadata' must be an object, not an array"),
+        ("metadata", "m", "'metadata' must be an object"),
+        ("metadata", {"command_id": "x"}, "metadata key 'command_id' is reserved"),
+        ("metadata", {"command": "x"}, "metadata key 'command' is reserved"),
+        ("metadata", {"at": "x"}, "metadata key 'at' is reserved"),
+        ("metadata", {"correlation_id": 5}, "'metadata.correlation_id' must be a string"),
+        ("metadata", {"causation_id": None}, "'metadata.causation_id' must be a string"),
+        ("create", "yes", "'create' must be a boolean, not a string"),
+        ("create", 1, "'create' must be a boolean"),
+        ("token", 123, "'token' must be a string"),
+    ],
+)
+def test_wrong_field(field: str, value: Any, words: str) -> None:
+    message = bad(line(**{**EXEC, field: value}), id=7)
+    assert words in message
+
+
+@pytest.mark.parametrize("value", [True, False, 1.5, 1.0, [1], {"a": 1}])
+def test_wrong_id_gives_null_id(value: Any) -> None:
+    message = bad(line(**{**EXEC, "id": value}))
+    assert "'id' must be a string or an integer" in message
+
+
+@pytest.mark.parametrize(
+    ("op", "missing"),
+    [
+        (op, field)
+        for op, fields in [
+            ("execute", ("type", "key", "command")),
+            ("create", ("type", "key", "command")),
+            ("load", ("type", "key")),
+            ("version", ("type", "key")),
+            ("history", ("type", "key")),
+        ]
+        for field in fields
+    ],
+)
+def test_missing_field(op: str, missing: str) -> None:
+    fields: dict[str, Any] = {"id": "q", "op": op, "type": "A", "key": "k", "command": "C"}
+    del fields[missing]
+    assert bad(line(**fields), id="q") == f"op {op!r} needs {missing!r}"
+    fields[missing] = None  # null is absent
+    assert bad(line(**fields), id="q") == f"op {op!r} needs {missing!r}"
+
+
+def test_execute_is_the_default_op_for_missing_fields() -> None:
+    assert bad(b'{"id":1,"type":"A","key":"k"}\n', id=1) == "op 'execute' needs 'command'"
+    assert bad(b"{}\n") == "op 'execute' needs 'type'"
+
+
+def test_bad_utf8() -> None:
+    assert "not valid UTF-8" in bad(b'{"id":1,"op":"ping","x":"\xff"}\n')
+    assert "not valid UTF-8" in bad(b"\xc3\x28\n")
+    # Encoded surrogates are not UTF-8; nor is UTF-16, which json.loads(bytes) would accept.
+    assert "not valid UTF-8" in bad('{"op":"ping"}'.encode("utf-16") + b"\n")
+    assert bad('{"op":"ping"}'.encode("utf-16-le") + b"\n").startswith("invalid JSON")
+    assert "not valid UTF-8" in bad(b'{"op":"ping","x":"\xed\xa0\x80"}\n')
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"not json\n",
+        b"{\n",
+        b'{"id":1,}\n',
+        b"{'id':1}\n",
+        b'{"id":1} {"id":2}\n',
+        b'{"x":NaN}\n',
+        b'{"x":Infinity}\n',
+        b'{"x":-Infinity}\n',
+        b'\xef\xbb\xbf{"op":"ping"}\n',  # a byte-order mark
+        b'{"x":' + b"1" * 5000 + b"}\n",  # more digits than Python converts
+        b"[" * 100_000 + b"\n",  # nested too deeply for the parser
+        b'{"a":' * 100_000 + b"\n",
+    ],
+)
+def test_bad_json(data: bytes) -> None:
+    assert bad(data).startswith("invalid JSON")
+
+
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [
+        (b"[1,2]\n", "an array"),
+        (b'"ping"\n', "a string"),
+        (b"42\n", "an integer"),
+        (b"4.5\n", "a number"),
+        (b"null\n", "null"),
+        (b"true\n", "a boolean"),
+        (b"[]\n", "an array"),
+    ],
+)
+def test_not_an_object(data: bytes, kind: str) -> None:
+    assert bad(data) == f"a line must be a JSON object, not {kind}"
+
+
+def test_bad_lines_do_not_disturb_good_ones() -> None:
+    codec = ServerCodec()
+    data = b"".join(
+        [
+            line(op="ping", id=1),
+            b"garbage\n",
+            line(op="ping", id=True),
+            b"\xff\xfe\n",
+            line(op="load", id=2),
+            line(op="ping", id=3),
+        ]
+    )
+    items = codec.receive_data(data)
+    assert [type(i).__name__ for i in items] == [
+        "Request",
+        "BadLine",
+        "BadLine",
+        "BadLine",
+        "BadLine",
+        "Request",
+    ]
+    assert [i.id for i in items] == [1, None, None, None, 2, 3]
+
+
+# -- framing -------------------------------------------------------------------
+
+
+def test_crlf_empty_and_blank_lines() -> None:
+    codec = ServerCodec()
+    items = codec.receive_data(
+        b'\n\r\n  \n\t\r\n{"op":"ping","id":1}\r\n\n\n{"op":"ping","id":2}\n \r\n'
+    )
+    assert items == [Request(op="ping", id=1), Request(op="ping", id=2)]
+    assert codec.buffered == 0
+
+
+def test_only_one_cr_is_stripped() -> None:
+    # "...}\r\r\n": one \r is the line end, the other is JSON whitespace.
+    assert one(b'{"op":"ping"}\r\r\n') == Request(op="ping")
+    # A bare \r is not a line end.
+    assert ServerCodec().receive_data(b'{"op":"ping"}\r{"op":"ping"}\r') == []
+
+
+def test_partial_line_across_reads() -> None:
+    codec = ServerCodec()
+    data = line(**EXEC) + line(op="ping", id=8)
+    items: list[Request | BadLine] = []
+    for i in range(len(data)):
+        items += codec.receive_data(data[i : i + 1])
+    assert [i.id for i in items] == [7, 8]
+    assert all(isinstance(i, Request) for i in items)
+    assert codec.buffered == 0
+
+
+def test_crlf_split_between_reads() -> None:
+    codec = ServerCodec()
+    assert codec.receive_data(b'{"op":"ping"}\r') == []
+    assert codec.receive_data(b"\n") == [Request(op="ping")]
+
+
+def test_line_of_exactly_the_limit() -> None:
+    body = b'{"op":"ping","pad":"'
+    good = body + b"x" * (100 - len(body) - 2) + b'"}'
+    assert len(good) == 100
+    assert one(good + b"\n", max_line_bytes=100) == Request(op="ping")
+    # The limit counts a trailing \r: 100 bytes of JSON + \r is 101.
+    assert isinstance(one(good + b"\r\n", max_line_bytes=100), BadLine)
+    assert one(good[:-3] + b'"}\r\n', max_line_bytes=100) == Request(op="ping")
+    # Byte by byte, the same.
+    codec = ServerCodec(max_line_bytes=100)
+    items: list[Request | BadLine] = []
+    for b in good + b"\n" + good + b"x\n":
+        items += codec.receive_data(bytes([b]))
+        assert codec.buffered <= 100
+    assert items == [
+        Request(op="ping"),
+        BadLine(None, ErrorCode.TOO_LARGE, "line longer than 100 bytes (skipped)"),
+    ]
+
+
+def test_too_large_in_one_read_then_good_line() -> None:
+    codec = ServerCodec(max_line_bytes=64)
+    items = codec.receive_data(b"x" * 65 + b"\n" + line(op="ping", id=1))
+    assert items == [
+        BadLine(None, ErrorCode.TOO_LARGE, "line longer than 64 bytes (skipped)"),
+        Request(op="ping", id=1),
+    ]
+
+
+def test_too_large_split_over_many_reads_then_good_line() -> None:
+    codec = ServerCodec(max_line_bytes=1000)
+    items = codec.receive_data(line(op="ping", id=1)[:-1])  # a request, still partial
+    assert items == []
+    assert codec.buffered > 0
+    # ... that grows far beyond the limit, in many reads.
+    for _ in range(500):
+        items += codec.receive_data(b'"x":' * 64)
+        assert codec.buffered <= 1000
+    assert items == [BadLine(None, ErrorCode.TOO_LARGE, "line longer than 1000 bytes (skipped)")]
+    assert codec.buffered == 0  # the rest of the line is not kept
+    items = codec.receive_data(b"still the same line\r\n" + line(op="ping", id=2)[:5])
+    assert items == []  # one too_large for the whole line, nothing for its rest
+    items = codec.receive_data(line(op="ping", id=2)[5:] + b'{"op":"pi')
+    assert items == [Request(op="ping", id=2)]
+    assert codec.receive_data(b'ng"}\n') == [Request(op="ping")]
+
+
+def test_too_large_tail_in_same_read() -> None:
+    codec = ServerCodec(max_line_bytes=10)
+    items = codec.receive_data(b'{"op":"ping"}' + b"\n" + b"y" * 11)
+    assert items == [
+        BadLine(None, ErrorCode.TOO_LARGE, "line longer than 10 bytes (skipped)"),
+        BadLine(None, ErrorCode.TOO_LARGE, "line longer than 10 bytes (skipped)"),
+    ]
+    assert codec.buffered == 0
+    assert codec.receive_data(b"yyyy\n{}\n") == [BadLine(None, BAD, "op 'execute' needs 'type'")]
+
+
+def test_too_large_partial_plus_next_read() -> None:
+    codec = ServerCodec(max_line_bytes=10)
+    assert codec.receive_data(b"x" * 8) == []
+    assert codec.buffered == 8
+    # The newline comes, but the line is 12 bytes.
+    items = codec.receive_data(b"xxxx\n{}\n")
+    assert [i.code for i in items] == [ErrorCode.TOO_LARGE, BAD]  # type: ignore[union-attr]
+    assert codec.buffered == 0
+
+
+def test_eof() -> None:
+    codec = ServerCodec()
+    assert codec.receive_data(line(op="ping")) == [Request(op="ping")]
+    assert codec.receive_data(b"") == []
+    with pytest.raises(RuntimeError, match="after EOF"):
+        codec.receive_data(b"more")
+    with pytest.raises(RuntimeError, match="after EOF"):
+        codec.receive_data(b"")
+
+
+@pytest.mark.parametrize(
+    "fragment", [b'{"op":"ping"}', b'{"op":', b"x", b"\xff", b'{"op":"ping"}\r', b"[1]"]
+)
+def test_eof_with_a_fragment(fragment: bytes) -> None:
+    codec = ServerCodec()
+    assert codec.receive_data(line(op="ping", id=1) + fragment) == [Request(op="ping", id=1)]
+    assert codec.receive_data(b"") == [
+        BadLine(None, BAD, "connection closed in the middle of a line")
+    ]
+    with pytest.raises(RuntimeError):
+        codec.receive_data(b"x")
+
+
+def test_eof_with_blank_fragment_or_while_skipping() -> None:
+    codec = ServerCodec()
+    codec.receive_data(b"  \r")
+    assert codec.receive_data(b"") == []
+    codec = ServerCodec(max_line_bytes=4)
+    assert [i.code for i in codec.receive_data(b"x" * 9)] == [ErrorCode.TOO_LARGE]  # type: ignore[union-attr]
+    assert codec.receive_data(b"") == []  # that line was answered already
+
+
+@pytest.mark.parametrize("limit", [0, -1, 1.5, True, "10"])
+def test_bad_limit(limit: Any) -> None:
+    with pytest.raises(exc_mod.InvalidArgument):
+        ServerCodec(max_line_bytes=limit)
+    with pytest.raises(exc_mod.InvalidArgument):
+        ClientCodec(max_line_bytes=limit)
+
+
+# -- encoding ------------------------------------------------------------------
+
+
+def test_encode_ok() -> None:
+    codec = ServerCodec()
+    assert codec.encode_ok(1, "pong") == b'{"id":1,"ok":true,"result":"pong"}\n'
+    assert codec.encode_ok("a", None, 0) == b'{"id":"a","ok":true,"version":0,"result":null}\n'
+    assert (
+        codec.encode_ok(None, {"b": [1, 2.5, True, None], "é": "ü"}, 12)
+        == '{"id":null,"ok":true,"version":12,"result":{"b":[1,2.5,true,null],"é":"ü"}}\n'.encode()
+    )
+    assert codec.encode_ok(1, ("t", 1)) == b'{"id":1,"ok":true,"result":["t",1]}\n'
+    assert codec.encode_ok(1, "a\nb") == b'{"id":1,"ok":true,"result":"a\\nb"}\n'
+
+
+def test_encode_error() -> None:
+    codec = ServerCodec()
+    assert (
+        codec.encode_error(3, ErrorCode.NOT_FOUND, "aggregate 'x' does not exist")
+        == b'{"id":3,"ok":false,"error":{"code":"not_found",'
+        b'"message":"aggregate \'x\' does not exist"}}\n'
+    )
+    assert (
+        codec.encode_error(None, ErrorCode.REJECTED, "too poor", "InsufficientFunds")
+        == b'{"id":null,"ok":false,"error":{"code":"rejected","message":"too poor",'
+        b'"reason":"InsufficientFunds"}}\n'
+    )
+    assert codec.encode_error("i", "future_code", "m") == (
+        b'{"id":"i","ok":false,"error":{"code":"future_code","message":"m"}}\n'
+    )
+
+
+def test_encode_exception() -> None:
+    codec = ServerCodec()
+
+    class InsufficientFunds(exc_mod.CommandRejected):
+        pass
+
+    assert json.loads(codec.encode_exception(1, InsufficientFunds("balance 3 < 5"))) == {
+        "id": 1,
+        "ok": False,
+        "error": {"code": "rejected", "message": "balance 3 < 5", "reason": "InsufficientFunds"},
+    }
+    assert json.loads(codec.encode_exception(2, KeyError("secret"))) == {
+        "id": 2,
+        "ok": False,
+        "error": {"code": "internal", "message": "internal error (KeyError)"},
+    }
+
+
+@pytest.mark.parametrize(
+    "result",
+    [float("nan"), float("inf"), -float("inf"), {"x": [float("nan")]}, object(), {1, 2}, b"x"],
+)
+def test_encode_unencodable_raises_type_error(result: Any) -> None:
+    with pytest.raises(TypeError):
+        ServerCodec().encode_ok(1, result)
+
+
+def test_encode_cycle_and_deep_raise_type_error() -> None:
+    cycle: list[Any] = []
+    cycle.append(cycle)
+    with pytest.raises(TypeError):
+        ServerCodec().encode_ok(1, cycle)
+    deep: list[Any] = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(TypeError):
+        ServerCodec().encode_ok(1, deep)
+
+
+def test_lone_surrogate_is_escaped() -> None:
+    # json.loads accepts "\ud800"; the reply must still be valid UTF-8 and carry it back.
+    request = one(b'{"op":"ping","id":"a\\ud800"}\n')
+    assert request.id == "a\ud800"
+    data = ServerCodec().encode_ok(request.id, {"k": "\udfff é"})
+    data.decode("utf-8")
+    assert data.count(b"\n") == 1
+    assert ClientCodec().receive_data(data) == [
+        Response(id="a\ud800", ok=True, result={"k": "\udfff é"})
+    ]
+
+
+def test_encode_request() -> None:
+    codec = ClientCodec()
+    assert codec.encode_request(id=1, op="ping", type=None, key=None) == b'{"id":1,"op":"ping"}\n'
+    assert codec.encode_request() == b"{}\n"
+    assert codec.encode_request(data={"a": None}) == b'{"data":{"a":null}}\n'
+    with pytest.raises(TypeError):
+        codec.encode_request(data=float("nan"))
+
+
+# -- client side ---------------------------------------------------------------
+
+
+def test_client_parses_replies() -> None:
+    server, client = ServerCodec(), ClientCodec()
+    data = (
+        server.encode_ok(1, "pong")
+        + server.encode_ok("b", {"balance": 5}, 3)
+        + b"\r\n"
+        + server.encode_error(None, ErrorCode.TOO_LARGE, "line too long")
+        + server.encode_error(4, ErrorCode.REJECTED, "no", "InsufficientFunds")
+        + b'{"id":5,"ok":false,"version":2,"error":{"code":"new_code","message":"m"},"x":1}\n'
+    )
+    responses: list[Response] = []
+    for i in range(0, len(data), 7):
+        responses += client.receive_data(data[i : i + 7])
+    assert responses == [
+        Response(id=1, ok=True, result="pong"),
+        Response(id="b", ok=True, version=3, result={"balance": 5}),
+        Response(id=None, ok=False, error_code="too_large", error_message="line too long"),
+        Response(
+            id=4,
+            ok=False,
+            error_code="rejected",
+            error_message="no",
+            error_reason="InsufficientFunds",
+        ),
+        Response(id=5, ok=False, version=2, error_code="new_code", error_message="m"),
+    ]
+    assert client.receive_data(b"") == []
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        (b"nope\n", "invalid JSON"),
+        (b"\xff\n", "not valid UTF-8"),
+        (b"[1]\n", "not an array"),
+        (b'{"id":1}\n', "'ok' must be a boolean, not null"),
+        (b'{"id":1,"ok":1}\n', "'ok' must be a boolean"),
+        (b'{"id":true,"ok":true}\n', "'id' must be"),
+        (b'{"id":1.5,"ok":true}\n', "'id' must be"),
+        (b'{"id":1,"ok":true,"version":"3"}\n', "'version' must be an integer"),
+        (b'{"id":1,"ok":true,"version":true}\n', "'version' must be an integer"),
+        (b'{"id":1,"ok":false}\n', "'error' must be an object"),
+        (b'{"id":1,"ok":false,"error":"x"}\n', "'error' must be an object"),
+        (b'{"id":1,"ok":false,"error":{"message":"m"}}\n', "'error.code' must be a string"),
+        (b'{"id":1,"ok":false,"error":{"code":"c"}}\n', "'error.message' must be a string"),
+        (
+            b'{"id":1,"ok":false,"error":{"code":"c","message":"m","reason":1}}\n',
+            "'error.reason' must be a string",
+        ),
+        (
+            b'{"id":1,"ok":false,"version":1.0,"error":{"code":"c","message":"m"}}\n',
+            "'version' must be an integer",
+        ),
+    ],
+)
+def test_client_rejects_bad_replies(data: bytes, words: str) -> None:
+    with pytest.raises(ProtocolError, match="bad reply line") as info:
+        ClientCodec().receive_data(data)
+    assert words in str(info.value)
+
+
+def test_client_too_large_and_eof() -> None:
+    client = ClientCodec(max_line_bytes=10)
+    assert client.receive_data(b"x" * 10) == []
+    with pytest.raises(ProtocolError, match="longer than 10 bytes"):
+        client.receive_data(b"x")
+    client = ClientCodec()
+    assert client.receive_data(b'{"id":1,"ok":') == []
+    with pytest.raises(ProtocolError, match="middle of a reply line"):
+        client.receive_data(b"")
+    with pytest.raises(RuntimeError, match="after EOF"):
+        client.receive_data(b"\n")
+
+
+def test_client_server_round_trip() -> None:
+    server, client = ServerCodec(), ClientCodec()
+    wire = client.encode_request(**EXEC, op="execute", command_id="cmd-1", create=True)
+    (request,) = server.receive_data(wire)
+    assert request == Request(
+        id=7,
+        type="Account",
+        key="a1",
+        command="Deposit",
+        data={"amount": 5},
+        command_id="cmd-1",
+        create=True,
+    )
+    assert client.receive_data(server.encode_ok(request.id, {"reply": 1}, 4)) == [
+        Response(id=7, ok=True, version=4, result={"reply": 1})
+    ]
+
+
+# -- error codes ---------------------------------------------------------------
+
+
+class _Rejected(exc_mod.CommandRejected):
+    pass
+
+
+EXCEPTIONS: list[tuple[BaseException, ErrorCode]] = [
+    (exc_mod.InvalidArgument("bad"), ErrorCode.BAD_REQUEST),
+    (exc_mod.InvalidKey("unhashable"), ErrorCode.BAD_REQUEST),
+    (exc_mod.UnknownCommand("no handler"), ErrorCode.UNKNOWN_COMMAND),
+    (exc_mod.AggregateNotFound("k"), ErrorCode.NOT_FOUND),
+    (exc_mod.AlreadyExists("k"), ErrorCode.ALREADY_EXISTS),
+    (exc_mod.CommandRejected("no"), ErrorCode.REJECTED),
+    (_Rejected("no"), ErrorCode.REJECTED),
+    (exc_mod.WrongExpectedVersion("k", 1, 2), ErrorCode.WRONG_EXPECTED_VERSION),
+    (exc_mod.ConcurrencyConflict("s", 1, 2), ErrorCode.CONFLICT),
+    (exc_mod.CallTimeout(), ErrorCode.TIMEOUT),
+    (exc_mod.RegistryClosed(), ErrorCode.SHUTTING_DOWN),
+    (exc_mod.EventDecodeError("s@3: bad"), ErrorCode.INTERNAL),
+    (exc_mod.UnknownEventType("s@3: Gone"), ErrorCode.INTERNAL),
+    (exc_mod.StoreError("disk"), ErrorCode.STORE_UNAVAILABLE),
+    (exc_mod.StreamDeleted("s"), ErrorCode.STORE_UNAVAILABLE),
+    (exc_mod.AggregateCrashed("k", ValueError()), ErrorCode.INTERNAL),
+    (exc_mod.AggregateGone("k"), ErrorCode.INTERNAL),
+    (exc_mod.AggregateStartError("k"), ErrorCode.INTERNAL),
+    (exc_mod.AggregateDeclined("k"), ErrorCode.INTERNAL),
+    (exc_mod.DuplicateCommand("s", "c", 1), ErrorCode.INTERNAL),
+    (exc_mod.CallAlreadyAnswered(), ErrorCode.INTERNAL),
+    (exc_mod.KeyAlreadyRegistered("k", None), ErrorCode.INTERNAL),  # type: ignore[arg-type]
+    (exc_mod.TrioAggregatesError("x"), ErrorCode.INTERNAL),
+    (ProtocolError("x"), ErrorCode.INTERNAL),
+    (ValueError("x"), ErrorCode.INTERNAL),
+    (TypeError("x"), ErrorCode.INTERNAL),
+    (KeyboardInterrupt(), ErrorCode.INTERNAL),
+]
+
+
+@pytest.mark.parametrize(("exc", "code"), EXCEPTIONS, ids=[type(e).__name__ for e, _ in EXCEPTIONS])
+def test_error_code_for(exc: BaseException, code: ErrorCode) -> None:
+    assert error_code_for(exc) is code
+
+
+def test_every_library_exception_is_mapped() -> None:
+    classes = {
+        obj
+        for obj in vars(exc_mod).values()
+        if isinstance(obj, type) and issubclass(obj, exc_mod.TrioAggregatesError)
+    }
+    tested = {type(e) for e, _ in EXCEPTIONS}
+    assert classes - tested == set()
+
+
+def test_error_details() -> None:
+    assert error_details(_Rejected("balance 1 < 2")) == (
+        ErrorCode.REJECTED,
+        "balance 1 < 2",
+        "_Rejected",
+    )
+    assert error_details(_Rejected()) == (ErrorCode.REJECTED, "_Rejected", "_Rejected")
+    assert error_details(exc_mod.AggregateNotFound("k")) == (
+        ErrorCode.NOT_FOUND,
+        "aggregate 'k' does not exist",
+        None,
+    )
+    assert error_details(RuntimeError("/etc/secret path")) == (
+        ErrorCode.INTERNAL,
+        "internal error (RuntimeError)",
+        None,
+    )
+    assert error_details(exc_mod.EventDecodeError("s@3: bad data")) == (
+        ErrorCode.INTERNAL,
+        "internal error (EventDecodeError): s@3: bad data",
+        None,
+    )
+
+
+# -- properties ----------------------------------------------------------------
+
+_GOOD = b'{"id":"last","op":"ping"}\n'
+
+
+@settings(deadline=None, max_examples=300)
+@given(
+    data=st.binary(max_size=600),
+    cuts=st.lists(st.integers(min_value=0, max_value=600), max_size=20),
+    limit=st.integers(min_value=len(_GOOD), max_value=200),
+)
+def test_random_bytes_never_break_the_server_codec(
+    data: bytes, cuts: list[int], limit: int
+) -> None:
+    codec = ServerCodec(max_line_bytes=limit)
+    points = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
+    for start, end in itertools.pairwise(points):
+        items = codec.receive_data(data[start:end])
+        assert all(isinstance(i, (Request, BadLine)) for i in items)
+        assert codec.buffered <= limit
+    # After a newline, a good request line is parsed whatever came before.
+    items = codec.receive_data(b"\n" + _GOOD)
+    assert items[-1] == Request(id="last", op="ping")
+    assert codec.buffered == 0
+    assert codec.receive_data(b"") == []
+
+
+_json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text()
+)
+_json = st.recursive(
+    _json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+_ids = st.none() | st.integers() | st.text()
+_keys = st.integers() | st.text()
+
+
+@st.composite
+def _requests(draw: st.DrawFn) -> dict[str, Any]:
+    op = draw(st.sampled_from(OPS))
+    fields: dict[str, Any] = {"id": draw(_ids), "op": op}
+    if op in ("execute", "create", "load", "version", "history"):
+        fields["type"] = draw(st.text())
+        fields["key"] = draw(_keys)
+    if op in ("execute", "create"):
+        fields["command"] = draw(st.text())
+        fields["data"] = draw(st.dictionaries(st.text(), _json, max_size=4))
+        fields["dry_run"] = draw(st.booleans())
+        fields["command_id"] = draw(st.none() | st.text(min_size=1, max_size=200))
+        metadata = draw(
+            st.none()
+            | st.dictionaries(
+                st.text().filter(lambda k: k not in ("command_id", "command", "at")),
+                _json,
+                max_size=3,
+            )
+        )
+        if metadata is not None:
+            for name in ("correlation_id", "causation_id"):
+                if name in metadata or draw(st.booleans()):
+                    metadata[name] = draw(st.text())
+        fields["metadata"] = metadata
+    if op == "execute":
+        fields["expected_version"] = draw(st.none() | st.integers(min_value=0))
+        fields["create"] = draw(st.booleans())
+    if op == "hello":
+        fields["token"] = draw(st.none() | st.text())
+    if draw(st.booleans()):
+        fields["future_field"] = draw(_json)
+    return fields
+
+
+@settings(deadline=None, max_examples=150)
+@given(
+    requests=st.lists(_requests(), min_size=1, max_size=8),
+    cuts=st.lists(st.integers(min_value=0), max_size=12),
+    crlf=st.booleans(),
+)
+def test_encoded_requests_parse_back_however_split(
+    requests: list[dict[str, Any]], cuts: list[int], crlf: bool
+) -> None:
+    client, server = ClientCodec(), ServerCodec()
+    wire = b"".join(client.encode_request(**r) for r in requests)
+    if crlf:
+        wire = wire.replace(b"\n", b"\r\n")
+    points = sorted({c % (len(wire) + 1) for c in cuts} | {0, len(wire)})
+    parsed: list[Request | BadLine] = []
+    for start, end in itertools.pairwise(points):
+        parsed += server.receive_data(wire[start:end])
+    parsed += server.receive_data(b"")
+    expected = [
+        Request(**{k: v for k, v in r.items() if v is not None and k != "future_field"})
+        for r in requests
+    ]
+    assert parsed == expected
+
+
+@settings(deadline=None, max_examples=150)
+@given(
+    replies=st.lists(
+        st.tuples(
+            _ids,
+            st.booleans(),
+            st.none() | st.integers(min_value=0),
+            _json,
+            st.sampled_from(list(ErrorCode)),
+            st.text(),
+            st.none() | st.text(),
+        ),
+        max_size=8,
+    ),
+    cuts=st.lists(st.integers(min_value=0), max_size=12),
+)
+def test_encoded_replies_parse_back_however_split(
+    replies: list[tuple[Any, bool, int | None, Any, ErrorCode, str, str | None]],
+    cuts: list[int],
+) -> None:
+    server, client = ServerCodec(), ClientCodec()
+    wire = b""
+    expected = []
+    for id_, ok, version, result, code, message, reason in replies:
+        if ok:
+            wire += server.encode_ok(id_, result, version)
+            expected.append(Response(id=id_, ok=True, version=version, result=result))
+        else:
+            wire += server.encode_error(id_, code, message, reason)
+            expected.append(
+                Response(
+                    id=id_,
+                    ok=False,
+                    error_code=code.value,
+                    error_message=message,
+                    error_reason=reason,
+                )
+            )
+    assert wire.count(b"\n") == len(replies)
+    points = sorted({c % (len(wire) + 1) for c in cuts} | {0, len(wire)})
+    received: list[Response] = []
+    for start, end in itertools.pairwise(points):
+        received += client.receive_data(wire[start:end])
+    received += client.receive_data(b"")
+    assert received == expected
+
+
+@settings(deadline=None, max_examples=150)
+@given(
+    obj=st.dictionaries(
+        st.sampled_from(
+            [
+                "id",
+                "op",
+                "type",
+                "key",
+                "command",
+                "data",
+                "expected_version",
+                "dry_run",
+                "command_id",
+                "metadata",
+                "create",
+                "token",
+                "other",
+            ]
+        ),
+        _json | st.sampled_from(OPS),
+    )
+)
+def test_random_request_objects_get_a_request_or_a_bad_line(obj: dict[str, Any]) -> None:
+    item = one(json.dumps(obj).encode() + b"\n")
+    if isinstance(item, BadLine):
+        assert item.code is BAD
+        valid_id = obj.get("id") is None or type(obj["id"]) in (int, str)
+        assert item.id == (obj.get("id") if valid_id else None)
+    else:
+        assert item.op == obj.get("op") or (item.op == "execute" and obj.get("op") is None)
+        assert item.id == obj.get("id")
