@@ -684,3 +684,149 @@ async def test_a_second_store_on_the_same_database_sees_command_ids(
     assert outcomes.count(3) == 1
     assert [o.version for o in outcomes if isinstance(o, DuplicateCommand)] == [3, 3, 3]
     assert await versions(store, "s") == [1, 2, 3]
+
+
+# -- the global order: positions and read_all ---------------------------------
+
+
+async def test_positions_increase_across_streams(store: EventStore) -> None:
+    await store.append("a-1", evs(0, 2), expected_version=0)
+    await store.append("b-1", [ev(2)], expected_version=0)
+    await store.append("a-2", evs(3, 5), expected_version=0)
+    events = await store.read_all()
+    assert [(e.stream, e.version) for e in events] == [
+        ("a-1", 1),
+        ("a-1", 2),
+        ("b-1", 1),
+        ("a-2", 1),
+        ("a-2", 2),
+    ]
+    positions = [e.position for e in events]
+    assert positions == sorted(positions) and len(set(positions)) == 5 and positions[0] >= 1
+    assert [e.data for e in events] == [f"event-{n}".encode() for n in range(5)]
+    # read() gives each event the same position.
+    for stream in ("a-1", "b-1", "a-2"):
+        by_read = {(e.stream, e.version): e for e in await store.read(stream)}
+        for e in events:
+            if e.stream == stream:
+                assert by_read[e.stream, e.version] == e
+    assert await store.head_position() == positions[-1]
+
+
+async def test_read_all_of_an_empty_store(store: EventStore) -> None:
+    assert await store.read_all() == []
+    assert await store.read_all(5, limit=None) == []
+    assert await store.head_position() == 0
+
+
+async def test_read_all_from_position_and_limit(store: EventStore) -> None:
+    for n in range(10):
+        await store.append(f"s-{n % 3}", [ev(n)], expected_version=None)
+    every = await store.read_all(limit=None)
+    assert len(every) == 10
+    positions = [e.position for e in every]
+    assert await store.read_all(limit=3) == every[:3]
+    assert await store.read_all(positions[4]) == every[4:]
+    assert await store.read_all(positions[4] + 1, limit=2) == every[5:7]
+    assert await store.read_all(positions[-1] + 1) == []
+    assert await store.read_all(0) == every
+    assert await store.read_all(-3, limit=1) == every[:1]
+    assert await store.read_all(limit=0) == []
+    # Paging from the last position read gives every event once, in order.
+    for page_size in (1, 3, 7, 10, 1000):
+        got = []
+        start = 1
+        while True:
+            page = await store.read_all(start, limit=page_size)
+            got += page
+            if len(page) < page_size:
+                break
+            start = page[-1].position + 1
+        assert got == every
+
+
+async def test_read_all_filters(store: EventStore) -> None:
+    await store.append("order-1", [ev(1, "Placed"), ev(2, "Paid")], expected_version=0)
+    await store.append("customer-1", [ev(3, "Registered")], expected_version=0)
+    await store.append("order-2", [ev(4, "Placed")], expected_version=0)
+    await store.append("order", [ev(5, "Placed")], expected_version=0)  # no "-": all category
+    await store.append("order_x-1", [ev(6, "Placed")], expected_version=0)
+    await store.append("orderly-1", [ev(7, "Paid")], expected_version=0)
+    await store.append("a%-1", [ev(8, "Paid")], expected_version=0)
+
+    async def streams(**kwargs: object) -> list[str]:
+        return [e.data.decode() for e in await store.read_all(**kwargs)]  # type: ignore[arg-type]
+
+    assert await streams(categories=["order"]) == ["event-1", "event-2", "event-4", "event-5"]
+    assert await streams(categories=["customer", "orderly"]) == ["event-3", "event-7"]
+    assert await streams(categories=["a%"]) == ["event-8"]
+    assert await streams(categories=["a_"]) == []
+    assert await streams(categories=[]) == []
+    assert await streams(event_types=["Paid"]) == ["event-2", "event-7", "event-8"]
+    assert await streams(event_types=["Placed", "Registered"]) == [
+        "event-1",
+        "event-3",
+        "event-4",
+        "event-5",
+        "event-6",
+    ]
+    assert await streams(categories=["order"], event_types=["Placed"]) == [
+        "event-1",
+        "event-4",
+        "event-5",
+    ]
+    assert await streams(categories=["order"], event_types=["Placed"], limit=2) == [
+        "event-1",
+        "event-4",
+    ]
+    every = await store.read_all()
+    third = every[3].position  # event-4
+    assert [e.data for e in await store.read_all(third, categories=("order",))] == [
+        b"event-4",
+        b"event-5",
+    ]
+
+
+async def test_read_all_leaves_deleted_streams_out_and_never_reuses_positions(
+    store: EventStore,
+) -> None:
+    await store.append("a-1", evs(0, 2), expected_version=0)
+    await store.append("b-1", evs(2, 4), expected_version=0)
+    await store.append("c-1", evs(4, 6), expected_version=0)
+    before = await store.read_all()
+    top = before[-1].position
+    await store.delete_stream("a-1")
+    await store.delete_stream("c-1", hard=True)
+    assert [e.stream for e in await store.read_all()] == ["b-1", "b-1"]
+    # The hard-deleted stream held the highest positions: they are not given again.
+    await store.append("a-1", [ev(9)], expected_version=0)
+    after = await store.read_all()
+    assert [(e.stream, e.version) for e in after] == [("b-1", 1), ("b-1", 2), ("a-1", 1)]
+    assert after[-1].position > top
+    assert await store.head_position() == after[-1].position
+
+
+async def test_read_all_concurrent_appends_get_distinct_positions(store: EventStore) -> None:
+    async with trio.open_nursery() as nursery:
+        for n in range(20):
+            nursery.start_soon(
+                functools.partial(store.append, f"s-{n}", evs(0, 3), expected_version=0)
+            )
+    every = await store.read_all(limit=None)
+    assert len(every) == 60
+    positions = [e.position for e in every]
+    assert positions == sorted(set(positions))
+    for n in range(20):
+        mine = [e.version for e in every if e.stream == f"s-{n}"]
+        assert mine == [1, 2, 3]
+
+
+async def test_read_all_arguments_are_checked(store: EventStore) -> None:
+    from trio_aggregates._exceptions import InvalidArgument
+
+    with pytest.raises(InvalidArgument):
+        await store.read_all("1")  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument):
+        await store.read_all(categories="order")
+    with pytest.raises(InvalidArgument):
+        await store.read_all(event_types=[1])  # type: ignore[list-item]

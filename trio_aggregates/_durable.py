@@ -37,7 +37,7 @@ import trio
 
 from ._exceptions import InvalidArgument, StoreError
 from ._groupcommit import StoreStatistics, _BatchResult, _GroupCommit
-from ._store import NewEvent, Snapshot, _check_command_id
+from ._store import NewEvent, Snapshot, _AppendSignal, _check_command_id
 
 __all__: list[str] = []
 
@@ -172,6 +172,9 @@ class _DurableStore:
 
     _group: _GroupCommit[_WriteOp] = attrs.field(init=False)
     _closed: bool = attrs.field(default=False, init=False)
+    # Set after each committed batch that appended events (in-process
+    # wake-ups for subscriptions; see ``_subscription.py``).
+    _append_signal: _AppendSignal = attrs.field(factory=_AppendSignal, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._group = _GroupCommit(self._run_batch, _is_append, max_batches=self._batches_in_flight)
@@ -197,9 +200,13 @@ class _DurableStore:
 
     async def _run_batch(self, ops: list[_WriteOp]) -> _BatchResult:
         try:
-            return await self._write_batch(ops)
+            result = await self._write_batch(ops)
         except StoreError as exc:
             return _fail_all(ops, exc)
+        if result.committed:
+            # (A spurious wake-up, after a batch without events, only costs a read.)
+            self._append_signal.notify()
+        return result
 
     def statistics(self) -> StoreStatistics:
         """Return the writer's counters (transactions, appends, ...). Not a checkpoint."""
