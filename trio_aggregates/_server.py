@@ -1,0 +1,1102 @@
+"""The protocol server: aggregates over TCP, one NDJSON request per line.
+
+:func:`serve_aggregates` (``nursery.start``-able, like :func:`trio.serve_tcp`)
+and :func:`open_aggregate_server` (an ``async with`` form) serve the aggregate
+types of an *app* on one event store. The wire format (parsing, encoding, the
+error codes) is the sans-IO codec of ``_protocol.py``; this module does the
+I/O and runs the requests on one :class:`AggregateRepository` per wire type.
+
+Per connection, three kinds of task:
+
+* the **reader** receives bytes, lets the codec cut them into requests, and
+  hands each to a worker. It answers at once what needs no worker (a bad
+  line, ``ping``, ``hello``, ``stats``, a refusal). Every request holds one of
+  ``max_in_flight`` slots from when it is read until its answer is written:
+  with no slot free the reader stops reading (backpressure: the client's
+  sends block in TCP, nobody else is slowed).
+* **workers** run the requests (a pool grown on demand up to the number in
+  flight, so no task is spawned per request once the pool is warm).
+* the **writer** sends every answer ready in one ``send_all``.
+
+Answers come as they finish, each with its request's ``id``. A connection's
+failure (a reset, a TLS error, a client gone with requests in flight) ends
+that connection only: its running requests still complete (so a retry finds
+their outcome), their answers are dropped.
+
+Exactly once: a request with a ``command_id`` runs at most once while it is
+in flight (identical requests, on any connection, wait for the first and get
+its answer), and its answer is kept in a bounded LRU for retries after a
+reconnect (version *and* result). Beyond the LRU, and across restarts, the
+repository's idempotency answers (the version after the first application,
+result ``null``).
+
+Shutdown (:meth:`AggregateServer.aclose`, leaving the block, or cancelling
+:func:`serve_aggregates`): stop accepting; requests in flight get
+``grace_period`` seconds to finish, the rest (and every request read
+meanwhile) are answered ``shutting_down``; connections are closed; then the
+aggregates, and the store if the server opened it from a URL.
+
+Security: only the app's aggregate classes and their commands can be named;
+a request can make the server run nothing else. With a ``token``, the first
+line of a connection must be ``{"op": "hello", "token": ...}`` (compared in
+constant time), else ``unauthorized`` and the connection is closed.
+"""
+
+from __future__ import annotations
+
+import collections
+import hmac
+import logging
+import math
+import ssl
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from typing import Any, Final, NoReturn, TypeAlias, final
+
+import attrs
+import cattrs
+import trio
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+from ._aggregate import Aggregate, canonical_key
+from ._command import ANY, EXISTING, NEW, Inspect
+from ._exceptions import (
+    AggregateNotFound,
+    InvalidArgument,
+    TrioAggregatesError,
+)
+from ._options import check_count, check_seconds
+from ._protocol import (
+    PROTOCOL_VERSION,
+    BadLine,
+    ErrorCode,
+    Request,
+    ServerCodec,
+    error_details,
+)
+from ._repository import AggregateRepository, open_aggregates
+from ._store import EventStore
+
+__all__ = [
+    "DEFAULT_PORT",
+    "AggregateServer",
+    "App",
+    "ServerStatistics",
+    "open_aggregate_server",
+    "serve_aggregates",
+]
+
+logger = logging.getLogger("trio_aggregates.server")
+
+#: The port the server listens on unless told otherwise.
+DEFAULT_PORT: Final = 7411
+
+#: The aggregate types a server serves: a sequence of :class:`Aggregate`
+#: subclasses (wire type name = class name) or a mapping ``{wire name: class}``.
+App: TypeAlias = Sequence[type[Aggregate]] | Mapping[str, type[Aggregate]]
+
+#: Bytes asked for per receive.
+_RECEIVE_SIZE: Final = 65536
+#: Finished answers kept for retries after a reconnect.
+_FINISHED_ANSWERS: Final = 10_000
+#: After the grace period: how long connections get to flush and close.
+_FLUSH_TIME: Final = 1.0
+#: How long a closing connection reads (and drops) what the client still sends,
+#: so that closing with unread data (a TCP reset) does not lose the answers.
+_LINGER: Final = 0.5
+
+_Key: TypeAlias = tuple[str, str, str]
+
+# An outcome: ("ok", version, result) or ("error", code, message, reason).
+_Outcome: TypeAlias = tuple[Any, ...]
+
+#: A connection's failure: the client reset, TLS failed, the socket is gone.
+_CONNECTION_ERRORS: Final = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+@attrs.frozen
+class ServerStatistics:
+    """A server's counters, from :meth:`AggregateServer.statistics`.
+
+    Attributes:
+        connections: connections open now.
+        accepted: connections accepted since the start.
+        refused: connections refused (``overloaded`` or ``shutting_down``).
+        requests: requests answered (each line that got an answer).
+        in_flight: requests read whose answers are not written yet.
+        coalesced: requests answered by an identical one in flight.
+        replayed: requests answered from the finished answers (a retry).
+        errors_by_code: error answers, by code.
+        closing: whether the server is shutting down.
+    """
+
+    connections: int
+    accepted: int
+    refused: int
+    requests: int
+    in_flight: int
+    coalesced: int
+    replayed: int
+    errors_by_code: dict[str, int]
+    closing: bool
+
+
+@final
+@attrs.define(eq=False)
+class _Route:
+    """One wire type: its repository and its commands by name."""
+
+    name: str
+    repository: AggregateRepository[Any]
+    converter: cattrs.Converter
+    #: command name -> (class, structure hook)
+    commands: dict[str, tuple[type[Any], Callable[[Any, Any], Any]]]
+
+
+@final
+class _Pending:
+    """A request with a ``command_id`` in flight: identical ones wait for it."""
+
+    __slots__ = ("done", "outcome")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.outcome: _Outcome | None = None
+
+
+def _routes_of(app: object) -> dict[str, type[Aggregate]]:
+    """The app as ``{wire name: class}``, checked."""
+    if isinstance(app, Mapping):
+        items = list(app.items())
+    elif isinstance(app, Sequence) and not isinstance(app, str | bytes):
+        items = [(getattr(cls, "__name__", None), cls) for cls in app]
+    else:
+        raise InvalidArgument(
+            f"app must be a sequence of Aggregate subclasses or a mapping "
+            f"{{wire name: class}}, not {type(app).__name__}"
+        )
+    if not items:
+        raise InvalidArgument("app names no aggregate type")
+    routes: dict[str, type[Aggregate]] = {}
+    streams: dict[str, str] = {}
+    for name, cls in items:
+        if not (isinstance(cls, type) and issubclass(cls, Aggregate)):
+            raise InvalidArgument(f"{cls!r} is not an Aggregate subclass")
+        if not isinstance(name, str) or not name:
+            raise InvalidArgument(f"a wire type name is a non-empty str, not {name!r}")
+        if name in routes:
+            raise InvalidArgument(f"two aggregate types are named {name!r}")
+        category = cls.stream_name("")
+        if category in streams:
+            raise InvalidArgument(
+                f"{name!r} and {streams[category]!r} would share streams "
+                f"({category}...): one stream, one aggregate"
+            )
+        streams[category] = name
+        routes[name] = cls
+    return routes
+
+
+def _commands_of(wire: str, cls: type[Aggregate]) -> dict[str, tuple[type[Any], Any]]:
+    converter = cls.codec().converter
+    commands: dict[str, tuple[type[Any], Any]] = {}
+    for command_cls in cls._handlers:
+        name = command_cls.__name__
+        known = commands.get(name)
+        if known is not None and known[0] is not command_cls:
+            raise InvalidArgument(
+                f"{wire}: two commands are named {name!r} "
+                f"({known[0].__module__} and {command_cls.__module__})"
+            )
+        commands[name] = (command_cls, converter.get_structure_hook(command_cls))
+    return commands
+
+
+def _structure_error(exc: BaseException) -> str:
+    try:
+        messages = cattrs.transform_error(exc, path="data")
+    except Exception:  # pragma: no cover (transform_error handles any exception)
+        messages = [f"{exc!r} @ data"]
+    return "; ".join(messages) or f"{type(exc).__name__} @ data"
+
+
+@final
+class AggregateServer:
+    """A running protocol server, from :func:`open_aggregate_server`.
+
+    Attributes:
+        listeners: the listeners it accepts connections on.
+        repositories: ``{wire type name: AggregateRepository}``.
+    """
+
+    def __init__(
+        self,
+        routes: dict[str, _Route],
+        store: EventStore,
+        listeners: list[trio.abc.Listener[Any]],
+        *,
+        token: str | None,
+        max_line_bytes: int,
+        max_in_flight: int,
+        max_connections: int,
+        idle_timeout: float,
+        request_timeout: float,
+        grace_period: float,
+    ) -> None:
+        self._routes = routes
+        self._store = store
+        self.listeners = listeners
+        self.repositories: Mapping[str, AggregateRepository[Any]] = {
+            name: route.repository for name, route in routes.items()
+        }
+        self._token = None if token is None else token.encode()
+        self._max_line_bytes = max_line_bytes
+        self._max_in_flight = max_in_flight
+        self._max_connections = max_connections
+        self._idle_timeout = idle_timeout
+        self._request_timeout = request_timeout
+        self._grace_period = grace_period
+        from . import __version__
+
+        self._hello = {
+            "server": "trio-aggregates",
+            "version": __version__,
+            "protocol": PROTOCOL_VERSION,
+            "types": {name: sorted(route.commands) for name, route in routes.items()},
+        }
+        self._connections: set[_Connection] = set()
+        self._no_connections = trio.Event()
+        self._no_connections.set()
+        self._pending: dict[_Key, _Pending] = {}
+        self._finished: collections.OrderedDict[_Key, _Outcome] = collections.OrderedDict()
+        self._accept_scope: trio.CancelScope | None = None
+        self._closing = False
+        self._closed = trio.Event()
+        # counters
+        self._accepted = 0
+        self._refused = 0
+        self._requests = 0
+        self._in_flight = 0
+        self._coalesced = 0
+        self._replayed = 0
+        self._errors: dict[str, int] = {}
+
+    # -- public --------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The port of the first listener (the one picked for ``port=0``)."""
+        listener: Any = self.listeners[0]
+        while not isinstance(listener, trio.SocketListener):
+            listener = listener.transport_listener  # an SSLListener
+        return int(listener.socket.getsockname()[1])
+
+    @property
+    def address(self) -> str:
+        """``tcp://HOST:PORT`` of the first listener."""
+        listener: Any = self.listeners[0]
+        while not isinstance(listener, trio.SocketListener):
+            listener = listener.transport_listener
+        host, port = listener.socket.getsockname()[:2]
+        if ":" in host:
+            host = f"[{host}]"
+        return f"tcp://{host}:{port}"
+
+    def statistics(self) -> ServerStatistics:
+        """Return the server's counters. Not a checkpoint."""
+        return ServerStatistics(
+            connections=len(self._connections),
+            accepted=self._accepted,
+            refused=self._refused,
+            requests=self._requests,
+            in_flight=self._in_flight,
+            coalesced=self._coalesced,
+            replayed=self._replayed,
+            errors_by_code=dict(self._errors),
+            closing=self._closing,
+        )
+
+    async def aclose(self) -> None:
+        """Shut down gracefully; return once every connection is closed.
+
+        Stops accepting; requests in flight get ``grace_period`` seconds to
+        finish, then are answered ``shutting_down`` (as is every request read
+        meanwhile); connections close after their answers are written (at most
+        one more second). Idempotent. The aggregates and the store are closed
+        when the block of :func:`open_aggregate_server` ends.
+
+        Cancellation: shielded; it takes at most ``grace_period`` plus a few
+        seconds.
+        """
+        if self._closing:
+            with trio.CancelScope(shield=True):
+                await self._closed.wait()
+            return
+        self._closing = True
+        with trio.CancelScope(shield=True):
+            if self._accept_scope is not None:
+                self._accept_scope.cancel()  # serve_listeners closes the listeners
+            deadline = trio.current_time() + self._grace_period
+            for connection in list(self._connections):
+                connection.shut_down(deadline)
+            with trio.move_on_at(deadline + _FLUSH_TIME + _LINGER + 1.0):
+                await self._no_connections.wait()
+            for connection in list(self._connections):  # pragma: no cover (a stuck close)
+                connection.cancel()
+            await self._no_connections.wait()
+            self._closed.set()
+
+    # -- accepting -----------------------------------------------------------------
+
+    async def _serve(
+        self,
+        handler_nursery: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        with trio.CancelScope() as self._accept_scope:
+            if self._closing:
+                task_status.started()
+                return
+            await trio.serve_listeners(
+                self._handle,
+                self.listeners,
+                handler_nursery=handler_nursery,
+                task_status=task_status,  # type: ignore[arg-type]
+            )
+
+    async def _handle(self, stream: trio.abc.Stream) -> None:
+        """One connection, from accept to close. Never raises (but Cancelled)."""
+        self._accepted += 1
+        connection = _Connection(self, stream)
+        self._connections.add(connection)
+        self._no_connections = trio.Event()
+        try:
+            if self._closing or len(self._connections) > self._max_connections:
+                self._refused += 1
+                code = ErrorCode.SHUTTING_DOWN if self._closing else ErrorCode.OVERLOADED
+                await connection.refuse(code)
+            else:
+                await connection.run()
+        except BaseExceptionGroup as group:
+            _log_unless_cancelled(group)
+        except _CONNECTION_ERRORS:
+            pass
+        except Exception:
+            logger.exception("connection handler failed (please report it)")
+        finally:
+            self._connections.discard(connection)
+            if not self._connections:
+                self._no_connections.set()
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0), suppress(Exception):
+                await stream.aclose()
+            await trio.aclose_forcefully(stream)
+
+    # -- answering -----------------------------------------------------------------
+
+    def _count_error(self, code: str) -> None:
+        errors = self._errors
+        errors[code] = errors.get(code, 0) + 1
+
+    def _encode_error(
+        self, codec: ServerCodec, id: Any, code: ErrorCode, message: str, reason: str | None = None
+    ) -> bytes:
+        self._count_error(code.value)
+        return codec.encode_error(id, code, message, reason)
+
+    def _encode_outcome(self, codec: ServerCodec, id: Any, outcome: _Outcome) -> bytes:
+        if outcome[0] == "ok":
+            try:
+                return codec.encode_ok(id, outcome[2], outcome[1])
+            except (TypeError, ValueError) as exc:
+                logger.error("cannot encode the answer to request %r: %r", id, exc)
+                return self._encode_error(
+                    codec, id, ErrorCode.INTERNAL, f"internal error: the result is not JSON: {exc}"
+                )
+        return self._encode_error(codec, id, outcome[1], outcome[2], outcome[3])
+
+    def _failure(self, request: Request, exc: BaseException) -> _Outcome:
+        """The error outcome for ``exc``; logs what is not the caller's doing."""
+        if isinstance(exc, trio.TooSlowError) and not isinstance(exc, TrioAggregatesError):
+            return ("error", ErrorCode.TIMEOUT, "no answer within the request timeout", None)
+        code, message, reason = error_details(exc)
+        if code is ErrorCode.INTERNAL:
+            logger.error(
+                "request %r (%s %s) failed", request.id, request.op, request.type, exc_info=exc
+            )
+        return ("error", code, message, reason)
+
+    async def _answer(self, codec: ServerCodec, request: Request) -> bytes:
+        """Run one request that needs the aggregates; return its answer line."""
+        try:
+            route = self._routes.get(request.type)  # type: ignore[arg-type]
+            if route is None:
+                return self._unknown_type(codec, request)
+            if request.key is None:
+                return self._encode_error(
+                    codec, request.id, ErrorCode.BAD_REQUEST, f"{request.op} needs a key"
+                )
+            op = request.op
+            if op == "execute" or op == "create":
+                outcome = await self._command(route, request)
+            elif op == "load":
+                state, version = await route.repository._send(
+                    request.key, Inspect(True), self._request_timeout
+                )
+                outcome = ("ok", version, route.converter.unstructure(state))
+            elif op == "version":
+                version = await route.repository.version(request.key, timeout=self._request_timeout)
+                outcome = ("ok", version, version)
+            else:  # history
+                outcome = await self._history(route, request)
+        except Exception as exc:
+            outcome = self._failure(request, exc)
+        return self._encode_outcome(codec, request.id, outcome)
+
+    def _unknown_type(self, codec: ServerCodec, request: Request) -> bytes:
+        if request.type is None:
+            return self._encode_error(
+                codec, request.id, ErrorCode.BAD_REQUEST, f"{request.op} needs a type"
+            )
+        return self._encode_error(
+            codec,
+            request.id,
+            ErrorCode.UNKNOWN_TYPE,
+            f"unknown type {request.type!r}; known types: {', '.join(sorted(self._routes))}",
+        )
+
+    async def _history(self, route: _Route, request: Request) -> _Outcome:
+        assert request.key is not None
+        with trio.fail_after(self._request_timeout):
+            events = await route.repository.history(request.key)
+        if not events:
+            raise AggregateNotFound(request.key)
+        unstructure = route.converter.unstructure
+        name_for = route.repository.aggregate_type.codec().name_for
+        result = [
+            {
+                "version": e.version,
+                "type": name_for(e.event),
+                "data": unstructure(e.event),
+                "metadata": e.metadata,
+                "recorded_at": e.recorded_at,
+            }
+            for e in events
+        ]
+        return ("ok", events[-1].version, result)
+
+    async def _command(self, route: _Route, request: Request) -> _Outcome:
+        """An execute or create: decode the command, run it once, return its outcome."""
+        if request.command is None:
+            raise InvalidArgument(f"{request.op} needs a command")
+        found = route.commands.get(request.command)
+        if found is None:
+            return (
+                "error",
+                ErrorCode.UNKNOWN_COMMAND,
+                f"{route.name} has no command {request.command!r}; "
+                f"its commands: {', '.join(sorted(route.commands))}",
+                None,
+            )
+        cls, structure = found
+        try:
+            command = structure(request.data if request.data is not None else {}, cls)
+        except Exception as exc:
+            return ("error", ErrorCode.BAD_REQUEST, _structure_error(exc), None)
+        command_id = request.command_id
+        if command_id is None or request.dry_run:
+            return await self._run(route, request, command)
+        key: _Key = (route.name, canonical_key(request.key), command_id)
+        finished = self._finished.get(key)
+        if finished is not None:
+            self._finished.move_to_end(key)
+            self._replayed += 1
+            return finished
+        pending = self._pending.get(key)
+        while pending is not None:
+            await pending.done.wait()
+            if pending.outcome is not None:
+                self._coalesced += 1
+                return pending.outcome
+            # The first one was cancelled: run it (or wait for whoever does).
+            pending = self._pending.get(key)
+        finished = self._finished.get(key)
+        if finished is not None:  # pragma: no cover (finished while cancelled ones woke)
+            return finished
+        pending = self._pending[key] = _Pending()
+        try:
+            try:
+                outcome = await self._run(route, request, command)
+            except Exception as exc:
+                outcome = self._failure(request, exc)
+            pending.outcome = outcome
+            if outcome[0] == "ok":
+                self._finished[key] = outcome
+                if len(self._finished) > _FINISHED_ANSWERS:
+                    self._finished.popitem(last=False)
+            return outcome
+        finally:
+            del self._pending[key]
+            pending.done.set()
+
+    async def _run(self, route: _Route, request: Request, command: object) -> _Outcome:
+        if request.op == "create":
+            mode = NEW
+            expected = None
+        else:
+            mode = ANY if request.create else EXISTING
+            expected = request.expected_version
+        assert request.key is not None
+        if request.metadata:
+            # The codec checked them: correlation and causation ids are strings.
+            correlation_id, causation_id = request.correlation_id, request.causation_id
+            metadata = request.extra_metadata
+        else:
+            correlation_id = causation_id = metadata = None
+        version, reply = await route.repository._execute_detailed(
+            request.key,
+            command,
+            mode=mode,
+            expected_version=expected,
+            dry_run=request.dry_run,
+            timeout=self._request_timeout,
+            command_id=request.command_id,
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+            metadata=metadata,
+        )
+        if request.dry_run:
+            name_for = route.repository.aggregate_type.codec().name_for
+            unstructure = route.converter.unstructure
+            events = reply or ()
+            return (
+                "ok",
+                version,
+                [{"type": name_for(e), "data": unstructure(e)} for e in events],
+            )
+        if reply is not None and type(reply) not in _JSON_SCALARS:
+            reply = route.converter.unstructure(reply)
+        return ("ok", version, reply)
+
+    def _stats(self) -> dict[str, Any]:
+        store_stats: Any = {}
+        statistics = getattr(self._store, "statistics", None)
+        if callable(statistics):
+            try:
+                value = statistics()
+                store_stats = attrs.asdict(value) if attrs.has(type(value)) else value
+            except Exception as exc:  # pragma: no cover (a store's statistics failing)
+                store_stats = {"error": repr(exc)}
+        return {
+            "server": attrs.asdict(self.statistics()),
+            "registries": {
+                name: attrs.asdict(route.repository.registry.statistics())
+                for name, route in self._routes.items()
+            },
+            "store": store_stats,
+        }
+
+
+_JSON_SCALARS: Final = frozenset({int, str, float, bool})
+_HELLO_FIRST: Final = 'the first request must be {"op": "hello", "token": ...}'
+
+
+def _log_unless_cancelled(group: BaseExceptionGroup[BaseException]) -> None:
+    """A connection's task group failed: log what is not a cancellation or a lost client.
+
+    Re-raises the group if it holds only cancellations (the scope that
+    cancelled them absorbs them), and a KeyboardInterrupt or SystemExit alone.
+    """
+    cancelled, rest = group.split(trio.Cancelled)
+    if rest is None:
+        raise group
+    fatal = [e for e in rest.exceptions if isinstance(e, KeyboardInterrupt | SystemExit)]
+    if fatal:
+        raise fatal[0] from None
+    _, bugs = rest.split(_CONNECTION_ERRORS)
+    if bugs is not None:
+        logger.error("connection handler failed (please report it)", exc_info=bugs)
+    if cancelled is not None:
+        raise cancelled
+
+
+@final
+class _Connection:
+    """One client connection: a reader, a pool of workers, a writer."""
+
+    def __init__(self, server: AggregateServer, stream: trio.abc.Stream) -> None:
+        self.server = server
+        self.stream = stream
+        self.codec = ServerCodec(max_line_bytes=server._max_line_bytes)
+        self.authenticated = server._token is None
+        self.in_flight = 0
+        self.closing = False
+        self.broken = False
+        self.stop_reading = False
+        self.workers = 0
+        self.out: list[bytes] = []
+        self.writing_done = False
+        self.scope = trio.CancelScope()
+        self.read_scope: trio.CancelScope | None = None
+        self.worker_scope: trio.CancelScope | None = None
+        self.writer_lot = trio.lowlevel.ParkingLot()
+        self.slot_lot = trio.lowlevel.ParkingLot()
+        self.send_requests, self.receive_requests = trio.open_memory_channel[Request](math.inf)
+        self.workers_nursery: trio.Nursery
+
+    def cancel(self) -> None:
+        self.scope.cancel()
+
+    def shut_down(self, deadline: float) -> None:
+        """The server is closing: finish by ``deadline``, answer the rest ``shutting_down``."""
+        self.closing = True
+        if self.worker_scope is not None:
+            self.worker_scope.deadline = deadline
+        self.scope.deadline = deadline + _FLUSH_TIME + _LINGER
+        if self.in_flight == 0 and self.read_scope is not None:
+            self.read_scope.cancel()
+
+    async def refuse(self, code: ErrorCode) -> None:
+        """Answer one ``overloaded`` (or ``shutting_down``) line and close."""
+        message = "too many connections" if code is ErrorCode.OVERLOADED else "shutting down"
+        line = self.server._encode_error(self.codec, None, code, message)
+        self.server._requests += 1
+        with trio.move_on_after(_FLUSH_TIME):
+            await self.stream.send_all(line)
+            await self._linger()
+
+    async def run(self) -> None:
+        with self.scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_loop)
+                try:
+                    async with trio.open_nursery() as workers:
+                        self.worker_scope = workers.cancel_scope
+                        if self.closing:  # pragma: no cover (shut down while starting)
+                            workers.cancel_scope.deadline = trio.current_time()
+                        self.workers_nursery = workers
+                        try:
+                            await self._read_loop()
+                        finally:
+                            self.send_requests.close()
+                finally:
+                    self.writing_done = True
+                    self.writer_lot.unpark_all()
+            if self.closing or self.stop_reading:
+                await self._linger()
+
+    async def _linger(self) -> None:
+        """Half-close and read (and drop) what the client still sends, briefly.
+
+        Closing a TCP socket with unread data sends a reset, which can make
+        the client lose the answers it has not read yet.
+        """
+        if self.broken:
+            return
+        send_eof = getattr(self.stream, "send_eof", None)
+        if send_eof is None:
+            return
+        with trio.move_on_after(_LINGER):
+            try:
+                await send_eof()
+                while await self.stream.receive_some(_RECEIVE_SIZE):
+                    pass
+            except _CONNECTION_ERRORS:
+                pass
+
+    # -- reading ---------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        stream = self.stream
+        codec = self.codec
+        idle = self.server._idle_timeout
+        while not self.stop_reading:
+            with trio.CancelScope() as scope:
+                self.read_scope = scope
+                if self.in_flight == 0:
+                    if self.closing:
+                        return
+                    scope.deadline = trio.current_time() + idle
+                try:
+                    data = await stream.receive_some(_RECEIVE_SIZE)
+                except _CONNECTION_ERRORS:
+                    self.broken = True
+                    return
+            self.read_scope = None
+            if scope.cancelled_caught:
+                return  # idle, or shutting down with nothing in flight
+            for item in codec.receive_data(data):
+                if self.in_flight >= self.server._max_in_flight:
+                    while self.in_flight >= self.server._max_in_flight:
+                        await self.slot_lot.park()
+                    if self.broken:
+                        return
+                self._dispatch(item)
+                if self.stop_reading:
+                    return
+            if not data:
+                return  # EOF: the answers in flight are still written
+
+    def _dispatch(self, item: Request | BadLine) -> None:
+        """Take one line: answer it here, or hand it to a worker."""
+        self.in_flight += 1
+        server = self.server
+        server._in_flight += 1
+        codec = self.codec
+        if type(item) is BadLine:
+            if not self.authenticated:
+                self.reply(
+                    server._encode_error(
+                        codec, item.id, ErrorCode.UNAUTHORIZED, _HELLO_FIRST + f" ({item.message})"
+                    )
+                )
+                self.stop_reading = True
+                return
+            self.reply(server._encode_error(codec, item.id, ErrorCode(item.code), item.message))
+            return
+        assert type(item) is Request
+        op = item.op
+        if not self.authenticated:
+            self._authenticate(item)
+            return
+        if self.closing:
+            self.reply(
+                server._encode_error(
+                    codec, item.id, ErrorCode.SHUTTING_DOWN, "the server is shutting down"
+                )
+            )
+            return
+        if op == "ping":
+            self.reply(codec.encode_ok(item.id, "pong"))
+        elif op == "hello":
+            self.reply(codec.encode_ok(item.id, server._hello))
+        elif op == "stats":
+            self.reply(codec.encode_ok(item.id, server._stats()))
+        else:
+            self.send_requests.send_nowait(item)
+            if self.workers < self.in_flight:
+                self.workers += 1
+                self.workers_nursery.start_soon(self._worker)
+
+    def _authenticate(self, request: Request) -> None:
+        server = self.server
+        token = server._token
+        assert token is not None
+        given = request.token
+        if (
+            request.op == "hello"
+            and isinstance(given, str)
+            and hmac.compare_digest(given.encode(), token)
+        ):
+            self.authenticated = True
+            self.reply(self.codec.encode_ok(request.id, server._hello))
+            return
+        message = "wrong token" if request.op == "hello" else _HELLO_FIRST
+        self.reply(server._encode_error(self.codec, request.id, ErrorCode.UNAUTHORIZED, message))
+        self.stop_reading = True
+
+    # -- working ----------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        answer = self.server._answer
+        codec = self.codec
+        async for request in self.receive_requests:
+            try:
+                line = await answer(codec, request)
+            except trio.Cancelled:
+                self.reply(
+                    self.server._encode_error(
+                        codec, request.id, ErrorCode.SHUTTING_DOWN, "the server is shutting down"
+                    )
+                )
+                raise
+            self.reply(line)
+
+    # -- writing ----------------------------------------------------------------------
+
+    def reply(self, line: bytes) -> None:
+        self.out.append(line)
+        self.writer_lot.unpark()
+
+    async def _write_loop(self) -> None:
+        stream = self.stream
+        server = self.server
+        idle = self.server._idle_timeout
+        while True:
+            if not self.out:
+                if self.writing_done:
+                    return
+                await self.writer_lot.park()
+                continue
+            batch = self.out
+            self.out = []
+            if not self.broken:
+                with trio.move_on_after(idle) as scope:
+                    try:
+                        await stream.send_all(batch[0] if len(batch) == 1 else b"".join(batch))
+                    except _CONNECTION_ERRORS:
+                        self.broken = True
+                if scope.cancelled_caught:
+                    self.broken = True  # the client reads nothing: it is gone
+                if self.broken and self.read_scope is not None:
+                    self.read_scope.cancel()
+            n = len(batch)
+            self.in_flight -= n
+            server._in_flight -= n
+            server._requests += n
+            self.slot_lot.unpark_all()
+            if self.in_flight == 0 and self.read_scope is not None:
+                if self.closing:
+                    self.read_scope.cancel()
+                else:
+                    self.read_scope.deadline = trio.current_time() + idle
+
+
+def _check_options(
+    max_line_bytes: int,
+    max_in_flight: int,
+    max_connections: int,
+    idle_timeout: float,
+    request_timeout: float,
+    grace_period: float,
+    passivate_after: float | None,
+    mailbox_size: int,
+    token: str | None,
+    ssl_context: ssl.SSLContext | None,
+) -> None:
+    check_count("max_line_bytes", max_line_bytes, minimum=64)
+    check_count("max_in_flight", max_in_flight)
+    check_count("max_connections", max_connections)
+    check_seconds("idle_timeout", idle_timeout, allow_zero=False)
+    check_seconds("request_timeout", request_timeout, allow_zero=False)
+    check_seconds("grace_period", grace_period, allow_zero=True)
+    if passivate_after is not None:
+        check_seconds("passivate_after", passivate_after, allow_zero=False)
+    check_count("mailbox_size", mailbox_size, minimum=0)
+    if token is not None and (not isinstance(token, str) or not token):
+        raise InvalidArgument("token must be a non-empty str or None")
+    if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
+        raise InvalidArgument(f"ssl_context must be an ssl.SSLContext, not {ssl_context!r}")
+
+
+@asynccontextmanager
+async def open_aggregate_server(
+    app: App,
+    store: EventStore | str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    token: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    max_line_bytes: int = 1 << 20,
+    max_in_flight: int = 64,
+    max_connections: int = 1024,
+    idle_timeout: float = 300.0,
+    request_timeout: float = 30.0,
+    grace_period: float = 5.0,
+    passivate_after: float | None = 300.0,
+    mailbox_size: int = 64,
+    handler_nursery: trio.Nursery | None = None,
+) -> AsyncIterator[AggregateServer]:
+    """Serve ``app``'s aggregates on ``store`` over TCP for the block's duration.
+
+    Args:
+        app: the aggregate types served (see :data:`App`).
+        store: an :class:`EventStore`, or a URL for :func:`open_store` (the
+            server then closes the store at the end).
+        host, port: where to listen (``port=0``: a free port, see
+            :attr:`AggregateServer.port`).
+        token: a shared secret the first line of each connection must give
+            in a ``hello`` (``None``: no authentication).
+        ssl_context: serve TLS with this server-side context.
+        max_line_bytes: the longest request line (``too_large`` beyond).
+        max_in_flight: requests in flight per connection; beyond, the server
+            stops reading that connection (backpressure).
+        max_connections: connections beyond it get one ``overloaded`` line
+            and are closed.
+        idle_timeout: a connection with nothing in flight and nothing received
+            for this long is closed (also: a client that reads no answer for
+            this long is dropped).
+        request_timeout: seconds a request may take (``timeout`` beyond).
+        grace_period: at shutdown, how long requests in flight may finish.
+        passivate_after: aggregates idle this long are passivated (``None``:
+            never).
+        mailbox_size: each aggregate's mailbox buffer.
+        handler_nursery: run the connection tasks here instead of the
+            server's own nursery.
+
+    Leaving the block shuts down gracefully (see :meth:`AggregateServer.aclose`).
+
+    Cancellation: the server runs shielded from cancellations from outside
+    the block (opening it is not cancellable: a store URL's own timeouts
+    bound it); a cancellation of the block's body makes it leave the block,
+    which shuts the server down gracefully (bounded by ``grace_period`` plus
+    a few seconds), and the cancellation goes on from there.
+
+    Raises:
+        InvalidArgument: a bad option or app.
+        OSError: the address cannot be listened on.
+    """
+    error: BaseException | None = None
+    async with trio.open_nursery() as relay:
+        body = trio.CancelScope()
+        relay.start_soon(_relay_cancellation, body)
+        try:
+            with trio.CancelScope(shield=True):
+                async with _open_server(
+                    app, store, host=host, port=port, token=token, ssl_context=ssl_context,
+                    max_line_bytes=max_line_bytes, max_in_flight=max_in_flight,
+                    max_connections=max_connections, idle_timeout=idle_timeout,
+                    request_timeout=request_timeout, grace_period=grace_period,
+                    passivate_after=passivate_after, mailbox_size=mailbox_size,
+                    handler_nursery=handler_nursery,
+                ) as server:  # fmt: skip
+                    with body:
+                        yield server
+        except BaseException as exc:
+            error = exc
+        finally:
+            relay.cancel_scope.cancel()
+    if error is not None:
+        raise error
+
+
+async def _relay_cancellation(body: trio.CancelScope) -> None:
+    """Cancel ``body`` when this task is cancelled (from outside the server's shield)."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        body.cancel()
+
+
+@asynccontextmanager
+async def _open_server(
+    app: App,
+    store: EventStore | str,
+    *,
+    host: str,
+    port: int,
+    token: str | None,
+    ssl_context: ssl.SSLContext | None,
+    max_line_bytes: int,
+    max_in_flight: int,
+    max_connections: int,
+    idle_timeout: float,
+    request_timeout: float,
+    grace_period: float,
+    passivate_after: float | None,
+    mailbox_size: int,
+    handler_nursery: trio.Nursery | None,
+) -> AsyncIterator[AggregateServer]:
+    """:func:`open_aggregate_server`, but for the cancellation relay."""
+    _check_options(
+        max_line_bytes, max_in_flight, max_connections, idle_timeout, request_timeout,
+        grace_period, passivate_after, mailbox_size, token, ssl_context,
+    )  # fmt: skip
+    classes = _routes_of(app)
+    commands = {name: _commands_of(name, cls) for name, cls in classes.items()}
+    body_error: BaseException | None = None
+    reraise: BaseException | None = None
+    async with AsyncExitStack() as stack:
+        if isinstance(store, str):
+            from ._open_store import open_store
+
+            store = await stack.enter_async_context(open_store(store))
+        routes: dict[str, _Route] = {}
+        for name, cls in classes.items():
+            repository = await stack.enter_async_context(
+                open_aggregates(
+                    cls,
+                    store,
+                    idle_timeout=passivate_after,
+                    mailbox_size=mailbox_size,
+                    shutdown_timeout=max(grace_period, 0.1),
+                )
+            )
+            routes[name] = _Route(name, repository, cls.codec().converter, commands[name])
+        listeners: list[Any] = list(await trio.open_tcp_listeners(port, host=host))
+        if ssl_context is not None:
+            listeners = [
+                trio.SSLListener(listener, ssl_context, https_compatible=False)
+                for listener in listeners
+            ]
+        server = AggregateServer(
+            routes,
+            store,
+            listeners,
+            token=token,
+            max_line_bytes=max_line_bytes,
+            max_in_flight=max_in_flight,
+            max_connections=max_connections,
+            idle_timeout=idle_timeout,
+            request_timeout=request_timeout,
+            grace_period=grace_period,
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    server._serve, nursery if handler_nursery is None else handler_nursery
+                )
+                try:
+                    yield server
+                except BaseException as exc:
+                    body_error = exc
+                finally:
+                    await server.aclose()
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            only_cancelled = group.split(trio.Cancelled)[1] is None
+            if only_cancelled and body_error is None:
+                raise
+            if not only_cancelled:
+                fatal = [
+                    e for e in group.exceptions if isinstance(e, KeyboardInterrupt | SystemExit)
+                ]
+                if not fatal:
+                    raise TrioAggregatesError(
+                        "internal error in the trio_aggregates server (please report it)"
+                    ) from group
+                reraise = fatal[0]
+        finally:
+            for listener in listeners:
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(listener)
+    if reraise is not None:
+        raise reraise from None
+    if body_error is not None:
+        raise body_error
+
+
+async def serve_aggregates(
+    app: App,
+    store: EventStore | str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    handler_nursery: trio.Nursery | None = None,
+    task_status: trio.TaskStatus[list[trio.abc.Listener[Any]]] = trio.TASK_STATUS_IGNORED,
+    **options: Any,
+) -> NoReturn:
+    """Serve ``app``'s aggregates on ``store`` until cancelled; ``nursery.start``-able.
+
+    Takes the options of :func:`open_aggregate_server`. ``task_status.started``
+    reports the listeners (their sockets give the port picked for ``port=0``).
+
+    Cancellation: it shuts down gracefully (shielded, bounded by
+    ``grace_period`` plus a few seconds: requests in flight finish or are
+    answered ``shutting_down``, connections and the store are closed), then
+    lets the cancellation through.
+
+    Raises:
+        InvalidArgument: a bad option or app.
+        OSError: the address cannot be listened on.
+    """
+    async with open_aggregate_server(
+        app, store, host=host, port=port, handler_nursery=handler_nursery, **options
+    ) as server:
+        task_status.started(server.listeners)
+        await trio.sleep_forever()
+    raise AssertionError("unreachable")  # pragma: no cover
