@@ -84,6 +84,17 @@ def process_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICK
 
 
+def machine_busy_seconds() -> float | None:
+    """CPU seconds all processes on the machine have used (``/proc/stat``), or None."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / _CLOCK_TICK
+
+
 class CellError(Exception):
     """The server answered something the client cannot match to a request."""
 
@@ -180,11 +191,22 @@ class Client:
 
         async def monitor() -> None:
             await trio.sleep(max(0.0, (w0 - time.monotonic_ns()) / 1e9))
-            c0, s0, t0 = time.process_time(), process_cpu_seconds(self.server_pid), time.monotonic()
+            c0, s0, m0 = (
+                time.process_time(),
+                process_cpu_seconds(self.server_pid),
+                machine_busy_seconds(),
+            )
+            t0 = time.monotonic()
             await trio.sleep(max(0.0, (w1 - time.monotonic_ns()) / 1e9))
-            c1, s1, t1 = time.process_time(), process_cpu_seconds(self.server_pid), time.monotonic()
+            c1, s1, m1 = (
+                time.process_time(),
+                process_cpu_seconds(self.server_pid),
+                machine_busy_seconds(),
+            )
+            t1 = time.monotonic()
             cpu["client"] = (c1 - c0) / (t1 - t0)
             cpu["server"] = None if s0 is None or s1 is None else (s1 - s0) / (t1 - t0)
+            cpu["machine"] = None if m0 is None or m1 is None else (m1 - m0) / (t1 - t0)
 
         async def drive(stream: trio.SocketStream, conn: int) -> None:
             now = time.monotonic_ns
@@ -274,6 +296,7 @@ class Client:
             "hist": hist,
             "client_cpu": cpu.get("client"),
             "server_cpu": cpu.get("server"),
+            "machine_cpu": cpu.get("machine"),
         }
 
 

@@ -59,6 +59,7 @@ import argparse
 import collections
 import contextlib
 import functools
+import gc
 import importlib.util
 import json
 import os
@@ -109,7 +110,27 @@ def serve_main(argv: Sequence[str]) -> None:
     parser.add_argument("kind", choices=["echo", "aggregates"])
     parser.add_argument("store")
     parser.add_argument("--cprofile", metavar="PATH")
+    parser.add_argument("--gc-log", metavar="PATH")
+    parser.add_argument("--gc-threshold", type=int, default=None)
     args = parser.parse_args(argv)
+    if args.gc_threshold:
+        gc.set_threshold(args.gc_threshold, *gc.get_threshold()[1:])
+
+    # Every garbage collection's start (time.monotonic_ns) and duration (ns):
+    # on SIGUSR2 the list so far goes to --gc-log (and is emptied), so that the
+    # parent can tell how much of a window the collector took.
+    collections_done: list[tuple[int, int, int]] = []
+    started = [0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.monotonic_ns()
+        else:
+            collections_done.append(
+                (started[0], time.monotonic_ns() - started[0], info["generation"])
+            )
+
+    gc.callbacks.append(on_gc)
 
     def announce(port: int, wire: str) -> None:
         print(json.dumps({"port": port, "type": wire, "pid": os.getpid()}), flush=True)
@@ -137,18 +158,42 @@ def serve_main(argv: Sequence[str]) -> None:
             await until_signalled()
 
     main = echo_main if args.kind == "echo" else aggregates_main
+    profiler = None
     if args.cprofile:
         import cProfile
 
         profiler = cProfile.Profile()
-        profiler.enable()
-        try:
-            trio.run(main)
-        finally:
-            profiler.disable()
-            profiler.dump_stats(args.cprofile)
-    else:
-        trio.run(main)
+
+    async def controlled() -> None:
+        # SIGUSR1: start the window (cProfile on); SIGUSR2: end it (cProfile off
+        # and dumped; the garbage collections so far written to --gc-log)
+        async def control() -> None:
+            with trio.open_signal_receiver(signal.SIGUSR1, signal.SIGUSR2) as signals:
+                async for signum in signals:
+                    if signum == signal.SIGUSR1:
+                        if profiler is not None:
+                            profiler.enable()
+                        continue
+                    if profiler is not None:
+                        profiler.disable()
+                        profiler.dump_stats(args.cprofile)
+                    if args.gc_log:
+                        done = collections_done[:]
+                        del collections_done[:]
+                        write_atomically(Path(args.gc_log), json.dumps(done))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(control)
+            await main()
+            nursery.cancel_scope.cancel()
+
+    trio.run(controlled)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 async def echo_connection(stream: Any) -> None:
@@ -194,20 +239,19 @@ class Server:
         workdir: Path,
         *,
         pin: int | None,
+        gc_threshold: int | None = None,
         profile: str | None = None,
         profile_path: Path | None = None,
     ) -> None:
         self.kind = kind
         serve_kind = "echo" if kind == "echo" else "aggregates"
+        self.gc_log = workdir / f"gc-{kind}-{time.monotonic_ns()}.json"
         command = [sys.executable, str(Path(__file__).resolve()), "_serve", serve_kind, store]
+        command += ["--gc-log", str(self.gc_log)]
+        if gc_threshold and kind != "echo":
+            command += ["--gc-threshold", str(gc_threshold)]
         if profile == "cprofile":
             command += ["--cprofile", str(profile_path)]
-        elif profile == "py-spy":
-            pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-            command = [
-                pyspy, "record", "--nolineno", "--format", "raw", "--rate", "250",
-                "--output", str(profile_path), "--", *command,
-            ]  # fmt: skip
         self.stderr = open(workdir / f"server-{kind}.err", "w+")  # noqa: SIM115
         self.process = subprocess.Popen(
             command,
@@ -219,8 +263,6 @@ class Server:
         )
         assert self.process.stdout is not None
         line = self.process.stdout.readline()
-        while line.startswith("py-spy>") or (line and not line.startswith("{")):
-            line = self.process.stdout.readline()
         if not line:
             self.process.wait(10)
             self.stderr.seek(0)
@@ -232,6 +274,18 @@ class Server:
         if pin is not None:
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(self.pid, {pin})
+
+    def garbage_collections(self) -> list[tuple[int, int, int]]:
+        """The server's garbage collections since the last call: (start ns, ns, generation)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.gc_log.unlink()
+        os.kill(self.pid, signal.SIGUSR2)
+        deadline = time.monotonic() + 10
+        while not self.gc_log.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the {self.kind} server wrote no garbage-collection log")
+            time.sleep(0.005)
+        return [tuple(x) for x in json.loads(self.gc_log.read_text())]  # type: ignore[misc]
 
     def stop(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -323,6 +377,11 @@ def merge(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     count = sum(r["count"] for r in results)
     seconds = results[0]["seconds"]
     server_cpu = results[0]["server_cpu"]
+    machine = results[0].get("machine_cpu")
+    clients_cpu = [r["client_cpu"] for r in results]
+    others = None
+    if machine is not None and server_cpu is not None and None not in clients_cpu:
+        others = max(0.0, machine - server_cpu - sum(clients_cpu))
     return {
         "rate": count / seconds,
         "count": count,
@@ -332,8 +391,9 @@ def merge(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "p99_us": percentile(hist, 0.99),
         "max_us": float(max(hist)) if hist else float("nan"),
         "errors": dict(errors),
-        "client_cpu": [r["client_cpu"] for r in results],
+        "client_cpu": clients_cpu,
         "server_cpu": server_cpu,
+        "others_cpu": others,
     }
 
 
@@ -361,6 +421,7 @@ def session(
         store,
         workdir,
         pin=0 if p["pin"] else None,
+        gc_threshold=p["server_gc_threshold"],
         profile=profile,
         profile_path=profile_path,
     )
@@ -378,17 +439,31 @@ def session(
 def run_cell(
     server: Server, clients: Clients, workload: str, depth: int, p: dict[str, Any]
 ) -> dict[str, Any]:
+    start_ns = time.monotonic_ns() + 50_000_000
     cmd = {
         "cmd": "run",
         "workload": workload,
         "depth": depth,
-        "start_ns": time.monotonic_ns() + 50_000_000,
+        "start_ns": start_ns,
         "warmup": p["warmup"],
         "duration": p["duration"],
         "type": server.wire_type,
         "accounts": ACCOUNTS,
     }
-    return merge(clients.ask(cmd))
+    figures = merge(clients.ask(cmd))
+    # the server's garbage collections inside the window
+    w0 = start_ns + int(p["warmup"] * 1e9)
+    w1 = w0 + int(p["duration"] * 1e9)
+    gc_ns = 0
+    by_generation = [0, 0, 0]
+    for begin, ns, generation in server.garbage_collections():
+        overlap = min(begin + ns, w1) - max(begin, w0)
+        if overlap > 0:
+            gc_ns += overlap
+            by_generation[generation] += 1
+    figures["server_gc"] = gc_ns / (w1 - w0)
+    figures["server_gc_collections"] = by_generation
+    return figures
 
 
 def check_balances(server: Server, clients: Clients) -> dict[str, Any]:
@@ -444,38 +519,84 @@ def pyspy_inclusive(path: Path, n: int) -> list[tuple[str, float]]:
     return [(name, 100 * c / total) for name, c in inclusive.most_common(n)]
 
 
+def pyspy_by_file(path: Path, n: int) -> list[tuple[str, float]]:
+    """Self time by source file (trio internals, the library's modules, json, ...)."""
+    own: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_text)
+        total += count
+        leaf = stack.split(";")[-1].strip()
+        where = leaf[leaf.rfind("(") + 1 : -1] if leaf.endswith(")") else leaf
+        own[where] += count
+    return [(name, 100 * c / total) for name, c in own.most_common(n)]
+
+
 def run_profile(kind: str, workdir: Path, p: dict[str, Any], out: TextIO) -> dict[str, Any]:
-    """Profile the memory server under ``deposit`` at each depth; print the top functions."""
+    """Profile the memory server under ``deposit`` at each depth; print the top functions.
+
+    The profiler sees the measured window only (after the set-up and a warm-up
+    cell): py-spy attaches to the running server for that window; cProfile is
+    switched on and off by signals.
+    """
     report: dict[str, Any] = {"profiler": kind, "depths": {}}
+    p = {**p, "duration": max(p["duration"], 3.0)}
     for depth in p["depths"]:
         path = workdir / f"profile-d{depth}.{'prof' if kind == 'cprofile' else 'txt'}"
         with session("memory", workdir, p, profile=kind, profile_path=path) as (server, clients):
             run_cell(server, clients, "deposit", depth, p)  # warm up
-            figures = run_cell(server, clients, "deposit", depth, p)
-        deadline = time.monotonic() + 30
-        while not path.exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
+            if kind == "py-spy":
+                pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+                seconds = max(1, round(p["warmup"] + p["duration"]))
+                spy = subprocess.Popen(
+                    [
+                        pyspy, "record", "--pid", str(server.pid), "--nolineno",
+                        "--format", "raw", "--rate", "500", "--duration", str(seconds),
+                        "--output", str(path),
+                    ],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )  # fmt: skip
+                time.sleep(0.3)  # let it attach
+                figures = run_cell(server, clients, "deposit", depth, p)
+                spy.wait(60)
+            else:
+                os.kill(server.pid, signal.SIGUSR1)
+                figures = run_cell(server, clients, "deposit", depth, p)
+                os.kill(server.pid, signal.SIGUSR2)
+                deadline = time.monotonic() + 30
+                while not path.exists() and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                time.sleep(0.5)
         print(
             f"\nprofile ({kind}), memory server, deposit, depth {depth}:"
-            f" {figures['rate']:,.0f} requests/s under the profiler",
+            f" {figures['rate']:,.0f} requests/s under the profiler,"
+            f" server CPU {fmt_cpu(figures['server_cpu'])}",
             file=out,
         )
-        entry: dict[str, Any] = {"rate_under_profiler": figures["rate"]}
+        entry: dict[str, Any] = {"rate_under_profiler": figures["rate"], "figures": figures}
         if kind == "py-spy":
-            top = pyspy_top(path, 30)
+            top = pyspy_top(path, 40)
             print(f"  {'self %':>7} {'incl %':>7}  function (file)", file=out)
             for name, self_pct, incl_pct in top:
                 print(f"  {self_pct:7.1f} {incl_pct:7.1f}  {name}", file=out)
-            incl = pyspy_inclusive(path, 45)
+            incl = pyspy_inclusive(path, 50)
             print(f"\n  {'incl %':>7}  function (file), by inclusive time", file=out)
             for name, pct in incl:
                 print(f"  {pct:7.1f}  {name}", file=out)
+            files = pyspy_by_file(path, 25)
+            print(f"\n  {'self %':>7}  source file, by self time", file=out)
+            for name, pct in files:
+                print(f"  {pct:7.1f}  {name}", file=out)
             entry["top_self"] = top
             entry["top_inclusive"] = incl
+            entry["by_file"] = files
         else:
             stats = pstats.Stats(str(path), stream=out)
-            stats.sort_stats("tottime").print_stats(30)
-            stats.sort_stats("cumulative").print_stats(40)
+            stats.sort_stats("tottime").print_stats(40)
+            stats.sort_stats("cumulative").print_stats(50)
         report["depths"][str(depth)] = entry
     return report
 
@@ -496,6 +617,7 @@ def parameters(args: argparse.Namespace, extra: argparse.Namespace) -> dict[str,
         "duration": extra.duration or (0.6 if args.quick else 2.0),
         "reps_server": 1 if args.quick else 3,
         "server_receive_size": _RECEIVE_SIZE,
+        "server_gc_threshold": extra.server_gc_threshold,
     }
     if args.reps is not None:
         p["reps_server"] = args.reps
@@ -532,6 +654,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra_parser.add_argument("--connections", type=int, default=100)
     extra_parser.add_argument("--duration", type=float, default=None)
     extra_parser.add_argument("--profile", choices=["py-spy", "cprofile"], default=None)
+    extra_parser.add_argument("--server-gc-threshold", type=int, default=None)
     extra, rest = extra_parser.parse_known_args(argv)
     doc = (__doc__ or "").splitlines()[0]
     args = parse_args(
@@ -593,7 +716,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     rows = [
         ("server", "workload", "depth", "requests/s", "p50", "p90", "p99", "max",
-         "vs echo", "server CPU", "client CPU", "errors"),
+         "vs echo", "server CPU", "server GC", "client CPU", "others", "errors"),
     ]  # fmt: skip
     best: dict[str, Any] = {}
     for kind in kinds:
@@ -610,8 +733,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     (
                         kind, workload, str(depth), f"{top['rate']:,.0f}",
                         fmt_us(top["p50_us"]), fmt_us(top["p90_us"]), fmt_us(top["p99_us"]),
-                        fmt_us(top["max_us"]), f"{ratio:.2f}x", fmt_cpu(top["server_cpu"]),
+                        fmt_us(top["max_us"]), f"{ratio:.2f}x",
+                        fmt_cpu(top["server_cpu"]), fmt_cpu(top["server_gc"]),
                         "/".join(fmt_cpu(c) for c in top["client_cpu"]),
+                        fmt_cpu(top["others_cpu"]),
                         ", ".join(f"{c}: {n}" for c, n in top["errors"].items()) or "0",
                     )
                 )  # fmt: skip
@@ -627,8 +752,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     print(
         f"(best of {p['reps_server']}; latency from the send carrying a request to the receive"
-        " bringing its answer; CPU = share of one core over the window)"
+        " bringing its answer; CPU = share of one core over the window; others = every other"
+        " process on the machine)"
     )
+    busy = [
+        name for name, c in best.items() if c["others_cpu"] is not None and c["others_cpu"] > 0.25
+    ]
+    if busy:
+        print(
+            "NOTE: other processes used more than a quarter of a core during: "
+            + ", ".join(busy)
+            + " (the machine was busy: run again for reliable figures)"
+        )
     if saturated:
         print(
             "NOTE: the load client used >= 90% of a core in: "
@@ -650,6 +785,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data["best"] = best
         data["balance_checks"] = checks
         data["client_saturated"] = saturated
+        data["machine_busy"] = busy
         if profile_report is not None:
             data["profile"] = profile_report
         args.json.parent.mkdir(parents=True, exist_ok=True)
