@@ -82,6 +82,7 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Callable
 from typing import Any, Final, final
 
 import attrs
@@ -409,7 +410,8 @@ def _reject_constant(name: str) -> Any:
 
 _decoder: Final = json.JSONDecoder(parse_constant=_reject_constant)
 _decode: Final = _decoder.decode
-_scan: Final = _decoder.scan_once  # decode() without its two whitespace regexes
+#: decode() without its two whitespace regexes: (value, end) or StopIteration.
+_scan: Final[Callable[[str, int], tuple[Any, int]]] = _decoder.scan_once  # type: ignore[attr-defined]
 
 
 def _parse_object(line: bytes) -> dict[str, Any] | str | None:
