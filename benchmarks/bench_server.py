@@ -301,7 +301,9 @@ class Server:
 class Clients:
     """The load client processes (``_load_client.py``), driven by JSON lines."""
 
-    def __init__(self, server: Server, connections: int, n: int, pin: int | None) -> None:
+    def __init__(
+        self, server: Server, connections: int, n: int, pin: int | None, impl: str
+    ) -> None:
         self.processes: list[subprocess.Popen[str]] = []
         per = [connections // n + (1 if i < connections % n else 0) for i in range(n)]
         for index, count in enumerate(per):
@@ -309,6 +311,7 @@ class Clients:
                 sys.executable, str(HERE / "_load_client.py"),
                 "--port", str(server.port), "--connections", str(count),
                 "--server-pid", str(server.pid), "--index", str(index),
+                "--impl", impl,
             ]  # fmt: skip
             process = subprocess.Popen(
                 command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT
@@ -427,7 +430,9 @@ def session(
     )
     clients = None
     try:
-        clients = Clients(server, p["connections"], p["clients"], 1 if p["pin"] else None)
+        clients = Clients(
+            server, p["connections"], p["clients"], 1 if p["pin"] else None, p["client_impl"]
+        )
         clients.ask({"cmd": "setup", "type": server.wire_type, "accounts": ACCOUNTS}, True)
         yield server, clients
     finally:
@@ -612,6 +617,7 @@ def parameters(args: argparse.Namespace, extra: argparse.Namespace) -> dict[str,
         "workloads": list(args.only),
         "accounts": ACCOUNTS,
         "clients": extra.clients,
+        "client_impl": extra.client_impl,
         "pin": extra.pin,
         "warmup": 0.2 if args.quick else 0.5,
         "duration": extra.duration or (0.6 if args.quick else 2.0),
@@ -649,6 +655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra_parser = argparse.ArgumentParser(add_help=False)
     extra_parser.add_argument("--clients", type=int, default=1)
     extra_parser.add_argument("--pin", action="store_true")
+    extra_parser.add_argument("--client-impl", choices=["epoll", "trio"], default="epoll")
     extra_parser.add_argument("--stores", default=",".join(STORES))
     extra_parser.add_argument("--depths", default="1,16")
     extra_parser.add_argument("--connections", type=int, default=100)
