@@ -1,0 +1,471 @@
+"""Projections on the in-memory store, SQLite and the real PostgreSQL.
+
+* A projection caught up (from a checkpoint, then live) equals one built from scratch.
+* The checkpoint and the read model commit together: a handler failing mid-batch
+  leaves nothing of the batch visible (SQLite, PostgreSQL); in memory the
+  documented at-least-once rule holds.
+* A failing handler stops its projection only, naming the event's position.
+* reset() rebuilds from position 1; a restart continues from the checkpoint.
+* A projection process killed with SIGKILL mid-stream, restarted, equals a
+  projection built from scratch (a real subprocess: this file run as a script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, ClassVar
+
+import attrs
+import pytest
+import trio
+
+from trio_aggregates import (
+    Aggregate,
+    EventStore,
+    InMemoryEventStore,
+    NewEvent,
+    applies,
+    event_type,
+    handles,
+    open_aggregates,
+    open_store,
+)
+from trio_aggregates._projection import (
+    EventContext,
+    Projection,
+    ProjectionFailed,
+    open_projections,
+    projects,
+    run_projection,
+)
+
+# -- a small domain ------------------------------------------------------------
+
+
+@attrs.frozen
+class Add:
+    amount: int
+
+
+@event_type("tally.added")
+@attrs.frozen
+class Added:
+    amount: int
+
+
+@event_type("tally.noted")
+@attrs.frozen
+class Noted:
+    text: str
+
+
+@attrs.define
+class Tally(Aggregate):
+    total: int = 0
+    extra_events = (Noted,)
+
+    @handles
+    def add(self, command: Add) -> list[object]:
+        return [Added(command.amount), Noted(f"+{command.amount}")]
+
+    @applies
+    def added(self, event: Added) -> None:
+        self.total += event.amount
+
+
+class Totals(Projection):
+    """Per key: the sum of the amounts, and the number of events. In the store's
+    database when there is one (through ``ctx.db``), else in this object."""
+
+    reads = (Tally,)
+    fail_on: ClassVar[int | None] = None  # an amount that makes the handler raise
+
+    def __init__(self, name: str = "totals", batch_size: int | None = None) -> None:
+        self._name = name
+        self.table = f"totals_{name}"
+        self.memory: dict[str, tuple[int, int]] = {}
+        self.positions: list[int] = []
+        if batch_size is not None:
+            self.batch_size = batch_size  # type: ignore[misc]
+
+    @property
+    def flow_name(self) -> str:
+        return self._name
+
+    def setup(self, db: Any) -> None:
+        if db is not None:
+            db.execute(
+                f"CREATE TABLE IF NOT EXISTS {self.table} "
+                "(key TEXT PRIMARY KEY, total BIGINT NOT NULL, events BIGINT NOT NULL)"
+            )
+
+    def clear(self, db: Any) -> None:
+        self.memory.clear()
+        if db is not None:
+            db.execute(f"DELETE FROM {self.table}")
+
+    @projects
+    def added(self, event: Added, ctx: EventContext) -> None:
+        if event.amount == self.fail_on:
+            raise RuntimeError(f"cannot project {event.amount}")
+        self.positions.append(ctx.position)
+        if ctx.db is None:
+            total, events = self.memory.get(ctx.key, (0, 0))
+            self.memory[ctx.key] = (total + event.amount, events + 1)
+        else:
+            mark = "?" if isinstance(ctx.db, sqlite3.Connection) else "%s"
+            ctx.db.execute(
+                f"INSERT INTO {self.table} (key, total, events) VALUES ({mark}, {mark}, 1) "
+                f"ON CONFLICT (key) DO UPDATE SET total = {self.table}.total + excluded.total, "
+                f"events = {self.table}.events + 1",
+                (ctx.key, event.amount),
+            )
+
+
+class Failing(Totals):
+    fail_on = 13
+
+
+# -- stores ----------------------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "memory":
+        yield "memory://"
+    elif request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/projection.db"
+    else:
+        yield request.getfixturevalue("postgres_database").url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def durable_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/projection.db"
+    else:
+        yield request.getfixturevalue("postgres_database").url
+
+
+@asynccontextmanager
+async def opened(url: str) -> AsyncIterator[EventStore]:
+    async with open_store(url) as store:
+        yield store
+
+
+def _read_model_sync(store: EventStore, table: str) -> dict[str, tuple[int, int]]:
+    path = getattr(store, "path", None)
+    if path is not None:
+        with sqlite3.connect(path) as db:
+            rows = db.execute(f"SELECT key, total, events FROM {table}").fetchall()
+        return {k: (int(t), int(e)) for k, t, e in rows}
+    import psycopg
+
+    conninfo = getattr(store, "conninfo", None) or store._pool.conninfo  # type: ignore[attr-defined]
+    with psycopg.connect(conninfo) as conn:
+        rows = conn.execute(f"SELECT key, total, events FROM {table}").fetchall()
+    return {k: (int(t), int(e)) for k, t, e in rows}
+
+
+async def read_model(store: EventStore, projection: Totals) -> dict[str, tuple[int, int]]:
+    if isinstance(store, InMemoryEventStore):
+        return dict(projection.memory)
+    return await trio.to_thread.run_sync(_read_model_sync, store, projection.table)
+
+
+def _checkpoint_sync(store: EventStore, name: str) -> int:
+    path = getattr(store, "path", None)
+    query = "SELECT position FROM trio_aggregates_checkpoints WHERE name = "
+    if path is not None:
+        with sqlite3.connect(path) as db:
+            row = db.execute(query + "?", (name,)).fetchone()
+    else:
+        import psycopg
+
+        conninfo = getattr(store, "conninfo", None) or store._pool.conninfo  # type: ignore[attr-defined]
+        with psycopg.connect(conninfo) as conn:
+            row = conn.execute(query + "%s", (name,)).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+async def add_many(store: EventStore, count: int, *, keys: int = 7, start: int = 0) -> None:
+    """``count`` Add commands (2 events each) over ``keys`` tallies, amounts 1, 2, ..."""
+    async with open_aggregates(Tally, store) as tallies:
+        for i in range(start, start + count):
+            await tallies.execute(i % keys, Add(i + 1), create_if_missing=True)
+
+
+def expected(count: int, *, keys: int = 7, skip: int | None = None) -> dict[str, tuple[int, int]]:
+    model: dict[str, tuple[int, int]] = {}
+    for i in range(count):
+        total, events = model.get(str(i % keys), (0, 0))
+        model[str(i % keys)] = (total + i + 1, events + 1)
+    return model
+
+
+async def wait_for(predicate: Any, timeout: float = 20) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():  # noqa: ASYNC110 (polling statistics, bounded)
+            await trio.sleep(0.005)
+
+
+# -- tests -------------------------------------------------------------------------
+
+
+async def test_projection_catches_up_then_follows_live_and_equals_a_rebuild(
+    store_url: str,
+) -> None:
+    async with opened(store_url) as store:
+        await add_many(store, 60)  # before: the catch-up
+        live = Totals("live", batch_size=16)
+        async with open_projections(store, [live], poll_interval=0.05) as runner:
+            stats = runner.statistics()["live"]
+            assert stats.state == "running"
+            await add_many(store, 40, start=60)  # while running: live
+            head = await store.head_position()
+            with trio.fail_after(20):
+                await runner.wait_caught_up(head)
+            stats = runner.statistics()["live"]
+            assert stats.position == head - 1  # the last Added (a Noted follows it)
+            assert stats.head_position == head
+            assert stats.lag_positions == 0 and stats.lag_seconds == 0
+            assert stats.events_handled == 100
+            assert stats.error is None
+        assert runner.statistics()["live"].state == "stopped"
+        assert await read_model(store, live) == expected(100)
+        # Positions strictly increase: in order, no event twice.
+        assert live.positions == sorted(set(live.positions))
+        # From scratch, in one catch-up: the same read model.
+        scratch = Totals("scratch")
+        async with open_projections(store, [scratch]) as runner:
+            await runner.wait_caught_up()
+        assert await read_model(store, scratch) == await read_model(store, live)
+
+
+async def test_statistics_show_the_lag(durable_url: str) -> None:
+    """A projection held at a batch (its handler waits, in its worker thread) lags."""
+    gate = threading.Event()
+
+    class Gated(Totals):
+        @projects
+        def added(self, event: Added, ctx: EventContext) -> None:
+            if ctx.position > 20:
+                gate.wait(30)
+            Totals.added(self, event, ctx)
+
+    async with opened(durable_url) as store:
+        await add_many(store, 30)
+        head = await store.head_position()
+        gated = Gated("gated", batch_size=5)
+        try:
+            async with trio.open_nursery() as nursery:
+                running = await nursery.start(run_projection, store, gated)
+                await wait_for(lambda: running.statistics().position >= 19)
+                stats = running.statistics()
+                assert stats.state == "running"
+                assert (stats.position, stats.head_position) == (19, head)
+                assert stats.lag_positions == head - 19
+                assert stats.lag_seconds > 0
+                gate.set()
+                await wait_for(lambda: running.statistics().position == head - 1)
+                stats = running.statistics()
+                assert stats.lag_positions == 0 and stats.lag_seconds == 0
+                assert stats.events_handled == 30
+                nursery.cancel_scope.cancel()
+        finally:
+            gate.set()
+        assert running.statistics().state == "stopped"
+
+
+async def test_a_failing_handler_stops_its_projection_only(store_url: str) -> None:
+    async with opened(store_url) as store:
+        await add_many(store, 30)  # amounts 1..30: 13 fails
+        good, bad = Totals("good"), Failing("bad", batch_size=4)
+        async with open_projections(store, [good, bad], poll_interval=0.05) as runner:
+            await wait_for(lambda: runner.statistics()["bad"].state == "failed")
+            await add_many(store, 5, start=30)  # the good one goes on, live
+            await runner.wait_caught_up(await store.head_position())
+            stats = runner.statistics()
+            assert stats["good"].state == "running"
+            assert stats["good"].position == await store.head_position() - 1
+            assert stats["good"].lag_positions == 0
+            error = stats["bad"].error
+            assert isinstance(error, ProjectionFailed)
+            # Add(13) is the 13th command: its Added is event 25 of the store.
+            assert error.position == 25 and error.name == "bad"
+            assert error.stream == "Tally-5" and error.event_type == "tally.added"
+            assert "position 25" in str(error)
+            assert isinstance(error.__cause__, RuntimeError)
+            assert stats["bad"].lag_positions > 0
+        assert await read_model(store, good) == expected(35)
+
+
+async def test_a_failed_batch_leaves_nothing_of_it_visible(durable_url: str) -> None:
+    """The checkpoint and the read model are one transaction: the failing batch
+    (the Added events of Add(9)..Add(16), the failing Add(13) in its middle) is
+    rolled back whole. (The projection reads only the Added events: a batch of 8
+    is 8 of them.)"""
+    async with opened(durable_url) as store:
+        await add_many(store, 30)
+        bad = Failing("atomic", batch_size=8)
+        async with open_projections(store, [bad]) as runner:
+            await wait_for(lambda: runner.statistics()["atomic"].state == "failed")
+            assert runner.statistics()["atomic"].position == 15
+        # Add(1)..Add(8) (Added at positions 1, 3, ..., 15): visible. Add(9)..Add(12):
+        # their handlers ran, then the batch rolled back.
+        assert await trio.to_thread.run_sync(_checkpoint_sync, store, "atomic") == 15
+        assert await read_model(store, bad) == expected(8)
+        assert max(bad.positions) == 23
+
+
+async def test_in_memory_a_failure_keeps_what_was_applied() -> None:
+    """At least once in memory: the events before the failing one stay applied and
+    are the checkpoint; handlers keep positions to skip a redelivery."""
+    store = InMemoryEventStore()
+    await add_many(store, 30)
+    bad = Failing("memory", batch_size=8)
+    async with open_projections(store, [bad]) as runner:
+        await wait_for(lambda: runner.statistics()["memory"].state == "failed")
+        assert runner.statistics()["memory"].position == 23
+    assert await read_model(store, bad) == expected(12)
+
+
+async def test_reset_rebuilds_from_position_1(store_url: str) -> None:
+    async with opened(store_url) as store:
+        await add_many(store, 30)
+        bad = Failing("resettable", batch_size=8)
+        async with open_projections(store, [bad], poll_interval=0.05) as runner:
+            await wait_for(lambda: runner.statistics()["resettable"].state == "failed")
+            bad.fail_on = None  # type: ignore[misc]  # fixed: reset, rebuild
+            bad.positions.clear()
+            await runner.reset("resettable")
+            await runner.wait_caught_up(await store.head_position())
+            stats = runner.statistics()["resettable"]
+            assert stats.state == "running" and stats.error is None
+            assert await read_model(store, bad) == expected(30)
+            assert bad.positions[0] == 1  # from the start
+            # A reset of a healthy projection: the same read model again.
+            bad.positions.clear()
+            await runner.reset("resettable")
+            await runner.wait_caught_up(await store.head_position())
+            assert bad.positions[0] == 1 and len(bad.positions) == 30
+            assert await read_model(store, bad) == expected(30)
+
+
+async def test_a_restart_continues_from_the_checkpoint(durable_url: str) -> None:
+    async with opened(durable_url) as store:
+        await add_many(store, 20)
+        first = Totals("restartable")
+        async with open_projections(store, [first]) as runner:
+            await runner.wait_caught_up()
+        await add_many(store, 10, start=20)
+        second = Totals("restartable")  # a new object: the checkpoint is in the store
+        async with open_projections(store, [second]) as runner:
+            await runner.wait_caught_up()
+            assert runner.statistics()["restartable"].events_handled == 10
+        assert second.positions[0] == 41
+        assert await read_model(store, second) == expected(30)
+
+
+async def test_events_the_projection_does_not_read_are_skipped() -> None:
+    store = InMemoryEventStore()
+    await store.append("Other-1", [NewEvent("tally.added", b'{"amount": 5}')], expected_version=0)
+    await add_many(store, 3)
+
+    class TallyOnly(Totals):
+        categories = ("Tally",)
+
+    projection = TallyOnly("only")
+    async with open_projections(store, [projection]) as runner:
+        await runner.wait_caught_up()
+        assert runner.statistics()["only"].events_handled == 3
+        assert runner.statistics()["only"].lag_positions == 0
+    assert projection.memory == expected(3)
+
+
+# -- SIGKILL mid-stream -----------------------------------------------------------
+
+HERE = Path(__file__)
+
+
+async def test_a_projection_killed_mid_stream_and_restarted_equals_a_rebuild(
+    durable_url: str,
+) -> None:
+    count = 3000
+    async with opened(durable_url) as store:
+        async with open_aggregates(Tally, store) as tallies, trio.open_nursery() as nursery:
+
+            async def writer(task: int) -> None:
+                for i in range(task, count, 20):
+                    await tallies.execute(i % 7, Add(i + 1), create_if_missing=True)
+
+            for task in range(20):
+                nursery.start_soon(writer, task)
+        head = await store.head_position()
+        process = await trio.lowlevel.open_process(
+            [sys.executable, str(HERE), "--project", durable_url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            with trio.fail_after(60):
+                # Kill once a few batches are in, well before the end.
+                while (
+                    position := await trio.to_thread.run_sync(
+                        _checkpoint_sync_safe, store, "killed"
+                    )
+                ) < 400:
+                    assert process.poll() is None, "the projector ended before it was killed"
+                    await trio.sleep(0.01)
+            process.send_signal(signal.SIGKILL)
+            with trio.fail_after(10):
+                await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        assert process.returncode == -signal.SIGKILL
+        assert position < head, "the projection was not killed mid-stream"
+        # Restart where it stopped, and build another from scratch.
+        restarted, scratch = Totals("killed", batch_size=7), Totals("scratch")
+        async with open_projections(store, [restarted, scratch]) as runner:
+            await runner.wait_caught_up(head)
+        assert restarted.positions[0] > position  # it did continue, not start again
+        assert await read_model(store, restarted) == await read_model(store, scratch)
+        assert await read_model(store, scratch) == expected(count)
+
+
+def _checkpoint_sync_safe(store: EventStore, name: str) -> int:
+    try:
+        return _checkpoint_sync(store, name)
+    except Exception:  # the table does not exist yet
+        return 0
+
+
+class Slow(Totals):
+    @projects
+    def added(self, event: Added, ctx: EventContext) -> None:
+        time.sleep(0.001)  # so that the parent kills it mid-stream
+        Totals.added(self, event, ctx)
+
+
+async def _project_forever(url: str) -> None:
+    async with open_store(url) as store:
+        projection = Slow("killed", batch_size=7)
+        async with open_projections(store, [projection]):
+            await trio.sleep_forever()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--project", required=True, help="store URL: run the projection")
+    trio.run(_project_forever, parser.parse_args().project)
