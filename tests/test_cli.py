@@ -619,3 +619,57 @@ async def test_signal_with_requests_in_flight_loses_no_acknowledged_command(
                 state = await client.ask(id="s", op="load", type="Account", key=key)
                 assert state["result"]["balance"] == len(references) - 1  # the opening has none
         await stop(process, errors=errors)
+
+
+# -- TLS -----------------------------------------------------------------------------------------
+
+
+async def test_serve_and_call_over_tls(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1", "localhost")
+    cert, key, ca_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    for index, blob in enumerate(issued.cert_chain_pems):
+        if index == 0:
+            blob.write_to_path(str(cert))
+        else:
+            blob.write_to_path(str(cert), append=True)
+    issued.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_file))
+    tls = ("--tls-cert", str(cert), "--tls-key", str(key))
+    async with serving(tmp_path, *tls) as (process, port, errors):
+        where = ("--port", str(port))
+        done = await run("call", *where, "--tls-ca", str(ca_file), '{"op": "ping"}')
+        assert done.returncode == 0, done.stderr
+        assert answer_of(done)["result"] == "pong"
+        # Without TLS, or with TLS but not trusting the server's CA: no answer, exit 2.
+        done = await run("call", *where, "--timeout", "10", '{"op": "ping"}')
+        assert done.returncode == 2, done.stdout
+        done = await run("call", *where, "--tls", '{"op": "ping"}')
+        assert done.returncode == 2, done.stdout
+        done = await run(
+            "load", *where, "--tls-ca", str(ca_file), "--scenario", "ping",
+            "--connections", "2", "--requests", "50",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        await stop(process, errors=errors)
+    done = await run("serve", BANK_APP, "--port", "0", "--tls-cert", str(cert), cwd=tmp_path)
+    assert done.returncode == 2
+    assert "--tls-cert and --tls-key go together" in done.stderr.decode()
+
+
+# -- the README's main job -----------------------------------------------------------------------
+
+
+def test_the_main_job_is_what_ci_runs() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    command = (
+        "python3 -m venv .venv && .venv/bin/pip install -q -e . && "
+        ".venv/bin/trio-aggregates load --serve examples/bank.py:app"
+    )
+    assert f"```sh\n{command}\n```" in readme
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert (
+        '(cd "$(mktemp -d)" && "$OLDPWD/.venv/bin/trio-aggregates" load --serve '
+        '"$OLDPWD/examples/bank.py:app")'
+    ) in ci

@@ -738,15 +738,24 @@ async def _run_workers(
     description: str,
     total: float | None,
     completed: Callable[[], float],
+    answered: Callable[[], int],
 ) -> float:
-    """Run ``work(client, worker number)`` ``depth`` times per connection; the seconds it took."""
-    task = progress.add_task(description, total=total)
+    """Run ``work(client, worker number)`` ``depth`` times per connection; the seconds it took.
+
+    The progress bar shows ``completed()`` of ``total`` and the rate of ``answered()``.
+    """
+    task = progress.add_task(description, total=total, rate="")
     started = time.perf_counter()
+
+    def show() -> None:
+        elapsed = time.perf_counter() - started
+        rate = answered() / elapsed if elapsed > 0 else 0.0
+        progress.update(task, completed=completed(), rate=f"{rate:,.0f} requests/s")
+        progress.refresh()
 
     async def tick() -> None:
         while True:
-            progress.update(task, completed=completed())
-            progress.refresh()
+            show()
             await trio.sleep(0.2)
 
     failures: list[Exception] = []
@@ -771,8 +780,7 @@ async def _run_workers(
         outer.cancel_scope.cancel()
     if failures:
         raise failures[0]
-    progress.update(task, completed=completed() if total is None else total)
-    progress.refresh()
+    show()
     return time.perf_counter() - started
 
 
@@ -826,6 +834,7 @@ async def run_load(
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        TextColumn("{task.fields[rate]}"),
         console=console or Console(stderr=True),
         auto_refresh=False,
     )
@@ -887,7 +896,9 @@ async def _ping(load: _Load, progress: Progress) -> LoadResult:
             await _request(load, client, op="ping")
 
     unit, total, completed = _main_phase(load)
-    seconds = await _run_workers(load, work, progress, f"ping ({unit})", total, completed)
+    seconds = await _run_workers(
+        load, work, progress, f"ping ({unit})", total, completed, lambda: load.recorder.count
+    )
     r = load.recorder
     return LoadResult(r.count, seconds, sorted(r.latencies), dict(r.errors), r.lost)
 
@@ -931,8 +942,9 @@ async def _bank(load: _Load, progress: Progress, accounts: int) -> LoadResult:
                     )
 
     await _run_workers(
-        load, open_accounts, progress, "opening accounts", accounts, lambda: setup.count / 2
-    )
+        load, open_accounts, progress, "opening accounts", accounts,
+        lambda: setup.count / 2, lambda: setup.count,
+    )  # fmt: skip
 
     rng = random.Random(run)
     transfers = 0
@@ -969,7 +981,10 @@ async def _bank(load: _Load, progress: Progress, accounts: int) -> LoadResult:
                 await account(source, "Deposit", refund, f"{reference}-r")
 
     unit, total, completed = _main_phase(load)
-    seconds = await _run_workers(load, transfer, progress, f"transfers ({unit})", total, completed)
+    seconds = await _run_workers(
+        load, transfer, progress, f"transfers ({unit})", total, completed,
+        lambda: load.recorder.count,
+    )  # fmt: skip
 
     balances: dict[str, int] = {}
     check = _Recorder()
@@ -984,8 +999,9 @@ async def _bank(load: _Load, progress: Progress, accounts: int) -> LoadResult:
                 balances[key] = int(response.result["balance"])
 
     await _run_workers(
-        load, load_accounts, progress, "checking balances", accounts, lambda: check.count
-    )
+        load, load_accounts, progress, "checking balances", accounts,
+        lambda: check.count, lambda: check.count,
+    )  # fmt: skip
     if len(balances) != accounts:
         raise click.ClickException(
             f"loading the accounts failed: {len(balances)} of {accounts} loaded "
