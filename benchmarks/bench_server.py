@@ -467,6 +467,10 @@ def run_cell(
             gc_ns += overlap
             by_generation[generation] += 1
     figures["server_gc"] = gc_ns / (w1 - w0)
+    cpu = figures["server_cpu"]
+    figures["server_us_per_request"] = (
+        cpu / figures["rate"] * 1e6 if cpu is not None and figures["rate"] else float("nan")
+    )
     figures["server_gc_collections"] = by_generation
     return figures
 
@@ -723,7 +727,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     rows = [
         ("server", "workload", "depth", "requests/s", "p50", "p90", "p99", "max",
-         "vs echo", "server CPU", "server GC", "client CPU", "others", "errors"),
+         "vs echo", "server CPU", "CPU/req", "server GC", "client CPU", "others", "errors"),
     ]  # fmt: skip
     best: dict[str, Any] = {}
     for kind in kinds:
@@ -741,7 +745,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         kind, workload, str(depth), f"{top['rate']:,.0f}",
                         fmt_us(top["p50_us"]), fmt_us(top["p90_us"]), fmt_us(top["p99_us"]),
                         fmt_us(top["max_us"]), f"{ratio:.2f}x",
-                        fmt_cpu(top["server_cpu"]), fmt_cpu(top["server_gc"]),
+                        fmt_cpu(top["server_cpu"]), fmt_us(top["server_us_per_request"]),
+                        fmt_cpu(top["server_gc"]),
                         "/".join(fmt_cpu(c) for c in top["client_cpu"]),
                         fmt_cpu(top["others_cpu"]),
                         ", ".join(f"{c}: {n}" for c, n in top["errors"].items()) or "0",
@@ -759,8 +764,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     print(
         f"(best of {p['reps_server']}; latency from the send carrying a request to the receive"
-        " bringing its answer; CPU = share of one core over the window; others = every other"
-        " process on the machine)"
+        " bringing its answer; CPU = share of one core over the window; CPU/req = the server's"
+        " CPU time per answer; server GC = the garbage collector's share of the window in the"
+        " server; others = every other process on the machine)"
     )
     busy = [
         name for name, c in best.items() if c["others_cpu"] is not None and c["others_cpu"] > 0.25
