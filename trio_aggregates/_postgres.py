@@ -607,13 +607,17 @@ class _Attempt:
     one it holds is cut at once and closed by the thread when it returns.
     """
 
-    __slots__ = ("abandoned", "link", "lock", "took_idle")
+    __slots__ = ("abandoned", "finished", "link", "lock", "took_idle")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.abandoned = False
         self.took_idle = False
         self.link: _Link | None = None
+        # The connection the thread finished with and hands back to Trio: if
+        # the call is cancelled after the thread returned but before Trio got
+        # its result, abandon() takes it back (else nobody would close it).
+        self.finished: _Link | None = None
 
     def hold(self, link: _Link, *, idle: bool = False) -> bool:
         """In the thread: use ``link`` from now on; False if the call was abandoned."""
@@ -624,19 +628,24 @@ class _Attempt:
             self.took_idle = self.took_idle or idle
             return True
 
-    def release(self) -> bool:
-        """In the thread: done with the connection; True if it may be kept."""
+    def release(self, keep: _Link | None) -> bool:
+        """In the thread: done with the connection; True if ``keep`` may be kept."""
         with self.lock:
             self.link = None
-            return not self.abandoned
+            if self.abandoned:
+                return False
+            self.finished = keep
+            return True
 
-    def abandon(self) -> bool:
-        """In Trio: give the thread up; return whether it took the idle connection."""
+    def abandon(self) -> tuple[bool, _Link | None]:
+        """In Trio: give the thread up; return whether it took the idle
+        connection, and the connection it finished with, if it had returned."""
         with self.lock:
             self.abandoned = True
             if self.link is not None:
                 self.link.cut()
-            return self.took_idle
+            finished, self.finished = self.finished, None
+            return self.took_idle, finished
 
 
 class _Abandoned(Exception):
@@ -711,7 +720,7 @@ class _Pool:
                 raise _Abandoned  # Trio keeps the idle connection
             conn = idle.conn
             if conn.broken or conn.closed:
-                attempt.release()
+                attempt.release(None)
                 idle.close()
                 return self._connect(attempt, generation)
             stale = (
@@ -726,7 +735,7 @@ class _Pool:
             try:
                 conn.execute("")
             except psycopg.Error:
-                attempt.release()
+                attempt.release(None)
                 idle.close()
             else:
                 return idle
@@ -760,11 +769,12 @@ class _Pool:
                     result = outcome.Error(exc)
                 if link is not None:
                     conn = link.conn
-                    keep = attempt.release() and not (
+                    usable = not (
                         conn.broken
                         or conn.closed
                         or conn.info.transaction_status != TransactionStatus.IDLE
                     )
+                    keep = attempt.release(link if usable else None) and usable
                     if not keep:
                         link.close()
                         link = None
@@ -800,7 +810,15 @@ class _Pool:
         return result.unwrap()
 
     def _abandon(self, attempt: _Attempt, idle: _Link | None) -> None:
-        if attempt.abandon() or idle is None:
+        took_idle, finished = attempt.abandon()
+        if finished is not None:
+            # The thread was done, its result lost: keep its connection.
+            if self._closed:
+                finished.close()
+            else:
+                self._idle.append(finished)
+            return
+        if took_idle or idle is None:
             # The thread's connection is cut; look at the idle ones before use.
             self._generation += 1
         else:
