@@ -14,6 +14,7 @@ import itertools
 import json
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -302,6 +303,8 @@ def test_bad_utf8() -> None:
         b'{"x":' + b"1" * 5000 + b"}\n",  # more digits than Python converts
         b"[" * 100_000 + b"\n",  # nested too deeply for the parser
         b'{"a":' * 100_000 + b"\n",
+        b"\x0c\n",  # whitespace to Python, not to JSON: not a blank line
+        "\u00a0\u2028".encode() + b"\n",
     ],
 )
 def test_bad_json(data: bytes) -> None:
@@ -759,28 +762,93 @@ def test_error_details() -> None:
 # -- properties ----------------------------------------------------------------
 
 _GOOD = b'{"id":"last","op":"ping"}\n'
+_TOO_LARGE_LINE = BadLine(None, ErrorCode.TOO_LARGE, "line longer than {} bytes (skipped)")
+_FRAGMENT_LINE = BadLine(None, BAD, "connection closed in the middle of a line")
+
+#: Pieces that make random input look like the protocol now and then.
+_pieces = st.one_of(
+    st.binary(max_size=40),
+    st.sampled_from(
+        [b"\n", b"\r\n", b"\r", b" ", b"\t", b"{", b"}", b'"', b"\xff", b"\xc3", b"null"]
+    ),
+    st.sampled_from(
+        [
+            b'{"op":"ping","id":1}',
+            b'{"id":true,"op":"ping"}',
+            b'{"type":"A","key":"k","command":"C","data":{}}',
+            b'{"op":"load","id":"x"}',
+            b"[1,2]",
+            b'{"x":NaN}',
+        ]
+    ),
+    st.integers(min_value=1, max_value=300).map(lambda n: b"x" * n),
+)
+
+
+def _reference(stream: bytes, limit: int) -> list[Request | BadLine]:
+    """What the server codec must make of ``stream`` then EOF, however it is split.
+
+    Each complete line alone, through a codec without a (practical) limit; one
+    too_large for each line over ``limit``; a fragment error for a short
+    unfinished last line that is not blank.
+    """
+    *lines, last = stream.split(b"\n")
+    out: list[Request | BadLine] = []
+    too_large = attrs.evolve(_TOO_LARGE_LINE, message=_TOO_LARGE_LINE.message.format(limit))
+    for line in lines:
+        if len(line) > limit:
+            out.append(too_large)
+        elif line.strip(b" \t\r"):
+            (item,) = ServerCodec(max_line_bytes=1 << 30).receive_data(line + b"\n")
+            out.append(item)
+    if len(last) > limit:
+        out.append(too_large)
+    elif last.strip(b" \t\r"):
+        out.append(_FRAGMENT_LINE)
+    return out
 
 
 @settings(deadline=None, max_examples=300)
 @given(
-    data=st.binary(max_size=600),
-    cuts=st.lists(st.integers(min_value=0, max_value=600), max_size=20),
+    pieces=st.lists(_pieces, max_size=30),
+    cuts=st.lists(st.integers(min_value=0), max_size=20),
     limit=st.integers(min_value=len(_GOOD), max_value=200),
 )
 def test_random_bytes_never_break_the_server_codec(
-    data: bytes, cuts: list[int], limit: int
+    pieces: list[bytes], cuts: list[int], limit: int
 ) -> None:
+    data = b"".join(pieces)
     codec = ServerCodec(max_line_bytes=limit)
-    points = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    items: list[Request | BadLine] = []
     for start, end in itertools.pairwise(points):
-        items = codec.receive_data(data[start:end])
-        assert all(isinstance(i, (Request, BadLine)) for i in items)
+        items += codec.receive_data(data[start:end])
         assert codec.buffered <= limit
     # After a newline, a good request line is parsed whatever came before.
-    items = codec.receive_data(b"\n" + _GOOD)
-    assert items[-1] == Request(id="last", op="ping")
+    tail = codec.receive_data(b"\n" + _GOOD)
+    assert tail[-1] == Request(id="last", op="ping")
     assert codec.buffered == 0
     assert codec.receive_data(b"") == []
+    # And the whole answer is the one each line gets alone, whatever the chunking.
+    assert items + tail == _reference(data + b"\n" + _GOOD, limit)
+
+
+@settings(deadline=None, max_examples=100)
+@given(
+    pieces=st.lists(_pieces, max_size=30),
+    cuts=st.lists(st.integers(min_value=0), max_size=20),
+    limit=st.integers(min_value=1, max_value=100),
+)
+def test_random_bytes_then_eof(pieces: list[bytes], cuts: list[int], limit: int) -> None:
+    data = b"".join(pieces)
+    codec = ServerCodec(max_line_bytes=limit)
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    items: list[Request | BadLine] = []
+    for start, end in itertools.pairwise(points):
+        items += codec.receive_data(data[start:end])
+        assert codec.buffered <= limit
+    items += codec.receive_data(b"")
+    assert items == _reference(data, limit)
 
 
 _json_scalars = (

@@ -10,16 +10,17 @@ in any language can implement. ``nc 127.0.0.1 7411`` is enough for a first try::
 
 **Framing.** A connection carries UTF-8 text in both directions, one JSON object
 per line, each line ended by ``\\n`` (a ``\\r`` just before it is dropped, so
-``\\r\\n`` works too). Empty lines, and lines of only whitespace, are ignored.
-A request line longer than ``max_line_bytes`` (default :data:`DEFAULT_MAX_LINE_BYTES`,
-1 MiB; the bytes before the ``\\n``, a trailing ``\\r`` included) is answered
-with one ``too_large`` error (``"id": null``) and the rest of that line is skipped
-up to its ``\\n``: the connection stays usable. Bytes that are not UTF-8, text
-that is not JSON (``NaN`` and ``Infinity`` are not JSON), and JSON that is not
-an object are each answered with a ``bad_request`` error with ``"id": null``.
-A connection closed in the middle of a line gets a ``bad_request`` for that
-fragment. Many requests may be in flight on one connection: replies come as
-requests finish, not in order, and are matched to requests by ``id``.
+``\\r\\n`` works too). Empty lines, and lines of only spaces, tabs and ``\\r``,
+are ignored. A request line longer than ``max_line_bytes`` (default
+:data:`DEFAULT_MAX_LINE_BYTES`, 1 MiB, counting the bytes before the ``\\n``, a
+trailing ``\\r`` included) is answered with one ``too_large`` error
+(``"id": null``) and the rest of that line is skipped up to its ``\\n``: the
+connection stays usable. Bytes that are not UTF-8, text that is not JSON (``NaN`` and
+``Infinity`` are not JSON), and JSON that is not an object are each answered
+with a ``bad_request`` error with ``"id": null``. A connection closed in the
+middle of a line gets a ``bad_request`` for that fragment. Many requests may be
+in flight on one connection: replies come as requests finish, not in order, and
+are matched to requests by ``id``.
 
 **Requests.** A JSON object with these members (every one optional unless the
 op needs it; a member that is ``null`` counts as absent; members not listed are
@@ -105,6 +106,8 @@ from ._exceptions import (
 
 __all__ = [
     "DEFAULT_MAX_LINE_BYTES",
+    "DEFAULT_MAX_RESPONSE_BYTES",
+    "MAX_COMMAND_ID_LENGTH",
     "OPS",
     "PROTOCOL_VERSION",
     "BadLine",
@@ -303,6 +306,11 @@ class Response:
 # -- framing -----------------------------------------------------------------
 
 
+#: A line of only these is blank, and ignored (JSON's whitespace; "\n" ends lines).
+_BLANK: Final = " \t\r"
+_BLANK_BYTES: Final = b" \t\r"
+
+
 @final
 class _Marker(enum.Enum):
     TOO_LARGE = "too_large"
@@ -351,7 +359,7 @@ class _Framer:
         if not data:
             self._eof = True
             partial = self._partial
-            if partial and not partial.isspace():
+            if partial.strip(_BLANK_BYTES):
                 out.append(_FRAGMENT)
             partial.clear()
             return out
@@ -430,7 +438,7 @@ def _parse_object(line: bytes) -> dict[str, Any] | str | None:
     except RecursionError:
         return "invalid JSON: nested too deeply"
     except ValueError as exc:  # JSONDecodeError, NaN, too many digits
-        if text.isspace():
+        if not text.strip(_BLANK):
             return None
         return f"invalid JSON: {exc}"
     if type(obj) is not dict:
