@@ -381,6 +381,23 @@ def test_partial_line_across_reads() -> None:
     assert codec.buffered == 0
 
 
+def test_bytearray_input() -> None:
+    # trio's receive_some may return a bytearray.
+    codec = ServerCodec()
+    assert codec.receive_data(bytearray(b'{"op":"ping","id":1}\n{"op":')) == [
+        Request(op="ping", id=1)
+    ]
+    assert codec.receive_data(bytearray(b'"ping"}\n{"op":"ping"}\n')) == [
+        Request(op="ping"),
+        Request(op="ping"),
+    ]
+    assert codec.receive_data(bytearray()) == []
+    client = ClientCodec()
+    assert client.receive_data(bytearray(b'{"id":1,"ok":true,"result":2}\n')) == [
+        Response(id=1, ok=True, result=2)
+    ]
+
+
 def test_crlf_split_between_reads() -> None:
     codec = ServerCodec()
     assert codec.receive_data(b'{"op":"ping"}\r') == []
