@@ -252,9 +252,12 @@ class Client:
             active = len(socks)
             marks = [w0, w1]
             samples: list[tuple[float, float | None, float | None, float]] = []
+            give_up = w1 + 30_000_000_000  # answers still missing 30 s after the window
             while active:
-                timeout = (marks[0] - now()) / 1e9 if marks else -1
-                events = epoll.poll(max(0.0, timeout) if marks else -1)
+                t = now()
+                if t > give_up:
+                    raise CellError(f"{sum(map(len, sent.values()))} answers still missing")
+                events = epoll.poll(max(0.0, ((marks[0] if marks else give_up) - t) / 1e9))
                 t = now()
                 if marks and t >= marks[0]:
                     marks.pop(0)
@@ -470,10 +473,12 @@ class Client:
             counts[1] += ok_total
 
         await trio.sleep(max(0.0, (start_ns - time.monotonic_ns()) / 1e9))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(monitor)
-            for conn, stream in enumerate(self.streams):
-                nursery.start_soon(drive, stream, conn)
+        # answers still missing 30 s after the window: TooSlowError
+        with trio.fail_after((w1 - time.monotonic_ns()) / 1e9 + 30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(monitor)
+                for conn, stream in enumerate(self.streams):
+                    nursery.start_soon(drive, stream, conn)
         if workload == "deposit":
             self.acked_deposits += counts[1]
         return {
@@ -512,7 +517,7 @@ async def main_async(args: argparse.Namespace) -> None:
                     reply(await client.balances(cmd))
                 else:
                     reply({"error": f"unknown command {what!r}"})
-            except (CellError, OSError, trio.BrokenResourceError) as exc:
+            except (CellError, OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
                 reply({"error": f"{type(exc).__name__}: {exc}"})
                 return
     finally:
