@@ -789,7 +789,12 @@ def test_error_details() -> None:
     )
     assert error_details(exc_mod.EventDecodeError("s@3: bad data")) == (
         ErrorCode.INTERNAL,
-        "internal error (EventDecodeError): s@3: bad data",
+        "internal error (EventDecodeError)",
+        None,
+    )
+    assert error_details(exc_mod.AggregateCrashed("k", OSError("/srv/db: denied"))) == (
+        ErrorCode.INTERNAL,
+        "internal error (AggregateCrashed)",
         None,
     )
 

@@ -706,19 +706,18 @@ def error_code_for(exc: BaseException) -> ErrorCode:
 def error_details(exc: BaseException) -> tuple[ErrorCode, str, str | None]:
     """``(code, message, reason)`` for a failure reply answering ``exc``.
 
-    The message is ``str(exc)``, except for ``internal`` errors: then it is
-    ``"internal error (ClassName)"`` (plus ``str(exc)`` for the library's own
-    exceptions), never a traceback; log the traceback on the server. The
-    reason is the exception's class name for ``rejected``, else ``None``.
+    The code is :func:`error_code_for`'s. The message is ``str(exc)`` (the
+    class name if that is empty), except for ``internal`` errors: then it is
+    only ``"internal error (ClassName)"``, so that nothing of the server's
+    insides (paths, SQL, a traceback) goes on the wire; log the exception on the
+    server. The reason is the exception's class name for ``rejected`` (the
+    domain error, e.g. ``"InsufficientFunds"``), else ``None``.
     """
     code = error_code_for(exc)
     name = type(exc).__name__
     if code is ErrorCode.INTERNAL:
-        if isinstance(exc, TrioAggregatesError):
-            return code, f"internal error ({name}): {exc}", None
         return code, f"internal error ({name})", None
-    message = str(exc) or name
-    return code, message, name if code is ErrorCode.REJECTED else None
+    return code, str(exc) or name, name if code is ErrorCode.REJECTED else None
 
 
 # -- client side -------------------------------------------------------------
