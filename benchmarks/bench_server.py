@@ -82,6 +82,7 @@ ACCOUNTS = 1000
 #: The workloads each server kind runs (ping is store-independent).
 STORE_WORKLOADS = {"echo": WORKLOADS, "memory": WORKLOADS, "sqlite": ("deposit", "balance")}
 TARGET = 0.5
+nan = float("nan")
 _RECEIVE_SIZE = 65536
 
 
@@ -642,6 +643,8 @@ def fmt_us(us: float) -> str:
         return "-"
     if us >= 1000:
         return f"{us / 1000:.2f} ms"
+    if us < 100:
+        return f"{us:.1f} µs"
     return f"{us:.0f} µs"
 
 
@@ -727,7 +730,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     rows = [
         ("server", "workload", "depth", "requests/s", "p50", "p90", "p99", "max",
-         "vs echo", "server CPU", "CPU/req", "server GC", "client CPU", "others", "errors"),
+         "vs echo", "server CPU", "CPU/req", "CPU vs echo", "server GC", "client CPU", "others",
+         "errors"),
     ]  # fmt: skip
     best: dict[str, Any] = {}
     for kind in kinds:
@@ -739,13 +743,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 top = max(samples, key=lambda c: c["rate"])
                 echo_samples = cells.get(("echo", workload, depth)) or [{"rate": float("nan")}]
                 ratio = top["rate"] / max(c["rate"] for c in echo_samples)
-                best[f"{kind}_{workload}_d{depth}"] = {**top, "ratio_to_echo": ratio}
+                # the cost ratio: echo's CPU per answer / this server's (lowest of each)
+                cost = min(c.get("server_us_per_request", nan) for c in samples)
+                echo_cost = min(c.get("server_us_per_request", nan) for c in echo_samples)
+                cost_ratio = echo_cost / cost if cost else nan
+                best[f"{kind}_{workload}_d{depth}"] = {
+                    **top,
+                    "ratio_to_echo": ratio,
+                    "lowest_us_per_request": cost,
+                    "cpu_cost_ratio_to_echo": cost_ratio,
+                }
                 rows.append(
                     (
                         kind, workload, str(depth), f"{top['rate']:,.0f}",
                         fmt_us(top["p50_us"]), fmt_us(top["p90_us"]), fmt_us(top["p99_us"]),
                         fmt_us(top["max_us"]), f"{ratio:.2f}x",
-                        fmt_cpu(top["server_cpu"]), fmt_us(top["server_us_per_request"]),
+                        fmt_cpu(top["server_cpu"]), fmt_us(cost), f"{cost_ratio:.2f}x",
                         fmt_cpu(top["server_gc"]),
                         "/".join(fmt_cpu(c) for c in top["client_cpu"]),
                         fmt_cpu(top["others_cpu"]),
@@ -765,8 +778,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"(best of {p['reps_server']}; latency from the send carrying a request to the receive"
         " bringing its answer; CPU = share of one core over the window; CPU/req = the server's"
-        " CPU time per answer; server GC = the garbage collector's share of the window in the"
-        " server; others = every other process on the machine)"
+        " CPU time per answer (lowest over the repetitions); CPU vs echo = echo's CPU/req over"
+        " this server's: what the requests/s ratio would be with both servers saturating a"
+        " core, a figure other load moves less; server GC = the garbage collector's share of"
+        " the window in the server; others = every other process on the machine)"
     )
     busy = [
         name for name, c in best.items() if c["others_cpu"] is not None and c["others_cpu"] > 0.25
@@ -784,6 +799,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             + " (those figures may be the client's limit; try --clients 2)"
         )
     for check in checks:
+        if not check["acked_deposits"]:
+            continue
         print(
             f"balances add up on {check['server']}: {check['total']:,}"
             f" == {check['acked_deposits']:,} deposits acknowledged"
