@@ -516,6 +516,55 @@ _MIGRATIONS: list[tuple[str, ...]] = [
         """,
     ),
 ]
+
+# -- version 4: the global order ------------------------------------------------
+#
+# Positions come from an identity column, assigned when a row is inserted;
+# transactions commit in any order, so without more a reader could see
+# position 11 committed while 10 is still in flight, and find 10 later (the
+# lost-event bug of SQL event stores). So every function that inserts events
+# first takes a transaction-scoped advisory lock on the events table
+# (``_POSITION_LOCK``, the table's oid), just before its INSERT, after every
+# row lock and check: positions are then handed out one transaction at a
+# time, and the lock is released only after the commit is visible, so commit
+# order is position order. Taken last, it is held only for the INSERT and the
+# commit; a transaction waiting for it holds only row locks, and the holder
+# waits for none (a batch of several statements locks all its streams first:
+# ``_LOCK_STREAMS``), so no deadlock. The same statement sends a NOTIFY on
+# ``_CHANNEL`` (delivered when the transaction commits, to listening
+# subscriptions in any process). The functions of versions 1 to 3 are
+# replaced by the same code with the lock and the notification added (also
+# the one only an older library still calls), so upgraded databases are safe
+# whatever version of the library writes to them.
+
+# pg_advisory_xact_lock(int, int) keys: the bytes "tria", and the events table's oid.
+_POSITION_LOCK_KEY = 0x74726961
+_CHANNEL = "trio_aggregates_events"
+_POSITION_LOCK = (
+    f"PERFORM pg_advisory_xact_lock({_POSITION_LOCK_KEY}, "
+    "'trio_aggregates_events'::regclass::oid::integer), "
+    f"pg_notify('{_CHANNEL}', '');\n"
+)
+
+
+def _in_global_order(function: str) -> str:
+    """A released write function, as CREATE OR REPLACE, taking the position lock
+    just before it inserts events (see above)."""
+    insert = "INSERT INTO trio_aggregates_events"
+    assert function.count(insert) == 1
+    function = function.replace(insert, _POSITION_LOCK + "                " + insert)
+    if "CREATE OR REPLACE FUNCTION" not in function:
+        function = function.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
+    return function
+
+
+_MIGRATIONS.append(
+    (
+        _in_global_order(_MIGRATIONS[0][4]),  # trio_aggregates_append
+        _in_global_order(_MIGRATIONS[1][0]),  # trio_aggregates_append_batch
+        _in_global_order(_MIGRATIONS[2][1]),  # trio_aggregates_write_appends
+    )
+)
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
@@ -867,6 +916,13 @@ def _migrate(conn: Conn) -> None:
 
 # -- writing: one statement per op run ----------------------------------------
 
+_LOCK_STREAMS = """
+SELECT count(*) FROM (
+    SELECT 1 FROM trio_aggregates_streams WHERE name = ANY(%s::text[]) AND state <> 1
+    ORDER BY name COLLATE "C" FOR UPDATE
+) locked
+"""
+
 # What the write functions report for an op (o_status).
 _OK, _CONFLICT, _DELETED, _DUPLICATE = 0, 1, 2, 3
 
@@ -998,9 +1054,17 @@ def _write_batch(conn: Conn, ops: list[_WriteOp]) -> _BatchResult:
     order = sorted(range(len(ops)), key=lambda i: _op_stream(ops[i]))
     runs = [order[start:end] for _, start, end in _split_runs(order, lambda i: _is_append(ops[i]))]
     results: list[outcome.Outcome[Any]] = [outcome.Value(None)] * len(ops)
+    statements = [_statement([ops[i] for i in run]) for run in runs]
+    if len(statements) > 1 and any(_is_append(op) for op in ops):
+        # Lock every stream first, so that no statement waits for a row lock
+        # once an earlier one took the position lock (see "version 4").
+        names = sorted({_op_stream(op) for op in ops})
+        statements.insert(0, (_LOCK_STREAMS, (names,)))
     try:
         try:
-            rows = _run_statements(conn, [_statement([ops[i] for i in run]) for run in runs])
+            rows = _run_statements(conn, statements)
+            if len(rows) > len(runs):
+                del rows[0]
         except psycopg.Error as exc:
             if conn.broken or isinstance(exc, _NOT_ONE_OPS_FAULT):
                 raise
@@ -1278,8 +1342,120 @@ class PostgresEventStore(_DurableStore):
                 f"{_columns(('version', 'schema', 'type', 'data'), rows[0][1:])}"
             ) from None
 
+    @property
+    def conninfo(self) -> str:
+        """The libpq connection string the store connects with: the DSN it was
+        opened with plus its bounds (timeouts, keepalives). For a connection of
+        your own to the same database (a read model written in the same
+        transaction as a projection's checkpoint, say)."""
+        return self._pool.conninfo
+
+    @asynccontextmanager
+    async def _open_listener(self) -> AsyncIterator[_Listener]:
+        """A ``LISTEN`` connection of its own, for one subscription (``_subscription.py``)."""
+        listener = _Listener(self._pool.conninfo, self._pool.timeout)
+        try:
+            yield listener
+        finally:
+            listener.close()
+
     async def _close_connections(self) -> None:
         await self._pool.aclose()
+
+
+@final
+class _Listener:
+    """Notifications of committed appends, from any process: ``LISTEN`` on ``_CHANNEL``.
+
+    Connects at the first :meth:`wait` (a subscription catching up needs no
+    wake-up). The socket is waited on by Trio itself
+    (:func:`trio.lowlevel.wait_readable`), no thread. Never raises but for
+    cancellation: if the connection fails, :meth:`wait` waits for ever (the
+    subscription polls meanwhile) and connects again at most every
+    ``timeout`` seconds; a new connection may have missed notifications, so
+    :meth:`wait` returns at once after connecting (the caller reads again).
+    """
+
+    __slots__ = ("_conn", "_conninfo", "_retry_at", "_timeout")
+
+    def __init__(self, conninfo: str, timeout: float) -> None:
+        self._conninfo = conninfo
+        self._timeout = timeout
+        self._conn: Conn | None = None
+        self._retry_at = -math.inf
+
+    def drain(self) -> None:
+        """Forget the notifications received so far (before a read)."""
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            conn.pgconn.consume_input()
+            while conn.pgconn.notifies() is not None:
+                pass
+        except psycopg.Error:
+            self.close()
+
+    async def wait(self) -> None:
+        """Return when a notification arrived since :meth:`drain` (or after connecting)."""
+        conn = self._conn
+        if conn is None:
+            if trio.current_time() < self._retry_at:
+                await trio.sleep_forever()
+            await self._connect()
+            if self._conn is None:
+                self._retry_at = trio.current_time() + self._timeout
+                await trio.sleep_forever()
+            return
+        fd = conn.fileno()
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            notified = False
+            try:
+                conn.pgconn.consume_input()
+                while conn.pgconn.notifies() is not None:
+                    notified = True
+            except psycopg.Error:
+                logger.debug("the LISTEN connection failed", exc_info=True)
+                self.close()
+                return  # read again (and connect again at the next wait)
+            if notified:
+                return
+
+    async def _connect(self) -> None:
+        lock = threading.Lock()
+        abandoned = False
+        made: list[Conn] = []
+
+        def connect() -> None:
+            conn = psycopg.connect(self._conninfo, autocommit=True)
+            try:
+                conn.execute(f"LISTEN {_CHANNEL}")
+            except BaseException:
+                conn.close()
+                raise
+            with lock:
+                if abandoned:
+                    conn.close()
+                else:
+                    made.append(conn)
+
+        try:
+            with trio.move_on_after(self._timeout):
+                await trio.to_thread.run_sync(connect, abandon_on_cancel=True)
+        except psycopg.Error:
+            logger.debug("LISTEN failed; polling", exc_info=True)
+        finally:
+            with lock:
+                abandoned = True
+                if made and self._conn is None:
+                    self._conn = made[0]
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
 
 
 @asynccontextmanager
