@@ -1,0 +1,526 @@
+"""The transfer saga: moving money between two accounts survives any crash.
+
+A transfer is two commands on two aggregates (withdraw from one account,
+deposit into another), so no single transaction covers it. Here a transfer is
+an aggregate of its own, ``Transfer``, whose events record how far it got, and
+a process manager, ``TransferSaga``, drives it::
+
+    TransferRequested ──withdraw from source──► TransferWithdrawn
+        │ (refused: TransferRejected, nothing moved)
+        ▼
+    TransferWithdrawn ──deposit into target──► TransferDeposited, TransferCompleted
+        │ (any failure of the deposit: refused, conflict, store error)
+        ▼
+    TransferDepositFailed ──deposit back into source──► TransferRefunded
+
+The saga runs from its checkpoint in the store's database. Every command it
+sends carries a command id derived from the event it reacts to
+(``ctx.command_id(step)``), so an event handled again after a crash applies no
+command twice; each reaction first checks that the transfer is still at its
+step. After a store error on the deposit, the saga cannot know whether the
+deposit went in: it *fences* the deposit's command id (an empty append with
+that id on the target's stream, which either finds the deposit there or makes
+sure it can never be applied later), then records the failure, then refunds.
+
+    python examples/bank_saga.py                      # SQLite, ./bank_saga.db
+    python examples/bank_saga.py --store memory://
+
+Kill it (Ctrl-C, or ``kill -9``) and run it again with the same ``--run``: it
+picks up where it stopped, every transfer ends completed or refunded, and the
+bank's total is exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from trio_aggregates import (
+    Aggregate,
+    AggregateRepository,
+    CallTimeout,
+    CommandRejected,
+    ConcurrencyConflict,
+    DuplicateCommand,
+    EventStore,
+    StoreError,
+    applies,
+    event_type,
+    handles,
+    open_aggregates,
+    open_store,
+)
+from trio_aggregates._process_manager import ProcessManager, reacts
+from trio_aggregates._projection import EventContext, open_projections
+
+try:
+    from bank import Account, CloseAccount, Deposit, GetBalance, OpenAccount, Withdraw
+except ImportError:  # run as a script from elsewhere, or imported by path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bank import Account, CloseAccount, Deposit, GetBalance, OpenAccount, Withdraw
+
+# -- the transfer: commands -------------------------------------------------------
+
+
+@attrs.frozen
+class RequestTransfer:
+    source: str
+    target: str
+    amount: int
+
+
+@attrs.frozen
+class RecordWithdrawal:
+    pass
+
+
+@attrs.frozen
+class RejectTransfer:
+    reason: str
+
+
+@attrs.frozen
+class RecordDeposit:
+    pass
+
+
+@attrs.frozen
+class FailDeposit:
+    reason: str
+
+
+@attrs.frozen
+class RecordRefund:
+    pass
+
+
+# -- the transfer: events -----------------------------------------------------------
+
+
+@event_type("transfer.requested")
+@attrs.frozen
+class TransferRequested:
+    source: str
+    target: str
+    amount: int
+
+
+@event_type("transfer.withdrawn")
+@attrs.frozen
+class TransferWithdrawn:
+    source: str
+    target: str
+    amount: int
+
+
+@event_type("transfer.rejected")
+@attrs.frozen
+class TransferRejected:
+    reason: str
+
+
+@event_type("transfer.deposited")
+@attrs.frozen
+class TransferDeposited:
+    pass
+
+
+@event_type("transfer.completed")
+@attrs.frozen
+class TransferCompleted:
+    pass
+
+
+@event_type("transfer.deposit_failed")
+@attrs.frozen
+class TransferDepositFailed:
+    source: str
+    amount: int
+    reason: str
+
+
+@event_type("transfer.refunded")
+@attrs.frozen
+class TransferRefunded:
+    pass
+
+
+class WrongStep(CommandRejected):
+    """The transfer is not at the step this command moves it from."""
+
+
+#: Where a transfer can end.
+SETTLED = frozenset({"completed", "refunded", "rejected"})
+
+
+@attrs.define
+class Transfer(Aggregate):
+    """A transfer's progress: ``new``, ``requested``, ``withdrawn``, then ``completed``,
+    or ``deposit_failed`` then ``refunded``; or ``rejected`` (nothing moved)."""
+
+    state: str = "new"
+    source: str = ""
+    target: str = ""
+    amount: int = 0
+    reason: str = ""
+
+    def _expect(self, state: str) -> None:
+        if self.state != state:
+            raise WrongStep(f"the transfer is {self.state}, not {state}")
+
+    @handles
+    def request(self, command: RequestTransfer) -> TransferRequested:
+        self._expect("new")
+        if command.amount <= 0 or command.source == command.target:
+            raise CommandRejected(f"not a transfer: {command!r}")
+        return TransferRequested(command.source, command.target, command.amount)
+
+    @handles
+    def withdrawn(self, command: RecordWithdrawal) -> TransferWithdrawn:
+        self._expect("requested")
+        return TransferWithdrawn(self.source, self.target, self.amount)
+
+    @handles
+    def reject(self, command: RejectTransfer) -> TransferRejected:
+        self._expect("requested")
+        return TransferRejected(command.reason)
+
+    @handles
+    def deposited(self, command: RecordDeposit) -> list[object]:
+        self._expect("withdrawn")
+        return [TransferDeposited(), TransferCompleted()]
+
+    @handles
+    def deposit_failed(self, command: FailDeposit) -> TransferDepositFailed:
+        self._expect("withdrawn")
+        return TransferDepositFailed(self.source, self.amount, command.reason)
+
+    @handles
+    def refunded(self, command: RecordRefund) -> TransferRefunded:
+        self._expect("deposit_failed")
+        return TransferRefunded()
+
+    @applies
+    def on_requested(self, event: TransferRequested) -> None:
+        self.state = "requested"
+        self.source, self.target, self.amount = event.source, event.target, event.amount
+
+    @applies
+    def on_withdrawn(self, event: TransferWithdrawn) -> None:
+        self.state = "withdrawn"
+
+    @applies
+    def on_rejected(self, event: TransferRejected) -> None:
+        self.state, self.reason = "rejected", event.reason
+
+    @applies
+    def on_deposited(self, event: TransferDeposited) -> None:
+        self.state = "deposited"
+
+    @applies
+    def on_completed(self, event: TransferCompleted) -> None:
+        self.state = "completed"
+
+    @applies
+    def on_deposit_failed(self, event: TransferDepositFailed) -> None:
+        self.state, self.reason = "deposit_failed", event.reason
+
+    @applies
+    def on_refunded(self, event: TransferRefunded) -> None:
+        self.state = "refunded"
+
+
+# -- the saga --------------------------------------------------------------------
+
+
+class TransferSaga(ProcessManager):
+    """Drives every transfer from its request to completion or refund."""
+
+    reads = (Transfer,)
+    categories = ("Transfer",)
+
+    def __init__(
+        self,
+        accounts: AggregateRepository[Account],
+        transfers: AggregateRepository[Transfer],
+        *,
+        timeout: float = 30.0,
+    ) -> None:
+        self.accounts = accounts
+        self.transfers = transfers
+        self.timeout = timeout
+
+    async def _at(self, key: str, state: str) -> Transfer | None:
+        """The transfer, if it is still at ``state`` (else this step is done: ``None``)."""
+        transfer = await self.transfers.load(key, timeout=self.timeout)
+        return transfer if transfer.state == state else None
+
+    async def _move(self, key: str, command: object, ctx: EventContext, step: str) -> None:
+        await self.transfers.execute(
+            key, command, command_id=ctx.command_id(step), timeout=self.timeout
+        )
+
+    @reacts
+    async def requested(self, event: TransferRequested, ctx: EventContext) -> None:
+        if await self._at(ctx.key, "requested") is None:
+            return
+        reference = f"transfer:{ctx.key}"
+        try:
+            await self.accounts.execute(
+                event.source,
+                Withdraw(event.amount, reference),
+                command_id=ctx.command_id("withdraw"),
+                correlation_id=reference,
+                timeout=self.timeout,
+            )
+        except CommandRejected as exc:
+            # A refusal is final (the runtime looks the id up before refusing).
+            await self._move(ctx.key, RejectTransfer(str(exc)), ctx, "rejected")
+            return
+        # A store error or a conflict: the saga runs this again, with the same id.
+        await self._move(ctx.key, RecordWithdrawal(), ctx, "withdrawn")
+
+    @reacts
+    async def withdrawn(self, event: TransferWithdrawn, ctx: EventContext) -> None:
+        if await self._at(ctx.key, "withdrawn") is None:
+            return
+        reference = f"transfer:{ctx.key}"
+        deposit_id = ctx.command_id("deposit")
+        stream = Account.stream_name(event.target)
+        store = self.accounts.store
+        reason = ""
+        prior = await store.find_command(stream, deposit_id)
+        if prior is not None:  # an earlier run got that far: deposited, or fenced
+            deposited = await _applied(store, stream, prior, deposit_id)
+            reason = "" if deposited else "the deposit failed (an earlier run fenced it)"
+        else:
+            try:
+                await self.accounts.execute(
+                    event.target,
+                    Deposit(event.amount, reference),
+                    command_id=deposit_id,
+                    correlation_id=reference,
+                    timeout=self.timeout,
+                )
+                deposited = True
+            except CommandRejected as exc:
+                deposited, reason = False, f"refused: {exc}"
+            except (ConcurrencyConflict, StoreError, CallTimeout) as exc:
+                deposited = await _fence(store, stream, deposit_id)
+                reason = "" if deposited else f"failed: {exc!r}"
+        if deposited:
+            await self._move(ctx.key, RecordDeposit(), ctx, "deposited")
+        else:
+            await self._move(ctx.key, FailDeposit(reason), ctx, "deposit_failed")
+
+    @reacts
+    async def deposit_failed(self, event: TransferDepositFailed, ctx: EventContext) -> None:
+        if await self._at(ctx.key, "deposit_failed") is None:
+            return
+        await self.accounts.execute(
+            event.source,
+            Deposit(event.amount, f"refund:transfer:{ctx.key}"),
+            command_id=ctx.command_id("refund"),
+            correlation_id=f"transfer:{ctx.key}",
+            timeout=self.timeout,
+        )
+        await self._move(ctx.key, RecordRefund(), ctx, "refunded")
+
+
+async def _applied(store: EventStore, stream: str, version: int, command_id: str) -> bool:
+    """Whether the append that recorded ``command_id`` at ``version`` stored events
+    (a deposit) rather than nothing (a fence): its last event carries the id."""
+    if version == 0:
+        return False
+    events = await store.read(stream, from_version=version, limit=1)
+    if not events:
+        return False
+    return bool(json.loads(events[0].metadata).get("command_id") == command_id)
+
+
+async def _fence(store: EventStore, stream: str, command_id: str) -> bool:
+    """Make sure the command ``command_id`` is never applied to ``stream`` from now on;
+    return whether it already was.
+
+    An empty append with the id records it (the store keeps command ids in the
+    append's transaction): a deposit still in flight or retried later with
+    that id is refused as a duplicate, and applies nothing.
+    """
+    try:
+        await store.append(stream, [], expected_version=None, command_id=command_id)
+    except DuplicateCommand as exc:
+        return await _applied(store, stream, exc.version, command_id)
+    return False
+
+
+# -- the run --------------------------------------------------------------------------
+
+INITIAL = 1000
+
+
+async def run_saga(
+    store_url: str | EventStore,
+    *,
+    run: str = "demo",
+    accounts_count: int = 20,
+    transfers_count: int = 300,
+    tasks: int = 20,
+    timeout: float = 120.0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Open the accounts, request the transfers, let the saga settle them, check the books.
+
+    Every step is idempotent (command ids derived from ``run``), so running it
+    again after a crash, with the same ``run``, finishes the same transfers.
+    """
+    keys = [f"{run}-account-{i}" for i in range(accounts_count)]
+    closed = f"{run}-closed"  # deposits into it are refused: those transfers are refunded
+    transfer_keys = [f"{run}-{i}" for i in range(transfers_count)]
+    started = time.perf_counter()
+
+    def say(line: str) -> None:
+        if progress:
+            print(line, flush=True)
+
+    async with AsyncExitStack() as stack:
+        if isinstance(store_url, str):
+            store = await stack.enter_async_context(open_store(store_url))
+        else:
+            store = store_url
+        accounts = await stack.enter_async_context(open_aggregates(Account, store))
+        transfers = await stack.enter_async_context(open_aggregates(Transfer, store))
+        saga = TransferSaga(accounts, transfers)
+        async with open_projections(store, [saga], poll_interval=0.2) as runner:
+            # The accounts (again, after a restart: the command ids make it a no-op).
+            async with trio.open_nursery() as nursery:
+                for key in keys:
+                    nursery.start_soon(_open_account, accounts, key)
+            await accounts.execute(
+                closed, OpenAccount("nobody"), create_if_missing=True, command_id=f"{closed}:open"
+            )
+            await accounts.execute(closed, CloseAccount(), command_id=f"{closed}:close")
+            say("accounts ready")
+
+            async def request(task: int) -> None:
+                for i in range(task, transfers_count, tasks):
+                    source = keys[(i * 7) % accounts_count]
+                    target = keys[(i * 13 + 1) % accounts_count]
+                    if target == source:
+                        target = keys[(i * 13 + 2) % accounts_count]
+                    if i % 10 == 9:
+                        target = closed
+                    await transfers.execute(
+                        transfer_keys[i],
+                        RequestTransfer(source, target, 1 + i % 300),
+                        create_if_missing=True,
+                        command_id=f"{transfer_keys[i]}:request",
+                    )
+                    say(f"requested {transfer_keys[i]}")
+
+            async with trio.open_nursery() as nursery:
+                for task in range(tasks):
+                    nursery.start_soon(request, task)
+            say("transfers requested")
+
+            # Wait until the saga settled every transfer.
+            pending = set(transfer_keys)
+            states: dict[str, str] = {}
+            with trio.fail_after(timeout):
+                while pending:
+                    for key in list(pending):
+                        state = (await transfers.load(key, fresh=False)).state
+                        if state in SETTLED:
+                            pending.discard(key)
+                            states[key] = state
+                    stats = runner.statistics()[saga.flow_name]
+                    if stats.state == "failed":
+                        raise RuntimeError(f"the saga stopped: {stats.error!r}")
+                    if pending:
+                        say(f"settled {len(states)}/{transfers_count}")
+                        await trio.sleep(0.1)
+            say(f"settled {len(states)}/{transfers_count}")
+
+        # The books.
+        balances = {key: await accounts.execute(key, GetBalance()) for key in keys}
+        balances[closed] = await accounts.execute(closed, GetBalance())
+        for key in [*keys, closed]:
+            live = await accounts.load(key)
+            replayed, _ = await accounts.replay(key)
+            assert live == replayed, f"{key}: live {live} != replay {replayed}"
+    counts = {state: sum(1 for s in states.values() if s == state) for state in sorted(SETTLED)}
+    return {
+        "transfers": transfers_count,
+        "states": counts,
+        "total_balance": sum(balances.values()),
+        "expected_total": INITIAL * accounts_count,
+        "closed_balance": balances[closed],
+        "seconds": time.perf_counter() - started,
+    }
+
+
+async def _open_account(accounts: AggregateRepository[Account], key: str) -> None:
+    await accounts.execute(
+        key, OpenAccount(f"owner of {key}", 10**9), create_if_missing=True, command_id=f"{key}:open"
+    )
+    await accounts.execute(key, Deposit(INITIAL, "initial"), command_id=f"{key}:initial")
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` is a KeyboardInterrupt, alone or in (nested) exception groups."""
+    if isinstance(exc, KeyboardInterrupt):
+        return True
+    inner = getattr(exc, "exceptions", None)
+    return (
+        bool(inner)
+        and all(_interrupted(e) or isinstance(e, trio.Cancelled) for e in inner)
+        and any(_interrupted(e) for e in inner)
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--store", default="sqlite:///bank_saga.db", help="event store URL")
+    parser.add_argument("--run", default="demo", help="the run's name (same name: same run)")
+    parser.add_argument("--accounts", type=int, default=20)
+    parser.add_argument("--transfers", type=int, default=300)
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    args = parser.parse_args()
+    try:
+        summary = trio.run(
+            lambda: run_saga(
+                args.store,
+                run=args.run,
+                accounts_count=args.accounts,
+                transfers_count=args.transfers,
+                progress=not args.quiet,
+            )
+        )
+    except BaseException as exc:
+        if not _interrupted(exc):
+            raise
+        print("interrupted: run again with the same --run to finish", flush=True)
+        raise SystemExit(130) from None
+    states = summary["states"]
+    print(
+        f"{summary['transfers']} transfers in {summary['seconds']:.2f} s on {args.store}: "
+        f"{states['completed']} completed, {states['refunded']} refunded, "
+        f"{states['rejected']} rejected; total balance {summary['total_balance']} "
+        f"(expected {summary['expected_total']})"
+    )
+    if sum(states.values()) != summary["transfers"]:
+        raise SystemExit("some transfers are not settled!")
+    if summary["total_balance"] != summary["expected_total"] or summary["closed_balance"]:
+        raise SystemExit("the books do not balance!")
+    print("every transfer completed or refunded; the books balance")
+
+
+if __name__ == "__main__":
+    main()
