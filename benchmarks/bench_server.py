@@ -197,6 +197,67 @@ def write_atomically(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def floor_main(argv: Sequence[str]) -> None:
+    """The floor: the same deposits through ``_execute_detailed`` in-process, no network.
+
+    Prints ``{"rate": commands/s, "us_per_command": CPU µs}`` for ``CALLERS``
+    concurrent callers (the server's requests in flight: connections x depth)
+    doing ``TOTAL`` deposits between them over 1,000 accounts.
+    """
+    import trio
+
+    from trio_aggregates import open_aggregates
+
+    callers, total = int(argv[0]), int(argv[1])
+    load_bank_app()
+    bank = sys.modules["bank"]
+
+    async def main() -> dict[str, float]:
+        async with open_aggregates(bank.Account, "memory://") as repo:
+            keys = [f"acct-{i}" for i in range(ACCOUNTS)]
+            for key in keys:
+                await repo.create(key, bank.OpenAccount("bench"))
+            execute = repo._execute_detailed
+            Deposit = bank.Deposit
+
+            async def caller(n: int, count: int) -> None:
+                k = n * 10
+                for _ in range(count):
+                    await execute(keys[k % ACCOUNTS], Deposit(1))
+                    k += 7
+
+            async def burst(count: int) -> tuple[float, float]:
+                gc.collect()
+                cpu, wall = time.process_time(), time.perf_counter()
+                async with trio.open_nursery() as nursery:
+                    for n in range(callers):
+                        nursery.start_soon(caller, n, count)
+                done = callers * count
+                return (
+                    done / (time.perf_counter() - wall),
+                    (time.process_time() - cpu) / done * 1e6,
+                )
+
+            await burst(max(1, total // callers // 4))  # warm up
+            rate, us = await burst(max(1, total // callers))
+            return {"rate": rate, "us_per_command": us}
+
+    print(json.dumps(trio.run(main)), flush=True)
+
+
+def run_floor(callers: int, total: int, pin: bool) -> dict[str, float]:
+    command = [sys.executable, str(Path(__file__).resolve()), "_floor", str(callers), str(total)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    if pin:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(process.pid, {0})
+    out, _ = process.communicate(timeout=300)
+    if process.returncode:
+        raise RuntimeError(f"the floor run failed ({process.returncode})")
+    result: dict[str, float] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
 async def echo_connection(stream: Any) -> None:
     """The baseline: the same framing as the library's server, no work."""
     import trio
@@ -628,6 +689,7 @@ def parameters(args: argparse.Namespace, extra: argparse.Namespace) -> dict[str,
         "duration": extra.duration or (0.6 if args.quick else 2.0),
         "reps_server": 1 if args.quick else 3,
         "server_receive_size": _RECEIVE_SIZE,
+        "floor_commands": 8_000 if args.quick else 30_000,
         "server_gc_threshold": extra.server_gc_threshold,
     }
     if args.reps is not None:
@@ -657,6 +719,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["_serve"]:
         serve_main(argv[1:])
         return 0
+    if argv[:1] == ["_floor"]:
+        floor_main(argv[1:])
+        return 0
     from _common import Report, parse_args
 
     extra_parser = argparse.ArgumentParser(add_help=False)
@@ -680,6 +745,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     kinds = ["echo", *p["stores"]]
     cells: dict[tuple[str, str, int], list[dict[str, Any]]] = collections.defaultdict(list)
     checks: list[dict[str, Any]] = []
+    floors: dict[int, list[dict[str, float]]] = collections.defaultdict(list)
     workdir = Path(tempfile.mkdtemp(prefix="bench_server-"))
     try:
         for rep in range(p["reps_server"]):
@@ -696,6 +762,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                             cells[kind, workload, depth].append(figures)
                     if kind != "echo":
                         checks.append({"server": kind, **check_balances(server, clients)})
+            if "memory" in p["stores"] and "deposit" in p["workloads"]:
+                for depth in p["depths"]:
+                    callers = p["connections"] * depth
+                    floors[depth].append(run_floor(callers, p["floor_commands"], p["pin"]))
         profile_report = None
         if extra.profile:
             progress(f"profiling the memory server with {extra.profile}")
@@ -723,6 +793,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     lib,
                     target=target,
                 )
+    for depth, samples in floors.items():
+        library = cells.get(("memory", "deposit", depth))
+        callers = p["connections"] * depth
+        report.add_context(
+            f"floor_execute_d{depth}",
+            f"  floor: the same deposits in-process, {callers:,} concurrent"
+            " _execute_detailed callers, no network (commands/s)",
+            "ops/s",
+            "higher",
+            [x["rate"] for x in samples],
+            relative_to=("library", max(c["rate"] for c in library)) if library else None,
+            note=f"{min(x['us_per_command'] for x in samples):.1f} µs CPU per command",
+        )
     print()
     report.print_table()
 
@@ -814,6 +897,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         data["best"] = best
         data["balance_checks"] = checks
+        data["floors"] = {str(depth): samples for depth, samples in floors.items()}
         data["client_saturated"] = saturated
         data["machine_busy"] = busy
         if profile_report is not None:
