@@ -170,7 +170,7 @@ def _read_model_sync(store: EventStore, table: str) -> dict[str, tuple[int, int]
         return {k: (int(t), int(e)) for k, t, e in rows}
     import psycopg
 
-    conninfo = getattr(store, "conninfo", None) or store._pool.conninfo  # type: ignore[attr-defined]
+    conninfo = store.conninfo  # type: ignore[attr-defined]
     with psycopg.connect(conninfo) as conn:
         rows = conn.execute(f"SELECT key, total, events FROM {table}").fetchall()
     return {k: (int(t), int(e)) for k, t, e in rows}
@@ -191,7 +191,7 @@ def _checkpoint_sync(store: EventStore, name: str) -> int:
     else:
         import psycopg
 
-        conninfo = getattr(store, "conninfo", None) or store._pool.conninfo  # type: ignore[attr-defined]
+        conninfo = store.conninfo  # type: ignore[attr-defined]
         with psycopg.connect(conninfo) as conn:
             row = conn.execute(query + "%s", (name,)).fetchone()
     return 0 if row is None else int(row[0])

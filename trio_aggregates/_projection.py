@@ -765,10 +765,7 @@ def _checkpoints_for(store: EventStore, flow: _Flow) -> _Checkpoints:
             pass
         else:
             if isinstance(store, PostgresEventStore):
-                conninfo = getattr(store, "conninfo", None)
-                if conninfo is None:
-                    conninfo = store._pool.conninfo
-                return _PostgresCheckpoints(conninfo)
+                return _PostgresCheckpoints(store.conninfo)
     return _MemoryCheckpoints()
 
 
