@@ -443,12 +443,10 @@ class AggregateServer:
             if op == "execute" or op == "create":
                 outcome = await self._command(route, request)
             elif op == "load":
-                state, version = await route.repository._send(
-                    request.key, Inspect(True), self._request_timeout
-                )
+                state, version = await route.repository._send(request.key, Inspect(True), None)
                 outcome = ("ok", version, route.converter.unstructure(state))
             elif op == "version":
-                version = await route.repository.version(request.key, timeout=self._request_timeout)
+                version = await route.repository.version(request.key)
                 outcome = ("ok", version, version)
             else:  # history
                 outcome = await self._history(route, request)
@@ -470,8 +468,7 @@ class AggregateServer:
 
     async def _history(self, route: _Route, request: Request) -> _Outcome:
         assert request.key is not None
-        with trio.fail_after(self._request_timeout):
-            events = await route.repository.history(request.key)
+        events = await route.repository.history(request.key)
         if not events:
             raise AggregateNotFound(request.key)
         unstructure = route.converter.unstructure
@@ -562,7 +559,6 @@ class AggregateServer:
             mode=mode,
             expected_version=expected,
             dry_run=request.dry_run,
-            timeout=self._request_timeout,
             command_id=request.command_id,
             correlation_id=correlation_id,
             causation_id=causation_id,
@@ -602,6 +598,7 @@ class AggregateServer:
 
 _JSON_SCALARS: Final = frozenset({int, str, float, bool})
 _HELLO_FIRST: Final = 'the first request must be {"op": "hello", "token": ...}'
+_SHUTTING_DOWN: Final = "the server is shutting down"
 
 
 def _log_unless_cancelled(group: BaseExceptionGroup[BaseException]) -> None:
@@ -624,8 +621,35 @@ def _log_unless_cancelled(group: BaseExceptionGroup[BaseException]) -> None:
 
 
 @final
+class _Worker:
+    """A worker's request in hand, for the watchdog."""
+
+    __slots__ = ("request", "scope", "started")
+
+    def __init__(self) -> None:
+        self.request: Request | None = None
+        self.started = 0.0
+        self.scope = trio.CancelScope()
+
+
+@final
 class _Connection:
-    """One client connection: a reader, a pool of workers, a writer."""
+    """One client connection: a reader, a pool of workers, a watchdog.
+
+    The reader parses lines and queues requests; workers (a pool grown up to
+    the number in flight) run them; whoever has answers ready sends them, all
+    that are ready in one ``send_all``, one sender at a time (a worker after
+    its request, the reader after answering lines itself).
+
+    Invariant: ``in_flight`` counts the lines read whose answers are not yet
+    sent (or dropped, on a broken connection); it is at most
+    ``max_in_flight`` and so bounds the queue and the answers waiting.
+
+    The timeouts cost the hot path no cancel scope and no deadline: the
+    reader, the workers and the senders note the time, and one watchdog task
+    wakes at the earliest deadline (at least every ``min(idle_timeout,
+    request_timeout)`` seconds) and cancels what is due.
+    """
 
     def __init__(self, server: AggregateServer, stream: trio.abc.Stream) -> None:
         self.server = server
@@ -636,27 +660,39 @@ class _Connection:
         self.closing = False
         self.broken = False
         self.stop_reading = False
-        self.workers = 0
+        self.reading_done = False
+        self.queue: collections.deque[Request] = collections.deque()
+        self.workers: list[_Worker] = []
+        self.idle_workers = 0
         self.out: list[bytes] = []
-        self.writing_done = False
+        self.sending = False
+        self.sending_since = 0.0
+        self.send_scope: trio.CancelScope | None = None
+        self.last_activity = trio.current_time()
+        self.hard_deadline = math.inf
         self.scope = trio.CancelScope()
-        self.read_scope: trio.CancelScope | None = None
+        self.read_scope = trio.CancelScope()
+        self.watchdog_scope = trio.CancelScope()
         self.worker_scope: trio.CancelScope | None = None
-        self.writer_lot = trio.lowlevel.ParkingLot()
+        self.work_lot = trio.lowlevel.ParkingLot()
         self.slot_lot = trio.lowlevel.ParkingLot()
-        self.send_requests, self.receive_requests = trio.open_memory_channel[Request](math.inf)
         self.workers_nursery: trio.Nursery
 
     def cancel(self) -> None:
         self.scope.cancel()
+        if self.send_scope is not None:
+            self.send_scope.cancel()
 
     def shut_down(self, deadline: float) -> None:
         """The server is closing: finish by ``deadline``, answer the rest ``shutting_down``."""
         self.closing = True
         if self.worker_scope is not None:
             self.worker_scope.deadline = deadline
-        self.scope.deadline = deadline + _FLUSH_TIME + _LINGER
-        if self.in_flight == 0 and self.read_scope is not None:
+        self.hard_deadline = deadline + _FLUSH_TIME
+        self.scope.deadline = self.hard_deadline + _LINGER
+        if self.send_scope is not None:
+            self.send_scope.deadline = self.hard_deadline
+        if self.in_flight == 0:
             self.read_scope.cancel()
 
     async def refuse(self, code: ErrorCode) -> None:
@@ -671,20 +707,28 @@ class _Connection:
     async def run(self) -> None:
         with self.scope:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._write_loop)
+                nursery.start_soon(self._watchdog)
                 try:
                     async with trio.open_nursery() as workers:
                         self.worker_scope = workers.cancel_scope
-                        if self.closing:  # pragma: no cover (shut down while starting)
-                            workers.cancel_scope.deadline = trio.current_time()
                         self.workers_nursery = workers
                         try:
                             await self._read_loop()
                         finally:
-                            self.send_requests.close()
+                            self.reading_done = True
+                            self.work_lot.unpark_all()
+                    # Every worker is done: what no worker took is refused.
+                    server = self.server
+                    while self.queue:
+                        request = self.queue.popleft()
+                        self.out.append(
+                            server._encode_error(
+                                self.codec, request.id, ErrorCode.SHUTTING_DOWN, _SHUTTING_DOWN
+                            )
+                        )
+                    await self._send()
                 finally:
-                    self.writing_done = True
-                    self.writer_lot.unpark_all()
+                    self.watchdog_scope.cancel()
             if self.closing or self.stop_reading:
                 await self._linger()
 
@@ -707,79 +751,114 @@ class _Connection:
             except _CONNECTION_ERRORS:
                 pass
 
+    async def _watchdog(self) -> None:
+        """Close an idle connection, time requests out, drop a client that reads nothing."""
+        server = self.server
+        idle = server._idle_timeout
+        limit = server._request_timeout
+        with self.watchdog_scope:
+            await self._watch(idle, limit, min(idle, limit))
+
+    async def _watch(self, idle: float, limit: float, every: float) -> None:
+        while True:
+            now = trio.current_time()
+            wake = now + every
+            if self.in_flight == 0:
+                due = self.last_activity + idle
+                if now >= due:
+                    self.read_scope.cancel()  # idle: the reader ends, then the connection
+                    return
+                wake = min(wake, due)
+            if self.sending and self.send_scope is not None:
+                due = self.sending_since + idle
+                if now >= due:
+                    logger.info("dropping a client that read no answer for %s s", idle)
+                    self.send_scope.cancel()  # the sender finds the connection broken
+                else:
+                    wake = min(wake, due)
+            for worker in self.workers:
+                if worker.request is not None:
+                    due = worker.started + limit
+                    if now >= due:
+                        worker.scope.cancel()  # answered `timeout` by the worker
+                    else:
+                        wake = min(wake, due)
+            await trio.sleep_until(wake)
+
     # -- reading ---------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
         stream = self.stream
         codec = self.codec
-        idle = self.server._idle_timeout
-        while not self.stop_reading:
-            with trio.CancelScope() as scope:
-                self.read_scope = scope
-                if self.in_flight == 0:
-                    if self.closing:
-                        return
-                    scope.deadline = trio.current_time() + idle
+        server = self.server
+        with self.read_scope:
+            while not self.stop_reading:
+                if self.closing and self.in_flight == 0:
+                    return
                 try:
                     data = await stream.receive_some(_RECEIVE_SIZE)
                 except _CONNECTION_ERRORS:
                     self.broken = True
                     return
-            self.read_scope = None
-            if scope.cancelled_caught:
-                return  # idle, or shutting down with nothing in flight
-            for item in codec.receive_data(data):
-                if self.in_flight >= self.server._max_in_flight:
-                    while self.in_flight >= self.server._max_in_flight:
-                        await self.slot_lot.park()
-                    if self.broken:
-                        return
-                self._dispatch(item)
-                if self.stop_reading:
-                    return
-            if not data:
-                return  # EOF: the answers in flight are still written
+                self.last_activity = trio.current_time()
+                for item in codec.receive_data(data):
+                    if self.in_flight >= server._max_in_flight:
+                        if self.out:
+                            await self._send()
+                        while self.in_flight >= server._max_in_flight and not self.broken:
+                            await self.slot_lot.park()
+                        if self.broken:
+                            return
+                    self._dispatch(item)
+                    if self.stop_reading:
+                        break
+                if self.out:
+                    await self._send()  # the answers given here
+                if not data:
+                    return  # EOF: the answers in flight are still sent
 
     def _dispatch(self, item: Request | BadLine) -> None:
-        """Take one line: answer it here, or hand it to a worker."""
+        """Take one line: answer it here, or queue it for a worker."""
         self.in_flight += 1
         server = self.server
         server._in_flight += 1
         codec = self.codec
         if type(item) is BadLine:
             if not self.authenticated:
-                self.reply(
+                self.out.append(
                     server._encode_error(
                         codec, item.id, ErrorCode.UNAUTHORIZED, _HELLO_FIRST + f" ({item.message})"
                     )
                 )
                 self.stop_reading = True
                 return
-            self.reply(server._encode_error(codec, item.id, ErrorCode(item.code), item.message))
+            self.out.append(
+                server._encode_error(codec, item.id, ErrorCode(item.code), item.message)
+            )
             return
         assert type(item) is Request
         op = item.op
         if not self.authenticated:
             self._authenticate(item)
-            return
-        if self.closing:
-            self.reply(
-                server._encode_error(
-                    codec, item.id, ErrorCode.SHUTTING_DOWN, "the server is shutting down"
-                )
+        elif self.closing:
+            self.out.append(
+                server._encode_error(codec, item.id, ErrorCode.SHUTTING_DOWN, _SHUTTING_DOWN)
             )
-            return
-        if op == "ping":
-            self.reply(codec.encode_ok(item.id, "pong"))
+        elif op == "ping":
+            self.out.append(codec.encode_ok(item.id, "pong"))
         elif op == "hello":
-            self.reply(codec.encode_ok(item.id, server._hello))
+            self.out.append(codec.encode_ok(item.id, server._hello))
         elif op == "stats":
-            self.reply(codec.encode_ok(item.id, server._stats()))
+            self.out.append(codec.encode_ok(item.id, server._stats()))
         else:
-            self.send_requests.send_nowait(item)
-            if self.workers < self.in_flight:
-                self.workers += 1
-                self.workers_nursery.start_soon(self._worker)
+            self.queue.append(item)
+            if self.idle_workers:
+                self.idle_workers -= 1
+                self.work_lot.unpark()
+            elif len(self.workers) < server._max_in_flight:
+                worker = _Worker()
+                self.workers.append(worker)
+                self.workers_nursery.start_soon(self._worker, worker)
 
     def _authenticate(self, request: Request) -> None:
         server = self.server
@@ -792,67 +871,118 @@ class _Connection:
             and hmac.compare_digest(given.encode(), token)
         ):
             self.authenticated = True
-            self.reply(self.codec.encode_ok(request.id, server._hello))
+            self.out.append(self.codec.encode_ok(request.id, server._hello))
             return
         message = "wrong token" if request.op == "hello" else _HELLO_FIRST
-        self.reply(server._encode_error(self.codec, request.id, ErrorCode.UNAUTHORIZED, message))
+        self.out.append(
+            server._encode_error(self.codec, request.id, ErrorCode.UNAUTHORIZED, message)
+        )
         self.stop_reading = True
 
     # -- working ----------------------------------------------------------------------
 
-    async def _worker(self) -> None:
-        answer = self.server._answer
+    async def _worker(self, worker: _Worker) -> None:
+        """Run queued requests until the reader is done; answer each, send what is ready.
+
+        The watchdog may cancel the request in hand (``timeout``); the end of
+        the grace period at shutdown cancels it too (``shutting_down``).
+        """
+        server = self.server
+        answer = server._answer
         codec = self.codec
-        async for request in self.receive_requests:
-            try:
-                line = await answer(codec, request)
-            except trio.Cancelled:
-                self.reply(
-                    self.server._encode_error(
-                        codec, request.id, ErrorCode.SHUTTING_DOWN, "the server is shutting down"
-                    )
+        queue = self.queue
+        try:
+            while True:
+                with worker.scope:
+                    while True:
+                        if not queue:
+                            if self.reading_done:
+                                return
+                            self.idle_workers += 1
+                            await self.work_lot.park()
+                            continue
+                        request = queue.popleft()
+                        worker.started = trio.current_time()
+                        worker.request = request
+                        line = await answer(codec, request)
+                        worker.request = None
+                        self.out.append(line)
+                        if not self.sending:
+                            await self._send()
+                        if worker.scope.cancel_called:
+                            break  # it just made it: a new scope before the next one
+                # The watchdog cancelled the request in hand: too slow.
+                late = worker.request
+                if late is not None:
+                    worker.request = None
+                    self.out.append(self._timed_out(late))
+                    if not self.sending:
+                        await self._send()
+                worker.scope = trio.CancelScope()
+        except trio.Cancelled:
+            left = worker.request
+            if left is not None:  # shutting down: the grace period is over
+                worker.request = None
+                self.out.append(
+                    server._encode_error(codec, left.id, ErrorCode.SHUTTING_DOWN, _SHUTTING_DOWN)
                 )
-                raise
-            self.reply(line)
+            raise
 
-    # -- writing ----------------------------------------------------------------------
+    def _timed_out(self, request: Request) -> bytes:
+        return self.server._encode_error(
+            self.codec,
+            request.id,
+            ErrorCode.TIMEOUT,
+            f"no answer within {self.server._request_timeout} seconds "
+            f"(the command may still be applied: retry with its command_id)",
+        )
 
-    def reply(self, line: bytes) -> None:
-        self.out.append(line)
-        self.writer_lot.unpark()
+    # -- sending ----------------------------------------------------------------------
 
-    async def _write_loop(self) -> None:
+    async def _send(self) -> None:
+        """Send every answer ready, in batches, unless another task is sending.
+
+        Each send is shielded from cancellation (a cut write would garble
+        the stream) but bounded: the watchdog cancels a send stuck for
+        ``idle_timeout`` (the client reads nothing), shutdown one stuck past
+        the grace period; the connection is then broken.
+        """
+        if self.sending:
+            return
+        self.sending = True
         stream = self.stream
         server = self.server
-        idle = self.server._idle_timeout
-        while True:
-            if not self.out:
-                if self.writing_done:
-                    return
-                await self.writer_lot.park()
-                continue
-            batch = self.out
-            self.out = []
-            if not self.broken:
-                with trio.move_on_after(idle) as scope:
-                    try:
-                        await stream.send_all(batch[0] if len(batch) == 1 else b"".join(batch))
-                    except _CONNECTION_ERRORS:
+        try:
+            while self.out:
+                batch = self.out
+                self.out = []
+                if not self.broken:
+                    self.sending_since = trio.current_time()
+                    with trio.CancelScope(shield=True) as scope:
+                        if self.closing:
+                            scope.deadline = self.hard_deadline
+                        self.send_scope = scope
+                        try:
+                            await stream.send_all(batch[0] if len(batch) == 1 else b"".join(batch))
+                        except _CONNECTION_ERRORS:
+                            self.broken = True
+                    self.send_scope = None
+                    if scope.cancelled_caught:
                         self.broken = True
-                if scope.cancelled_caught:
-                    self.broken = True  # the client reads nothing: it is gone
-                if self.broken and self.read_scope is not None:
-                    self.read_scope.cancel()
-            n = len(batch)
-            self.in_flight -= n
-            server._in_flight -= n
-            server._requests += n
-            self.slot_lot.unpark_all()
-            if self.in_flight == 0 and self.read_scope is not None:
-                if self.closing:
-                    self.read_scope.cancel()
-                else:
-                    self.read_scope.deadline = trio.current_time() + idle
+                    if self.broken:
+                        self.read_scope.cancel()
+                n = len(batch)
+                self.in_flight -= n
+                server._in_flight -= n
+                server._requests += n
+                self.slot_lot.unpark_all()
+                if self.in_flight == 0:
+                    if self.closing:
+                        self.read_scope.cancel()
+                    else:
+                        self.last_activity = trio.current_time()
+        finally:
+            self.sending = False
 
 
 def _check_options(
