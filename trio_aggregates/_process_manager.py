@@ -70,6 +70,8 @@ _REACTS: Final = "__trio_aggregates_reacts__"
 #: Mark a :class:`ProcessManager` coroutine method as the reaction to an event class.
 reacts = _marker(_REACTS, "reacts", "process manager reaction")
 
+_KIND: Final = "process manager"
+
 #: Errors after which a reaction is run again (same command ids).
 _RETRIED: Final = (StoreError, CallTimeout)
 
@@ -111,7 +113,7 @@ class ProcessManager(_Flow):
         try:
             found = self._decode(record)
         except Exception as exc:
-            raise ProjectionFailed(name, record, exc) from exc
+            raise ProjectionFailed(name, record, exc, kind=_KIND) from exc
         if found is None:
             return False
         event, handler, arity = found
@@ -125,9 +127,9 @@ class ProcessManager(_Flow):
                     await reaction(self, event, EventContext(record, None, name))
             except _RETRIED as exc:
                 if attempt == self.retry_attempts:
-                    raise ProjectionFailed(name, record, exc) from exc
+                    raise ProjectionFailed(name, record, exc, kind=_KIND) from exc
             except Exception as exc:
-                raise ProjectionFailed(name, record, exc) from exc
+                raise ProjectionFailed(name, record, exc, kind=_KIND) from exc
             else:
                 return True
             await trio.sleep(delay)

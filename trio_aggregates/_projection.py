@@ -130,10 +130,15 @@ class ProjectionFailed(TrioAggregatesError):
     """
 
     def __init__(
-        self, name: str, record: RecordedEvent, reason: BaseException | None = None
+        self,
+        name: str,
+        record: RecordedEvent,
+        reason: BaseException | None = None,
+        *,
+        kind: str = "projection",
     ) -> None:
         super().__init__(
-            f"projection {name!r} failed on the event at position {record.position} "
+            f"{kind} {name!r} failed on the event at position {record.position} "
             f"({record.type!r}, {record.stream}@{record.version}): {reason!r}"
         )
         self.name = name
@@ -758,14 +763,10 @@ def _checkpoints_for(store: EventStore, flow: _Flow) -> _Checkpoints:
         if store.path == ":memory:" or store.path.startswith("file:"):
             return _MemoryCheckpoints()
         return _SQLiteCheckpoints(store.path)
-    if "psycopg" in sys.modules or type(store).__name__ == "PostgresEventStore":
-        try:
-            from ._postgres import PostgresEventStore
-        except ImportError:  # pragma: no cover (no psycopg: no PostgreSQL store either)
-            pass
-        else:
-            if isinstance(store, PostgresEventStore):
-                return _PostgresCheckpoints(store.conninfo)
+    # A PostgreSQL store exists only if its module (and psycopg) was imported.
+    postgres = sys.modules.get("trio_aggregates._postgres")
+    if postgres is not None and isinstance(store, postgres.PostgresEventStore):
+        return _PostgresCheckpoints(store.conninfo)
     return _MemoryCheckpoints()
 
 
@@ -849,7 +850,8 @@ class RunningProjection:
 
     async def _serve(self, task_status: trio.TaskStatus[RunningProjection]) -> None:
         """The task: run, reset on demand, idle after a failure until a reset."""
-        started = False
+        # The first run reports ready (its checkpoint loaded, or it failed to start).
+        status: trio.TaskStatus[RunningProjection] | None = task_status
         try:
             while True:
                 if self._reset_wanted:
@@ -867,26 +869,14 @@ class RunningProjection:
                     if self._reset_done is not None:
                         self._reset_done.set()
                 if self._state != "failed":
-                    scope = self._scope = trio.CancelScope()
-                    with scope:
-                        if not started:
-                            started = True
-                            await self._run(task_status)
-                        else:
-                            await self._run(None)
+                    # Returns after a failure; cancelled for a reset.
+                    with trio.CancelScope() as self._scope:
+                        await self._run(status)
                     self._scope = None
-                    if not started:  # pragma: no cover
-                        return
-                if self._reset_wanted:
-                    continue
-                if self._state == "failed":
-                    if not started:
-                        started = True
-                        task_status.started(self)
+                    status = None
+                if self._state == "failed" and not self._reset_wanted:
                     self._wakeup = trio.Event()
-                    await self._wakeup.wait()
-                    continue
-                return  # pragma: no cover (the run loop never returns otherwise)
+                    await self._wakeup.wait()  # for a reset
         finally:
             if self._state != "failed":
                 self._state = "stopped"
@@ -955,6 +945,7 @@ class RunningProjection:
                 delay = min(delay * 2, self._poll_interval)
                 continue
             self._head = max(self._head, head)
+            self._error = None
             if page:
                 await self._handle(page)
             if len(page) < limit:
@@ -1103,7 +1094,8 @@ async def run_projection(
 class ProjectionRunner:
     """The projections and process managers of an :func:`open_projections` block."""
 
-    def __init__(self, running: Mapping[str, RunningProjection]) -> None:
+    def __init__(self, store: EventStore, running: Mapping[str, RunningProjection]) -> None:
+        self._store = store
         self._running = dict(running)
 
     def __getitem__(self, name: str) -> RunningProjection:
@@ -1135,10 +1127,7 @@ class ProjectionRunner:
         A check every few milliseconds; bound it with ``trio.fail_after``.
         """
         if position is None:
-            position = 0
-            for r in self._running.values():
-                position = max(position, await r._store.head_position())
-                break
+            position = await self._store.head_position()
         await _wait_caught_up(self._running.values(), position)
 
 
@@ -1201,7 +1190,7 @@ async def open_projections(
                 r = RunningProjection(store, flow, poll_interval)
                 running[r.name] = await nursery.start(r._serve)
             try:
-                yield ProjectionRunner(running)
+                yield ProjectionRunner(store, running)
             except BaseException as exc:
                 body_error = exc
             finally:
