@@ -108,6 +108,11 @@ def free_port() -> int:
     return port
 
 
+def shown(done: subprocess.CompletedProcess[bytes]) -> str:
+    """What a finished command printed, for an assertion's message."""
+    return f"exit {done.returncode}\nstdout: {done.stdout.decode()}\nstderr: {done.stderr.decode()}"
+
+
 def answer_of(done: subprocess.CompletedProcess[bytes]) -> dict[str, Any]:
     lines = done.stdout.decode().splitlines()
     assert len(lines) == 1, done.stdout
@@ -148,7 +153,7 @@ class LineClient:
 
 async def test_python_dash_m_help() -> None:
     done = await run("--help")
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0, shown(done)
     out = done.stdout.decode()
     assert "python -m trio_aggregates" in out
     for command in ("serve", "call", "load", "stats"):
@@ -163,7 +168,7 @@ async def test_the_console_script_is_installed() -> None:
         done = await trio.run_process(
             [str(script), "load", "--help"], capture_stdout=True, check=False
         )
-    assert done.returncode == 0
+    assert done.returncode == 0, shown(done)
     assert "--serve TARGET" in done.stdout.decode()
 
 
@@ -288,12 +293,12 @@ async def test_serve_with_a_bad_target_exits_2(tmp_path: Path) -> None:
         (f"{BANK}:main", "is not an app"),
     ]:
         done = await run("serve", target, "--port", "0", cwd=tmp_path)
-        assert done.returncode == 2, done.stderr
+        assert done.returncode == 2, shown(done)
         assert message in done.stderr.decode()
         assert b"Traceback" not in done.stderr
         assert done.stdout == b""
     done = await run("load", "--serve", f"{BANK}:nope", cwd=tmp_path)
-    assert done.returncode == 2
+    assert done.returncode == 2, shown(done)
     assert "has no attribute 'nope'" in done.stderr.decode()
 
 
@@ -304,7 +309,7 @@ async def test_serve_prints_its_address_and_serves_call(tmp_path: Path) -> None:
     async with serving(tmp_path) as (process, port, errors):
         where = ("--connect", f"tcp://127.0.0.1:{port}")
         done = await run("call", *where, '{"op": "ping"}')
-        assert done.returncode == 0, done.stderr
+        assert done.returncode == 0, shown(done)
         assert answer_of(done) == {"id": 1, "ok": True, "result": "pong"}
 
         done = await run("call", "--port", str(port), '{"id": "x", "op": "ping"}')
@@ -315,41 +320,41 @@ async def test_serve_prints_its_address_and_serves_call(tmp_path: Path) -> None:
         done = await run(
             "call", *where, "--op", "create", *options, "--command", "OpenAccount", "--data", data
         )
-        assert done.returncode == 0, done.stdout
+        assert done.returncode == 0, shown(done)
         assert answer_of(done)["version"] == 1
         deposit = ("--command", "Deposit", "--data", '{"amount": 500}', "--command-id", "dep-1")
         for _ in range(2):  # the retry answers the first application
             done = await run("call", *where, *options, *deposit)
-            assert done.returncode == 0, done.stdout
+            assert done.returncode == 0, shown(done)
             assert answer_of(done)["version"] == 2
 
         done = await run("call", *where, '{"op": "load", "type": "Account", "key": "acc-1"}')
-        assert done.returncode == 0
+        assert done.returncode == 0, shown(done)
         assert answer_of(done)["result"]["balance"] == 500
 
         # An error answer: exit 1, the answer printed as it came.
         withdraw = ("--command", "Withdraw", "--data", '{"amount": 501}')
         done = await run("call", *where, *options, *withdraw)
-        assert done.returncode == 1
+        assert done.returncode == 1, shown(done)
         answer = answer_of(done)
         assert answer["ok"] is False
         assert answer["error"]["code"] == "rejected"
         assert answer["error"]["reason"] == "InsufficientFunds"
         done = await run("call", *where, '{"type": "Nope", "key": 1, "command": "Deposit"}')
-        assert done.returncode == 1
+        assert done.returncode == 1, shown(done)
         assert answer_of(done)["error"]["code"] == "unknown_type"
 
         # A request that is not JSON never leaves: a usage error.
         done = await run("call", *where, "{not json")
-        assert done.returncode == 2
+        assert done.returncode == 2, shown(done)
         assert "not JSON" in done.stderr.decode()
         assert done.stdout == b""
 
         done = await run("stats", *where)
-        assert done.returncode == 0, done.stderr
+        assert done.returncode == 0, shown(done)
         assert "Account" in done.stdout.decode()
         done = await run("stats", *where, "--json")
-        assert done.returncode == 0
+        assert done.returncode == 0, shown(done)
         assert answer_of(done)["ok"] is True
 
         await stop(process, errors=errors)
@@ -358,13 +363,13 @@ async def test_serve_prints_its_address_and_serves_call(tmp_path: Path) -> None:
 async def test_call_that_cannot_connect_exits_2(tmp_path: Path) -> None:
     port = free_port()
     done = await run("call", "--port", str(port), '{"op": "ping"}', cwd=tmp_path)
-    assert done.returncode == 2
+    assert done.returncode == 2, shown(done)
     assert done.stdout == b""
     assert f"cannot connect to tcp://127.0.0.1:{port}" in done.stderr.decode()
     done = await run("stats", "--connect", f"tcp://127.0.0.1:{port}", cwd=tmp_path)
-    assert done.returncode == 2
+    assert done.returncode == 2, shown(done)
     done = await run("load", "--port", str(port), "--requests", "10", cwd=tmp_path)
-    assert done.returncode == 2
+    assert done.returncode == 2, shown(done)
     assert "cannot connect" in done.stdout.decode()
 
 
@@ -372,19 +377,19 @@ async def test_serve_with_a_token(tmp_path: Path) -> None:
     async with serving(tmp_path, "--token", "s3cret") as (process, port, errors):
         where = ("--port", str(port))
         done = await run("call", *where, '{"op": "ping"}')
-        assert done.returncode == 1
+        assert done.returncode == 1, shown(done)
         assert answer_of(done)["error"]["code"] == "unauthorized"
         done = await run("call", *where, "--token", "wrong", '{"op": "ping"}')
-        assert done.returncode == 1
+        assert done.returncode == 1, shown(done)
         assert answer_of(done)["error"]["code"] == "unauthorized"
         done = await run("call", *where, "--token", "s3cret", '{"op": "ping"}')
-        assert done.returncode == 0, done.stdout
+        assert done.returncode == 0, shown(done)
         assert answer_of(done)["result"] == "pong"
         env = {**os.environ, "TRIO_AGGREGATES_TOKEN": "s3cret"}
         done = await run(
             "load", *where, "--scenario", "ping", "--connections", "2", "--requests", "50", env=env
         )
-        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.returncode == 0, shown(done)
         await stop(process, errors=errors)
 
 
@@ -400,7 +405,7 @@ async def test_load_serve_bank_balances_add_up_twice(tmp_path: Path, store: str)
     for _ in range(2 if store == "sqlite" else 1):  # a second run on the same store passes too
         done = await run("load", "--serve", BANK_APP, "--store", url, *SMALL, cwd=tmp_path)
         out = done.stdout.decode()
-        assert done.returncode == 0, out + done.stderr.decode()
+        assert done.returncode == 0, shown(done)
         assert "balances add up: 10000 == 10000" in out
         assert "server stopped on SIGTERM (exit 0)" in out
         for row in ("requests", "throughput", "latency p50", "latency p99", "latency max"):
@@ -412,7 +417,7 @@ async def test_load_serve_bank_balances_add_up_twice(tmp_path: Path, store: str)
 
 async def test_load_serve_defaults_to_sqlite_in_the_current_directory(tmp_path: Path) -> None:
     done = await run("load", "--serve", BANK_APP, *SMALL, cwd=tmp_path)
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.returncode == 0, shown(done)
     assert (tmp_path / "aggregates.db").exists()
 
 
@@ -468,7 +473,7 @@ async def test_load_fails_when_the_balances_do_not_add_up(tmp_path: Path) -> Non
     crooked.write_text(CROOKED_BANK)
     done = await run("load", "--serve", f"{crooked}:app", "--store", "memory://", *SMALL)
     out = done.stdout.decode()
-    assert done.returncode == 1, out + done.stderr.decode()
+    assert done.returncode == 1, shown(done)
     assert "balances do not add up" in out
     assert "server stopped on SIGTERM (exit 0)" in out
 
@@ -478,13 +483,13 @@ async def test_load_bank_needs_the_bank_app_and_ping_needs_none(tmp_path: Path) 
     other.write_text("from bank import User\napp = {'people': User}\n")
     env = {**os.environ, "PYTHONPATH": str(BANK.parent)}
     done = await run("load", "--serve", f"{other}:app", "--store", "memory://", *SMALL, env=env)
-    assert done.returncode == 1
+    assert done.returncode == 1, shown(done)
     assert "the bank scenario needs a server with type Account" in done.stdout.decode()
     done = await run(
         "load", "--serve", f"{other}:app", "--store", "memory://", "--scenario", "ping",
         "--connections", "3", "--duration", "0.5", env=env,
     )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.returncode == 0, shown(done)
     assert "ping: 3 connections x depth 1" in done.stdout.decode()
 
 
@@ -492,7 +497,7 @@ async def test_load_against_a_running_server(tmp_path: Path) -> None:
     async with serving(tmp_path) as (process, port, errors):
         for _ in range(2):
             done = await run("load", "--connect", f"tcp://127.0.0.1:{port}", *SMALL)
-            assert done.returncode == 0, done.stdout + done.stderr
+            assert done.returncode == 0, shown(done)
             assert "balances add up: 10000 == 10000" in done.stdout.decode()
         await stop(process, errors=errors)
 
@@ -640,21 +645,21 @@ async def test_serve_and_call_over_tls(tmp_path: Path) -> None:
     async with serving(tmp_path, *tls) as (process, port, errors):
         where = ("--port", str(port))
         done = await run("call", *where, "--tls-ca", str(ca_file), '{"op": "ping"}')
-        assert done.returncode == 0, done.stderr
+        assert done.returncode == 0, shown(done)
         assert answer_of(done)["result"] == "pong"
         # Without TLS, or with TLS but not trusting the server's CA: no answer, exit 2.
         done = await run("call", *where, "--timeout", "10", '{"op": "ping"}')
-        assert done.returncode == 2, done.stdout
+        assert done.returncode == 2, shown(done)
         done = await run("call", *where, "--tls", '{"op": "ping"}')
-        assert done.returncode == 2, done.stdout
+        assert done.returncode == 2, shown(done)
         done = await run(
             "load", *where, "--tls-ca", str(ca_file), "--scenario", "ping",
             "--connections", "2", "--requests", "50",
         )  # fmt: skip
-        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.returncode == 0, shown(done)
         await stop(process, errors=errors)
     done = await run("serve", BANK_APP, "--port", "0", "--tls-cert", str(cert), cwd=tmp_path)
-    assert done.returncode == 2
+    assert done.returncode == 2, shown(done)
     assert "--tls-cert and --tls-key go together" in done.stderr.decode()
 
 
