@@ -30,9 +30,12 @@ import trio
 
 from trio_aggregates import (
     Aggregate,
+    EventDecodeError,
     EventStore,
     InMemoryEventStore,
+    InvalidArgument,
     NewEvent,
+    StoreError,
     applies,
     event_type,
     handles,
@@ -391,6 +394,91 @@ async def test_events_the_projection_does_not_read_are_skipped() -> None:
         assert runner.statistics()["only"].events_handled == 3
         assert runner.statistics()["only"].lag_positions == 0
     assert projection.memory == expected(3)
+
+
+async def test_an_event_that_does_not_decode_fails_the_projection_at_its_position() -> None:
+    store = InMemoryEventStore()
+    await add_many(store, 2)
+    await store.append("Tally-9", [NewEvent("tally.added", b"{not json")], expected_version=0)
+    await add_many(store, 2, start=2)
+    projection = Totals("corrupt")
+    async with open_projections(store, [projection]) as runner:
+        await wait_for(lambda: runner.statistics()["corrupt"].state == "failed")
+        error = runner.statistics()["corrupt"].error
+        assert isinstance(error, ProjectionFailed)
+        assert (error.position, error.stream, error.version) == (5, "Tally-9", 1)
+        assert isinstance(error.__cause__, EventDecodeError)
+        assert runner.statistics()["corrupt"].position == 3
+    assert projection.memory == expected(2)
+
+
+async def test_handlers_by_explicit_classes_and_base_classes() -> None:
+    store = InMemoryEventStore()
+    await add_many(store, 3)
+    seen: list[str] = []
+
+    class Both(Projection):
+        reads = (Tally,)
+        checkpoint_in_store = False
+
+        @projects(Added, Noted)
+        def any_event(self, event: object) -> None:
+            seen.append(type(event).__name__)
+
+    async with open_projections(store, [Both()]) as runner:
+        await runner.wait_caught_up()
+    assert seen == ["Added", "Noted"] * 3
+
+
+async def test_a_read_model_in_memory_on_a_durable_store_rebuilds_at_each_start(
+    tmp_path: Path,
+) -> None:
+    class InMemory(Totals):
+        checkpoint_in_store = False
+
+    async with opened(f"sqlite:///{tmp_path}/m.db") as store:
+        await add_many(store, 5)
+        for _ in range(2):
+            projection = InMemory("in-memory")
+            async with open_projections(store, [projection]) as runner:
+                await runner.wait_caught_up()
+            assert projection.memory == expected(5)  # ctx.db is None: in the object
+
+
+async def test_store_errors_while_reading_are_retried() -> None:
+    class Flaky(InMemoryEventStore):
+        failures = 3
+
+        async def read_all(self, *args: Any, **kwargs: Any) -> Any:
+            if self.failures:
+                self.failures -= 1
+                raise StoreError("the database is away")
+            return await super().read_all(*args, **kwargs)
+
+    store = Flaky()
+    await add_many(store, 4)
+    projection = Totals("retrying")
+    async with open_projections(store, [projection], poll_interval=0.01) as runner:
+        await runner.wait_caught_up()
+        assert runner.statistics()["retrying"].error is None
+    assert store.failures == 0 and projection.memory == expected(4)
+
+
+async def test_bad_arguments_and_the_body_s_exception() -> None:
+    store = InMemoryEventStore()
+    with pytest.raises(InvalidArgument):
+        async with open_projections(store, [Totals("twin"), Totals("twin")]):
+            pass
+    with pytest.raises(InvalidArgument):
+        async with open_projections(store, [object()]):  # type: ignore[list-item]
+            pass
+    with pytest.raises(InvalidArgument):
+        async with open_projections(store, [], poll_interval=0):
+            pass
+    # The body's exception comes out as itself, not in an exception group.
+    with pytest.raises(KeyError):
+        async with open_projections(store, [Totals("body")]):
+            raise KeyError("mine")
 
 
 # -- SIGKILL mid-stream -----------------------------------------------------------

@@ -40,6 +40,14 @@ Any other exception (or the last retry's) stops this process manager alone,
 as a failed projection: :class:`ProjectionFailed` naming the event's position,
 the checkpoint left just before the first event not handled.
 
+Open the process managers *inside* the blocks of the repositories they send
+commands to (``open_aggregates``), so that they end first::
+
+    async with open_aggregates(Account, store) as accounts, \\
+            open_aggregates(Transfer, store) as transfers:
+        async with open_projections(store, [TransferSaga(accounts, transfers)]):
+            ...
+
 **Cancellation.** Leaving the block waits for the batch in hand (its
 reactions and their commands: bound them with the repositories' ``timeout=``)
 and stores its checkpoint.
