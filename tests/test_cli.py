@@ -302,6 +302,24 @@ async def test_serve_with_a_bad_target_exits_2(tmp_path: Path) -> None:
     assert "has no attribute 'nope'" in done.stderr.decode()
 
 
+async def test_serve_that_cannot_start_exits_1_without_a_traceback(tmp_path: Path) -> None:
+    done = await run("serve", BANK_APP, "--port", "0", "--store", "bogus://x", cwd=tmp_path)
+    assert done.returncode == 1, shown(done)
+    assert "cannot serve: unknown event store URL 'bogus://x'" in done.stderr.decode()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        done = await run("serve", BANK_APP, "--port", port, "--store", "memory://", cwd=tmp_path)
+    assert done.returncode == 1, shown(done)
+    assert "cannot serve:" in done.stderr.decode()
+    assert "Traceback" not in done.stderr.decode()
+    assert done.stdout == b""
+    done = await run("load", "--serve", BANK_APP, "--store", "bogus://x", cwd=tmp_path)
+    assert done.returncode == 1, shown(done)
+    assert "the server did not start" in done.stderr.decode()
+
+
 # -- serve and call ------------------------------------------------------------------------------
 
 

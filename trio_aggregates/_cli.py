@@ -55,6 +55,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ._aggregate import Aggregate
+from ._exceptions import InvalidArgument, StoreError
 from ._protocol import ClientCodec, ProtocolError, Response
 
 DEFAULT_STORE = "sqlite:///aggregates.db"
@@ -412,22 +413,19 @@ def serve(
     ssl_context = None
     if tls_cert is not None:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ssl_context.load_cert_chain(tls_cert, tls_key)
+        try:
+            ssl_context.load_cert_chain(tls_cert, tls_key)
+        except (ssl.SSLError, OSError) as exc:
+            raise click.ClickException(f"cannot load --tls-cert/--tls-key: {exc}") from None
     logging.basicConfig(
         level=log_level.upper(),
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    trio.run(
-        _serve,
-        app,
-        store,
-        host,
-        port,
-        token,
-        ssl_context,
-        grace_period,
-    )
+    try:
+        trio.run(_serve, app, store, host, port, token, ssl_context, grace_period)
+    except (InvalidArgument, StoreError, OSError) as exc:  # a bad store URL, a port in use...
+        raise click.ClickException(f"cannot serve: {exc}") from None
 
 
 async def _serve(
