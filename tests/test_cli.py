@@ -408,7 +408,18 @@ async def test_serve_with_a_token(tmp_path: Path) -> None:
             "load", *where, "--scenario", "ping", "--connections", "2", "--requests", "50", env=env
         )
         assert done.returncode == 0, shown(done)
+        done = await run("stats", *where, "--token", "s3cret", "--json")
+        assert done.returncode == 0, shown(done)
+        done = await run("stats", *where)
+        assert done.returncode == 1, shown(done)
         await stop(process, errors=errors)
+    # load --serve hands its token to the server it starts
+    small = ("--connections", "2", "--requests", "40", "--accounts", "4")
+    done = await run(
+        "load", "--serve", BANK_APP, "--store", "memory://", "--token", "t0k", *small, env=env
+    )
+    assert done.returncode == 0, shown(done)
+    assert "balances add up: 4000 == 4000" in done.stdout.decode()
 
 
 # -- load ----------------------------------------------------------------------------------------
