@@ -1095,13 +1095,21 @@ ORDER BY e.version
 """
 
 # The global order: every live stream's events from a position on (see
-# "Global order" in the module docstring for why a reader never finds a new
-# event below one it has seen). A stream's category is split_part(name, '-', 1).
+# "version 4" above for why a reader never finds a new event below one it has
+# seen). The stream of each event is looked up row by row (a LATERAL subquery
+# the planner cannot flatten: OFFSET 0), so the plan is always a scan of the
+# position index that stops at the limit; as a plain join, a table not yet
+# analyzed got a hash join over every later event and a sort (10x slower).
+# A stream's category is split_part(name, '-', 1).
 _READ_ALL = """
 SELECT e.position, s.name, e.version, e.type, e.data, e.metadata,
     extract(epoch FROM e.recorded_at)::float8
-FROM trio_aggregates_events e JOIN trio_aggregates_streams s ON s.id = e.stream_id
-WHERE e.position >= %s AND s.state = 0{filters}
+FROM trio_aggregates_events e
+CROSS JOIN LATERAL (
+    SELECT name FROM trio_aggregates_streams
+    WHERE id = e.stream_id AND state = 0{stream_filter} OFFSET 0
+) s
+WHERE e.position >= %s{event_filter}
 ORDER BY e.position LIMIT %s
 """
 _HEAD = "SELECT coalesce(max(position), 0) FROM trio_aggregates_events"
@@ -1255,18 +1263,18 @@ class PostgresEventStore(_DurableStore):
             self._check_open()
             await trio.lowlevel.checkpoint()
             return []
-        filters = ""
-        params: list[Any] = [start]
+        stream_filter = event_filter = ""
+        params: list[Any] = []
         if cats is not None:
-            filters += " AND split_part(s.name, '-', 1) = ANY(%s::text[])"
+            stream_filter = " AND split_part(name, '-', 1) = ANY(%s::text[])"
             params.append(sorted(cats))
+        params.append(start)
         if types is not None:
-            filters += " AND e.type = ANY(%s::text[])"
+            event_filter = " AND e.type = ANY(%s::text[])"
             params.append(sorted(types))
         params.append(count)
-        rows = await self._query(
-            _READ_ALL.format(filters=filters), tuple(params), "read all streams"
-        )
+        query = _READ_ALL.format(stream_filter=stream_filter, event_filter=event_filter)
+        rows = await self._query(query, tuple(params), "read all streams")
         try:
             return [
                 RecordedEvent(n, v, t, bytes(d), bytes(m), r, p) for p, n, v, t, d, m, r in rows
