@@ -305,3 +305,27 @@ async def test_memory_wake_up_takes_no_time(autojump_clock: trio.testing.MockClo
         (event,) = await take(subscription, 1)
         assert trio.current_time() == start
         assert event.position == 1
+
+
+async def test_a_filtered_subscription_does_not_scan_other_events_again() -> None:
+    # Events of other categories after the last match are looked at once:
+    # the next read starts past them (at the head position read before).
+    starts: list[int] = []
+
+    class Counting(InMemoryEventStore):
+        async def read_all(self, from_position: int = 1, **kwargs: Any) -> list[RecordedEvent]:
+            starts.append(from_position)
+            return await super().read_all(from_position, **kwargs)
+
+    store = Counting()
+    await store.append("order-1", [ev(0)], expected_version=0)
+    with trio.fail_after(10):
+        async with open_subscription(store, categories=["order"], poll_interval=100) as orders:
+            assert [e.data for e in await take(orders, 1)] == [b"event-0"]
+            for n in range(1, 11):
+                await store.append("other-1", [ev(n)], expected_version=None)
+                await trio.testing.wait_all_tasks_blocked()
+            starts.clear()
+            await store.append("order-1", [ev(11)], expected_version=None)
+            assert [e.data for e in await take(orders, 1)] == [b"event-11"]
+    assert starts[0] == 12  # not 2: events 2 to 11 were not read again

@@ -156,12 +156,18 @@ async def _follow(
     listening: AbstractAsyncContextManager[_Listener | None] = (
         open_listener() if open_listener is not None else _no_listener()
     )
+    filtered = categories is not None or event_types is not None
     async with listening as listener:
         while True:
             # Armed before the read: an append committed after it wakes us.
             armed = signal.arm() if signal is not None else None
             if listener is not None:
                 listener.drain()
+            # With filters, the events after the last one handed out may all be
+            # of other streams or types: the head position, read before the
+            # page, says how far a short page has looked, so that the next read
+            # starts beyond it instead of scanning them again at every wake-up.
+            head = await store.head_position() if filtered else 0
             page = await store.read_all(
                 position, limit=_PAGE_SIZE, categories=categories, event_types=event_types
             )
@@ -170,6 +176,10 @@ async def _follow(
             if page:
                 position = page[-1].position + 1
             if len(page) < _PAGE_SIZE:
+                # Nothing new will appear at or below the head (the store's
+                # global-order guarantee), and a short page holds every
+                # matching event up to it.
+                position = max(position, head + 1)
                 await _wait(armed, listener, poll_interval)
 
 
