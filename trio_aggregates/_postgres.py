@@ -62,16 +62,37 @@ batch of several calls is sent in *pipeline mode*, between ``BEGIN`` and
 nothing of it is written, and its ops are written again one transaction each,
 so that only the ops at fault fail.
 
+Global order (design invariant 8): an event's position is the events
+table's identity column, given when the row is inserted, and transactions
+from several processes commit in any order; so every function that inserts
+events first takes a transaction-scoped advisory lock on the events table,
+just before its ``INSERT`` and after its row locks and checks (schema version
+4). Positions are then handed out one transaction at a time, and the lock is
+released only once the commit is visible: commit order is position order, and
+a reader that has seen position P never finds a new event below P.
+``read_all`` needs no filter of its own, and ``head_position`` is
+``max(position)``. The lock is held from the ``INSERT`` to the end of the
+commit (its ``fsync``): one process's batches were one at a time already
+(group commit), so it costs a single process nothing but one function call
+per batch; several processes' commits are serialized. (The alternative,
+reading only below the oldest transaction still in flight with
+``pg_snapshot_xmin``, does not give an order of integer positions: a
+transaction that took its xid first may take its position last.) Each such
+transaction also sends a ``NOTIFY trio_aggregates_events`` (delivered at
+commit); subscriptions ``LISTEN`` on a connection of their own.
+
 Schema: tables ``trio_aggregates_streams``, ``trio_aggregates_events``,
 ``trio_aggregates_snapshots``, ``trio_aggregates_commands`` (version 3) and
 the write functions (version 3, and ``trio_aggregates_append`` of version 1;
 version 2's ``trio_aggregates_append_batch`` only an older library calls),
 created in the first schema of the connection's ``search_path`` and migrated
-by the library; applied versions are rows of
-``trio_aggregates_schema``. Migrations run in one transaction under a
-transaction-scoped advisory lock, so processes opening the store at once are
-safe, and opening again is a no-op. A released migration is never edited: a
-change is a new migration.
+by the library (version 4 replaces the functions that insert events with the same
+code plus the position lock and the notification, the function only an older
+library calls included, so that every writer of an upgraded database keeps
+the order); applied versions are rows of ``trio_aggregates_schema``.
+Migrations run in one transaction under a transaction-scoped advisory lock,
+so processes opening the store at once are safe, and opening again is a no-op.
+A released migration is never edited: a change is a new migration.
 """
 
 from __future__ import annotations
