@@ -391,6 +391,25 @@ async def test_call_that_cannot_connect_exits_2(tmp_path: Path) -> None:
     assert "cannot connect" in done.stdout.decode()
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("load", "--store", "memory://"), "--store is the store of the server --serve starts"),
+        (("load", "--requests", "5", "--duration", "1"), "--requests or --duration, not both"),
+        (("load", "--serve", BANK_APP, "--connect", "tcp://h:1"), "--serve or --connect"),
+        (("load", "--connect", "nowhere"), "is not tcp://HOST:PORT"),
+        (("call", '{"op": "ping"}', "--op", "ping"), "REQUEST or the request's options"),
+        (("call", "[1]"), "not a JSON object"),
+        (("call", "--data", "[1]", "--command", "Deposit"), "not a JSON object"),
+    ],
+)
+async def test_usage_errors_exit_2(args: tuple[str, ...], message: str, tmp_path: Path) -> None:
+    done = await run(*args, cwd=tmp_path)
+    assert done.returncode == 2, shown(done)
+    assert message in done.stderr.decode()
+    assert done.stdout == b""
+
+
 async def test_serve_with_a_token(tmp_path: Path) -> None:
     async with serving(tmp_path, "--token", "s3cret") as (process, port, errors):
         where = ("--port", str(port))

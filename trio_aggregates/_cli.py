@@ -1104,6 +1104,9 @@ def load(
         requests = 20_000
     if serve_target is not None and connect is not None:
         raise click.UsageError("give --serve or --connect, not both")
+    source = click.get_current_context().get_parameter_source("store")
+    if serve_target is None and source is not click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--store is the store of the server --serve starts")
     if serve_target is not None:
         load_app(serve_target)  # a bad target fails here, before a child is started
     ssl_context = _client_ssl(tls, tls_ca)
