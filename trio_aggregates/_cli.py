@@ -57,10 +57,10 @@ from rich.text import Text
 from ._aggregate import Aggregate
 from ._exceptions import InvalidArgument, StoreError
 from ._protocol import ClientCodec, ProtocolError, Response
+from ._server import DEFAULT_PORT, open_aggregate_server
 
 DEFAULT_STORE = "sqlite:///aggregates.db"
 DEFAULT_HOST = "127.0.0.1"
-_DEFAULT_PORT = 7411  # the server's DEFAULT_PORT (kept here so --help needs no server import)
 _LISTENING = re.compile(r"^listening on tcp://(?P<host>.+):(?P<port>\d+)$")
 #: Error codes a bank command is retried on, with the same command_id (so at most once applied).
 _RETRY_CODES = frozenset({"timeout", "overloaded", "store_unavailable", "conflict"})
@@ -215,7 +215,7 @@ def _connect_options(function: Callable[..., Any]) -> Callable[..., Any]:
             help="the server's address (default: --host and --port)",
         ),
         click.option("--host", default=DEFAULT_HOST, show_default=True),
-        click.option("--port", type=int, default=_DEFAULT_PORT, show_default=True),
+        click.option("--port", type=int, default=DEFAULT_PORT, show_default=True),
         click.option(
             "--token",
             envvar="TRIO_AGGREGATES_TOKEN",
@@ -369,7 +369,7 @@ def main(argv: Sequence[str] | None = None, *, prog_name: str = "trio-aggregates
 @click.option("--store", default=DEFAULT_STORE, show_default=True, help="event store URL")
 @click.option("--host", default=DEFAULT_HOST, show_default=True, help="address to listen on")
 @click.option(
-    "--port", type=int, default=_DEFAULT_PORT, show_default=True, help="0 picks a free port"
+    "--port", type=int, default=DEFAULT_PORT, show_default=True, help="0 picks a free port"
 )
 @click.option(
     "--token", envvar="TRIO_AGGREGATES_TOKEN", help="shared secret (env TRIO_AGGREGATES_TOKEN)"
@@ -437,8 +437,6 @@ async def _serve(
     ssl_context: ssl.SSLContext | None,
     grace_period: float,
 ) -> None:
-    from ._server import open_aggregate_server
-
     log = logging.getLogger("trio_aggregates.cli")
     # The receiver is in place before the address is printed: a signal right after it is ours.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
