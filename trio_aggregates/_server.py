@@ -604,20 +604,28 @@ _SHUTTING_DOWN: Final = "the server is shutting down"
 def _log_unless_cancelled(group: BaseExceptionGroup[BaseException]) -> None:
     """A connection's task group failed: log what is not a cancellation or a lost client.
 
-    Re-raises the group if it holds only cancellations (the scope that
-    cancelled them absorbs them), and a KeyboardInterrupt or SystemExit alone.
+    Re-raises the cancellations (the scope that cancelled them absorbs them),
+    and a KeyboardInterrupt or SystemExit alone.
     """
     cancelled, rest = group.split(trio.Cancelled)
     if rest is None:
         raise group
-    fatal = [e for e in rest.exceptions if isinstance(e, KeyboardInterrupt | SystemExit)]
-    if fatal:
-        raise fatal[0] from None
-    _, bugs = rest.split(_CONNECTION_ERRORS)
-    if bugs is not None:
-        logger.error("connection handler failed (please report it)", exc_info=bugs)
+    fatal, rest = rest.split((KeyboardInterrupt, SystemExit))
+    if fatal is not None:
+        raise _first_leaf(fatal) from None
+    if rest is not None:
+        _, bugs = rest.split(_CONNECTION_ERRORS)
+        if bugs is not None:
+            logger.error("connection handler failed (please report it)", exc_info=bugs)
     if cancelled is not None:
         raise cancelled
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
 
 
 @final
@@ -908,7 +916,8 @@ class _Connection:
                         worker.request = None
                         self.out.append(line)
                         if not self.sending:
-                            await self._send()
+                            # More answers due: let the others finishing now join the batch.
+                            await self._send(defer=self.in_flight > len(self.out))
                         if worker.scope.cancel_called:
                             break  # it just made it: a new scope before the next one
                 # The watchdog cancelled the request in hand: too slow.
@@ -939,8 +948,12 @@ class _Connection:
 
     # -- sending ----------------------------------------------------------------------
 
-    async def _send(self) -> None:
+    async def _send(self, *, defer: bool = False) -> None:
         """Send every answer ready, in batches, unless another task is sending.
+
+        With ``defer``, first let every task runnable now run (one schedule
+        point): the answers they finish join the batch (one ``send_all`` for
+        many answers is much cheaper than one each).
 
         Each send is shielded from cancellation (a cut write would garble
         the stream) but bounded: the watchdog cancels a send stuck for
@@ -953,6 +966,8 @@ class _Connection:
         stream = self.stream
         server = self.server
         try:
+            if defer:
+                await trio.lowlevel.cancel_shielded_checkpoint()
             while self.out:
                 batch = self.out
                 self.out = []
@@ -1182,14 +1197,12 @@ async def _open_server(
             if only_cancelled and body_error is None:
                 raise
             if not only_cancelled:
-                fatal = [
-                    e for e in group.exceptions if isinstance(e, KeyboardInterrupt | SystemExit)
-                ]
-                if not fatal:
+                fatal = group.split((KeyboardInterrupt, SystemExit))[0]
+                if fatal is None:
                     raise TrioAggregatesError(
                         "internal error in the trio_aggregates server (please report it)"
                     ) from group
-                reraise = fatal[0]
+                reraise = _first_leaf(fatal)
         finally:
             for listener in listeners:
                 with trio.CancelScope(shield=True):
