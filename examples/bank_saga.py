@@ -474,15 +474,10 @@ async def _open_account(accounts: AggregateRepository[Account], key: str) -> Non
 
 
 def _interrupted(exc: BaseException) -> bool:
-    """Whether ``exc`` is a KeyboardInterrupt, alone or in (nested) exception groups."""
+    """Whether ``exc`` is a KeyboardInterrupt, or an exception group holding one."""
     if isinstance(exc, KeyboardInterrupt):
         return True
-    inner = getattr(exc, "exceptions", None)
-    return (
-        bool(inner)
-        and all(_interrupted(e) or isinstance(e, trio.Cancelled) for e in inner)
-        and any(_interrupted(e) for e in inner)
-    )
+    return any(_interrupted(e) for e in getattr(exc, "exceptions", ()))
 
 
 def main() -> None:
