@@ -929,29 +929,11 @@ class RunningProjection:
 
     async def _follow(self) -> None:
         """Catch up through read_all pages, then follow a subscription, batch by batch."""
-        store = self._store
         flow = self._flow
         filters = self._filters()
         limit = flow.batch_size
         delay = 0.05
-        # Catch up: pages of read_all, one batch each.
-        while True:
-            try:
-                head = await store.head_position()
-                page = await store.read_all(self._position + 1, limit=limit, **filters)
-            except StoreError as exc:
-                self._error = exc
-                await trio.sleep(delay)
-                delay = min(delay * 2, self._poll_interval)
-                continue
-            self._head = max(self._head, head)
-            self._error = None
-            if page:
-                await self._handle(page)
-            if len(page) < limit:
-                # Every event up to ``head`` was readable: this flow has seen them all.
-                self._caught_up_to = head
-                break
+        await self._catch_up(filters, limit)
         # Live.
         from ._subscription import open_subscription
 
@@ -962,6 +944,50 @@ class RunningProjection:
                 self._error = exc
                 await trio.sleep(delay)
                 delay = min(delay * 2, self._poll_interval)
+
+    async def _catch_up(self, filters: dict[str, Any], limit: int) -> None:
+        """Apply read_all pages (one batch each) until a short one, reading the next
+        page while the current one is applied."""
+        store = self._store
+        send, receive = trio.open_memory_channel[tuple[list[RecordedEvent], int]](1)
+        failure: ProjectionFailed | None = None
+
+        async def reader() -> None:
+            position = self._position + 1
+            delay = 0.05
+            async with send:
+                while True:
+                    try:
+                        head = await store.head_position()
+                        page = await store.read_all(position, limit=limit, **filters)
+                    except StoreError as exc:
+                        self._error = exc
+                        await trio.sleep(delay)
+                        delay = min(delay * 2, self._poll_interval)
+                        continue
+                    self._error = None
+                    await send.send((page, head))
+                    if len(page) < limit:
+                        return
+                    position = page[-1].position + 1
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            try:
+                async with receive:
+                    async for page, head in receive:
+                        self._head = max(self._head, head)
+                        if page:
+                            await self._handle(page)
+                        if len(page) < limit:
+                            # Every event up to ``head`` was readable: all seen.
+                            self._caught_up_to = head
+            except ProjectionFailed as exc:
+                failure = exc
+            finally:
+                nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
 
     async def _live(self, open_subscription: Any, filters: dict[str, Any]) -> None:
         """Follow a subscription from the checkpoint; apply what is there in batches."""
