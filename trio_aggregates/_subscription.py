@@ -248,8 +248,10 @@ async def open_subscription(
         poll_interval: seconds between reads when no wake-up comes (positive).
             Appends made through the same store object wake the subscription
             at once, and on PostgreSQL so do appends from any process
-            (``LISTEN``/``NOTIFY``); polling catches the rest (an SQLite file
-            written by another process, a lost notification).
+            (``LISTEN``/``NOTIFY``, on a connection the subscription opens
+            for itself once it has caught up: count one more connection per
+            subscription); polling catches the rest (an SQLite file written
+            by another process, a lost notification).
 
     Raises:
         InvalidArgument: an argument is out of range or of the wrong type.
