@@ -329,3 +329,29 @@ async def test_a_filtered_subscription_does_not_scan_other_events_again() -> Non
             await store.append("order-1", [ev(11)], expected_version=None)
             assert [e.data for e in await take(orders, 1)] == [b"event-11"]
     assert starts[0] == 12  # not 2: events 2 to 11 were not read again
+
+
+@pytest.mark.postgres
+async def test_postgres_going_away_fails_the_subscription_with_store_error() -> None:
+    # A server of this test's own: stopped while the subscription follows it
+    # live (its LISTEN connection is cut too); the next read fails, and the
+    # StoreError comes out of ``async for``, after the events read before.
+    from conftest import make_postgres_server
+
+    from trio_aggregates._postgres import open_postgres_store
+
+    server = make_postgres_server()
+    try:
+        with trio.fail_after(60):
+            async with open_postgres_store(server.dsn, timeout=10) as store:
+                await store.append("s-1", [ev(0)], expected_version=0)
+                got: list[RecordedEvent] = []
+                with pytest.raises(StoreError):
+                    async with open_subscription(store, poll_interval=0.05) as subscription:
+                        async for event in subscription:
+                            got.append(event)
+                            await trio.sleep(0.2)  # caught up, listening
+                            await trio.to_thread.run_sync(server.stop)
+                assert [e.data for e in got] == [b"event-0"]
+    finally:
+        server.destroy()
