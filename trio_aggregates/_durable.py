@@ -172,8 +172,8 @@ class _DurableStore:
 
     _group: _GroupCommit[_WriteOp] = attrs.field(init=False)
     _closed: bool = attrs.field(default=False, init=False)
-    # Set after each committed batch that appended events (in-process
-    # wake-ups for subscriptions; see ``_subscription.py``).
+    # Set after each committed batch (in-process wake-ups for subscriptions,
+    # see ``_subscription.py``; a batch without events only costs them a read).
     _append_signal: _AppendSignal = attrs.field(factory=_AppendSignal, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -204,7 +204,6 @@ class _DurableStore:
         except StoreError as exc:
             return _fail_all(ops, exc)
         if result.committed:
-            # (A spurious wake-up, after a batch without events, only costs a read.)
             self._append_signal.notify()
         return result
 
