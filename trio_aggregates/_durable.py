@@ -17,8 +17,12 @@ connections and migrations, and fills in the hooks:
 * the class variable ``_backend`` ("SQLite", "PostgreSQL"), for messages,
   and ``_batches_in_flight``: how many batches may be written at once (1
   for SQLite's single writer connection);
-* the reads (``read``, ``stream_version``, ``load_snapshot``,
-  ``find_command``), which are queries and so the backend's own.
+* the reads (``read``, ``read_all``, ``head_position``, ``stream_version``,
+  ``load_snapshot``, ``find_command``), which are queries and so the
+  backend's own.
+
+The shell sets ``_append_signal`` after every committed batch: the
+in-process wake-up of subscriptions (``_subscription.py``).
 
 Both backends keep the same stream states in their ``streams`` table
 (:data:`_LIVE`, :data:`_SOFT_DELETED`, :data:`_TOMBSTONE`) and split a batch
