@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import logging
 import socket
 import ssl
 import struct
@@ -71,6 +72,11 @@ class TooMuch(CommandRejected):
     """The counter would pass its limit."""
 
 
+@attrs.frozen
+class Shout:
+    size: int
+
+
 @attrs.define
 class Counter(Aggregate):
     total: int = 0
@@ -80,6 +86,10 @@ class Counter(Aggregate):
         if self.total + command.amount > 1000:
             raise TooMuch(f"{self.total} + {command.amount} > 1000")
         return Decision([Added(command.amount)], reply={"total": self.total + command.amount})
+
+    @handles
+    def shout(self, command: Shout) -> Decision:
+        return Decision(reply="x" * command.size)  # a big answer, no event
 
     @applies
     def added(self, event: Added) -> None:
@@ -221,11 +231,13 @@ async def client_of(server: AggregateServer) -> AsyncIterator[Client]:
         await client.aclose()
 
 
-async def until(condition: Callable[[], bool]) -> None:
+async def until(
+    condition: Callable[[], bool], timeout: float = TIMEOUT, every: float = 0.001
+) -> None:
     """Wait (boundedly) until ``condition()`` holds."""
-    with trio.fail_after(TIMEOUT):
+    with trio.fail_after(timeout):
         while not condition():  # noqa: ASYNC110 (the server's state: no event to wait for)
-            await trio.sleep(0.001)
+            await trio.sleep(every)
 
 
 async def events_in(store: Any, stream: str) -> int:
@@ -247,7 +259,7 @@ async def test_ping_hello_and_the_defaults() -> None:
         assert isinstance(result["version"], str)
         assert result["types"] == {
             "Account": ["CloseAccount", "Deposit", "GetBalance", "OpenAccount", "Withdraw"],
-            "Counter": ["Add"],
+            "Counter": ["Add", "Shout"],
         }
         # no id: the answer's id is null
         await client.send({"op": "ping"})
@@ -691,6 +703,50 @@ async def test_a_client_resetting_with_requests_in_flight_breaks_nothing() -> No
             assert sorted(versions) == [1, 2, 3, 4, 5]
             assert server.statistics().replayed == 5
     assert await events_in(store, "Counter-c") == 5
+
+
+async def test_a_client_half_closing_then_resetting_breaks_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = GatedStore()
+    store.hold("Counter-c")
+    async with serving(store) as server:
+        client = await Client.connect(server.port)
+        await client.send(
+            *({"id": i, "type": "Counter", "key": "c", "command": "Add", "data": {"amount": 1},
+               "create": True} for i in range(3))
+        )  # fmt: skip
+        await client.stream.send_eof()  # type: ignore[attr-defined]
+        await until(lambda: store.waiting >= 1)
+        _reset(client)
+        await client.aclose()
+        store.release()  # the answers go to a reset connection
+        await until(lambda: server.statistics().connections == 0)
+        async with client_of(server) as other:
+            assert (await other.ok(op="version", type="Counter", key="c"))["version"] == 3
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_client_that_reads_nothing_is_dropped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with serving(idle_timeout=60, request_timeout=1000) as server:
+        client = await Client.connect(server.port)
+        sock = client.stream.socket  # type: ignore[attr-defined]
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        try:
+            # Far more answer bytes than the sockets buffer, never read.
+            await client.send(
+                *({"id": i, "type": "Counter", "key": "c", "command": "Shout",
+                   "data": {"size": 1 << 20}, "create": True} for i in range(8))
+            )  # fmt: skip
+            start = trio.current_time()
+            await until(lambda: server.statistics().connections == 0, timeout=120, every=0.25)
+            assert 60 <= trio.current_time() - start < 62
+            async with client_of(server) as other:
+                assert (await other.ok(op="ping"))["result"] == "pong"
+        finally:
+            await client.aclose()
 
 
 async def test_shutdown_finishes_requests_in_flight_within_the_grace_period(

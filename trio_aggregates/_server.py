@@ -727,7 +727,7 @@ class _Connection:
                             self.work_lot.unpark_all()
                     # Every worker is done: what no worker took is refused.
                     server = self.server
-                    while self.queue:
+                    while self.queue:  # pragma: no cover (a worker takes each at once)
                         request = self.queue.popleft()
                         self.out.append(
                             server._encode_error(
