@@ -966,7 +966,10 @@ class RunningProjection:
                         delay = min(delay * 2, self._poll_interval)
                         continue
                     self._error = None
-                    await send.send((page, head))
+                    try:
+                        await send.send((page, head))
+                    except trio.BrokenResourceError:
+                        return  # the batches stopped (a failure)
                     if len(page) < limit:
                         return
                     position = page[-1].position + 1
@@ -1011,6 +1014,8 @@ class RunningProjection:
                             await send.send(record)
                 except StoreError as exc:
                     read_error = exc
+                except trio.BrokenResourceError:
+                    pass  # the batches stopped (a failure)
 
         async def watch_head() -> None:
             # The head, for the statistics; and, when nothing this flow reads
