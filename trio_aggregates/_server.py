@@ -6,22 +6,30 @@ types of an *app* on one event store. The wire format (parsing, encoding, the
 error codes) is the sans-IO codec of ``_protocol.py``; this module does the
 I/O and runs the requests on one :class:`AggregateRepository` per wire type.
 
-Per connection, three kinds of task:
+Per connection:
 
 * the **reader** receives bytes, lets the codec cut them into requests, and
-  hands each to a worker. It answers at once what needs no worker (a bad
-  line, ``ping``, ``hello``, ``stats``, a refusal). Every request holds one of
-  ``max_in_flight`` slots from when it is read until its answer is written:
+  queues each for a worker. It answers at once what needs no worker (a bad
+  line, ``ping``, ``hello``, ``stats``, a refusal). Every line holds one of
+  ``max_in_flight`` slots from when it is read until its answer is sent:
   with no slot free the reader stops reading (backpressure: the client's
   sends block in TCP, nobody else is slowed).
 * **workers** run the requests (a pool grown on demand up to the number in
-  flight, so no task is spawned per request once the pool is warm).
-* the **writer** sends every answer ready in one ``send_all``.
+  flight, so no task is spawned per request once the pool is warm). A
+  worker with an answer sends every answer ready in one ``send_all`` (one
+  sender at a time; with more answers due it first lets the tasks runnable
+  now finish theirs, so that they share the write).
+* a **watchdog** closes the connection after ``idle_timeout`` with nothing
+  in flight and nothing received, answers ``timeout`` for a request running
+  longer than ``request_timeout``, and drops a client that reads no answer
+  for ``idle_timeout``. The hot path pays for none of these with a deadline.
 
-Answers come as they finish, each with its request's ``id``. A connection's
-failure (a reset, a TLS error, a client gone with requests in flight) ends
-that connection only: its running requests still complete (so a retry finds
-their outcome), their answers are dropped.
+Answers come as they finish, each with its request's ``id``. Requests in
+flight together run concurrently, in no particular order, even on one key:
+a client that needs an order waits for an answer before sending the next.
+A connection's failure (a reset, a TLS error, a client gone with requests
+in flight) ends that connection only: its running requests still complete
+(so a retry finds their outcome), their answers are dropped.
 
 Exactly once: a request with a ``command_id`` runs at most once while it is
 in flight (identical requests, on any connection, wait for the first and get
@@ -1221,25 +1229,41 @@ async def serve_aggregates(
     port: int = DEFAULT_PORT,
     handler_nursery: trio.Nursery | None = None,
     task_status: trio.TaskStatus[list[trio.abc.Listener[Any]]] = trio.TASK_STATUS_IGNORED,
-    **options: Any,
+    token: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    max_line_bytes: int = 1 << 20,
+    max_in_flight: int = 64,
+    max_connections: int = 1024,
+    idle_timeout: float = 300.0,
+    request_timeout: float = 30.0,
+    grace_period: float = 5.0,
+    passivate_after: float | None = 300.0,
+    mailbox_size: int = 64,
 ) -> NoReturn:
     """Serve ``app``'s aggregates on ``store`` until cancelled; ``nursery.start``-able.
 
     Takes the options of :func:`open_aggregate_server`. ``task_status.started``
-    reports the listeners (their sockets give the port picked for ``port=0``).
+    reports the listeners (``listeners[0].socket.getsockname()`` gives the
+    port picked for ``port=0``)::
+
+        listeners = await nursery.start(serve_aggregates, [Account], "sqlite:///bank.db")
 
     Cancellation: it shuts down gracefully (shielded, bounded by
     ``grace_period`` plus a few seconds: requests in flight finish or are
-    answered ``shutting_down``, connections and the store are closed), then
-    lets the cancellation through.
+    answered ``shutting_down``, connections are closed, then the aggregates
+    and a store opened from a URL), then lets the cancellation through.
 
     Raises:
         InvalidArgument: a bad option or app.
         OSError: the address cannot be listened on.
     """
     async with open_aggregate_server(
-        app, store, host=host, port=port, handler_nursery=handler_nursery, **options
-    ) as server:
+        app, store, host=host, port=port, handler_nursery=handler_nursery, token=token,
+        ssl_context=ssl_context, max_line_bytes=max_line_bytes, max_in_flight=max_in_flight,
+        max_connections=max_connections, idle_timeout=idle_timeout,
+        request_timeout=request_timeout, grace_period=grace_period,
+        passivate_after=passivate_after, mailbox_size=mailbox_size,
+    ) as server:  # fmt: skip
         task_status.started(server.listeners)
         await trio.sleep_forever()
     raise AssertionError("unreachable")  # pragma: no cover
