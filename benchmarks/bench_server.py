@@ -46,11 +46,25 @@ Usage (from the project root)::
     .venv/bin/python benchmarks/bench_server.py --json out/server.json
     .venv/bin/python benchmarks/bench_server.py --profile py-spy  # where the time goes
 
+Beside requests/s and latency, every cell records the server's CPU (from
+``/proc/PID/stat``) and its CPU time per answer, the share of the window its
+garbage collector ran (``gc.callbacks`` in the server, read back through
+``SIGUSR2``), the client's CPU (near 100%: the client is the limit, and the
+script says so) and the CPU every other process used (above a quarter of a
+core the script warns that the figures are unreliable). Context rows give
+the floor: the same deposits through ``_execute_detailed`` in a fresh
+process without network, with as many concurrent callers as the server has
+requests in flight.
+
 Extra options: ``--clients N`` (split the connections over N client
-processes), ``--pin`` (pin the server to CPU 0 and the clients to CPU 1),
-``--stores memory,sqlite``, ``--depths 1,16``, ``--connections 100``,
-``--duration S``, ``--profile py-spy|cprofile`` (after the figures, profile
-the memory server under ``deposit`` and print its top functions).
+processes), ``--client-impl epoll|trio`` (the client's timed loop: raw
+sockets on ``select.epoll``, the default, or Trio streams), ``--pin`` (pin the
+server to CPU 0 and the clients to CPU 1), ``--stores memory,sqlite``,
+``--depths 1,16``, ``--connections 100``, ``--duration S``,
+``--server-gc-threshold N`` (``gc.set_threshold(N, ...)`` in the library's
+server, for experiments), ``--profile py-spy|cprofile`` (after the figures,
+profile the memory server under ``deposit`` during the measured window and
+print its top functions).
 """
 
 from __future__ import annotations
@@ -151,7 +165,10 @@ def serve_main(argv: Sequence[str]) -> None:
             nursery.cancel_scope.cancel()
 
     async def aggregates_main() -> None:
-        from trio_aggregates._server import open_aggregate_server
+        try:
+            from trio_aggregates import open_aggregate_server  # type: ignore[attr-defined]
+        except ImportError:  # not exported yet
+            from trio_aggregates._server import open_aggregate_server
 
         app, wire = load_bank_app()
         async with open_aggregate_server(app, args.store, host="127.0.0.1", port=0) as server:
