@@ -392,6 +392,8 @@ async def test_a_retry_across_a_server_restart_on_sqlite(tmp_path: Path) -> None
         assert (retry["version"], retry["result"]) == (1, None)
         h = await c.ok(op="history", type="Counter", key="c")
         assert [e["data"]["amount"] for e in h["result"]] == [5, 1]
+        store = (await c.ok(op="stats"))["result"]["store"]
+        assert store["appends"] >= 0 and "transactions" in store  # the SQLite writer's
 
 
 async def test_identical_requests_in_flight_run_once() -> None:
@@ -583,6 +585,23 @@ async def test_a_slow_request_is_answered_timeout(autojump_clock: trio.testing.M
         assert error["code"] == "timeout"
         assert 2 <= trio.current_time() - start < 3
         store.release()
+
+
+async def test_a_timed_out_command_retried_with_its_id_is_applied_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = GatedStore()
+    store.hold("Counter-c")
+    request = {"type": "Counter", "key": "c", "command": "Add", "data": {"amount": 4},
+               "create": True, "command_id": "add-4"}  # fmt: skip
+    async with serving(store, request_timeout=2) as server, client_of(server) as c:
+        assert (await c.error(**request))["code"] == "timeout"
+        store.release()  # the command was in the aggregate's hands: it completes
+        await until(lambda: store.waiting == 0)
+        retry = await c.ok(**request)
+        assert retry["version"] == 1
+        assert (await c.ok(op="load", type="Counter", key="c"))["result"] == {"total": 4}
+    assert await events_in(store, "Counter-c") == 1
 
 
 async def test_bad_options_are_refused() -> None:
