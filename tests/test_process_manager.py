@@ -25,6 +25,7 @@ from trio_aggregates import (
     AggregateRepository,
     EventStore,
     InMemoryEventStore,
+    NewEvent,
     StoreError,
     applies,
     event_type,
@@ -347,3 +348,43 @@ async def test_leaving_the_block_waits_for_the_reaction_in_hand(autojump_clock: 
         assert finished == [1]
         assert trio.current_time() >= 6
         assert slow._trio_aggregates_position == 1
+
+
+async def test_a_reaction_failing_on_a_live_event_while_more_arrive() -> None:
+    """The manager fails while its subscription still hands events over (its channel
+    full, the reactions being slower): it stops alone, the others go on."""
+    store = InMemoryEventStore()
+
+    class SlowBroken(ProcessManager):
+        reads = (Shop,)
+        batch_size = 2
+
+        @reacts
+        async def ordered(self, event: Ordered) -> None:
+            for _ in range(5):
+                await trio.lowlevel.checkpoint()
+            if event.amount == 13:
+                raise RuntimeError("13")
+
+    class Count(Projection):
+        reads = (Shop,)
+        checkpoint_in_store = False
+        handled = 0
+
+        @projects
+        def ordered(self, event: Ordered) -> None:
+            self.handled += 1
+
+    count = Count()
+    first = NewEvent("shop.ordered", b'{"amount": 100}')
+    events = [NewEvent("shop.ordered", b'{"amount": %d}' % (i + 1)) for i in range(30)]
+    async with open_projections(store, [SlowBroken(), count]) as runner:
+        await store.append("Shop-0", [first], expected_version=0)
+        await runner.wait_caught_up(1)  # caught up: from now on, live
+        await store.append("Shop-0", events, expected_version=1)  # one page
+        await wait_for(lambda: runner.statistics()["SlowBroken"].state == "failed")
+        await runner.wait_caught_up()
+        error = runner.statistics()["SlowBroken"].error
+        assert isinstance(error, ProjectionFailed) and error.position == 14
+        assert runner.statistics()["Count"].state == "running"
+    assert count.handled == 31
