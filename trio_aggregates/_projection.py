@@ -400,7 +400,10 @@ class Projection(_Flow):
             held in the object's own attributes).
 
     Handlers are synchronous and do no I/O but through ``ctx.db``; with a
-    durable store they run in a worker thread, one batch at a time.
+    durable store they run in a worker thread, one batch at a time. On
+    SQLite a batch's transaction holds the database's write lock while its
+    handlers run (appends wait for it): keep handlers quick, or
+    ``batch_size`` small.
     """
 
     checkpoint_in_store: ClassVar[bool] = True
