@@ -233,6 +233,7 @@ async def test_projection_catches_up_then_follows_live_and_equals_a_rebuild(
         async with open_projections(store, [live], poll_interval=0.05) as runner:
             stats = runner.statistics()["live"]
             assert stats.state == "running"
+            assert stats.durable is (store_url != "memory://")
             await add_many(store, 40, start=60)  # while running: live
             head = await store.head_position()
             with trio.fail_after(20):

@@ -437,6 +437,8 @@ class ProjectionStatistics:
         events_handled: events handed to a handler since the start.
         error: why it failed (:class:`ProjectionFailed`), or the last store
             error while reading (retried), or ``None``.
+        durable: the checkpoint is in the store's database, written in each
+            batch's transaction (``False``: in memory, on the object).
     """
 
     name: str
@@ -447,6 +449,7 @@ class ProjectionStatistics:
     lag_seconds: float
     events_handled: int
     error: BaseException | None
+    durable: bool = False
 
 
 # -- checkpoints ----------------------------------------------------------------
@@ -827,6 +830,7 @@ class RunningProjection:
             seconds,
             self._handled,
             self._error,
+            self._checkpoints.transactional,
         )
 
     async def reset(self) -> None:
