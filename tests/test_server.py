@@ -604,6 +604,20 @@ async def test_a_timed_out_command_retried_with_its_id_is_applied_once(
     assert await events_in(store, "Counter-c") == 1
 
 
+async def test_the_block_lets_errors_and_cancellations_through_unwrapped() -> None:
+    with pytest.raises(KeyError, match="body"):
+        async with serving():
+            raise KeyError("body")
+    with trio.move_on_after(TIMEOUT) as scope:
+        async with serving() as server:
+            port = server.port
+            scope.cancel()
+            await trio.sleep_forever()
+    assert scope.cancelled_caught
+    with pytest.raises(OSError):  # shut down: nothing listens any more
+        await trio.open_tcp_stream("127.0.0.1", port)
+
+
 async def test_bad_options_are_refused() -> None:
     for options in (
         {"max_in_flight": 0},
