@@ -465,6 +465,30 @@ async def test_store_errors_while_reading_are_retried() -> None:
     assert store.failures == 0 and projection.memory == expected(4)
 
 
+async def test_a_batch_that_could_not_be_written_is_retried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from trio_aggregates import _projection
+
+    failures = [StoreError("database is locked"), StoreError("connection lost")]
+    apply = _projection._MemoryCheckpoints.apply
+
+    async def flaky_apply(self: Any, flow: Any, records: Any) -> Any:
+        if failures:
+            raise failures.pop()  # before anything is applied, as a rollback
+        return await apply(self, flow, records)
+
+    monkeypatch.setattr(_projection._MemoryCheckpoints, "apply", flaky_apply)
+    store = InMemoryEventStore()
+    await add_many(store, 6)
+    projection = Totals("rewritten")
+    async with open_projections(store, [projection], poll_interval=0.01) as runner:
+        await runner.wait_caught_up()
+        stats = runner.statistics()["rewritten"]
+        assert stats.state == "running" and stats.error is None
+    assert not failures and projection.memory == expected(6)
+
+
 async def test_bad_arguments_and_the_body_s_exception() -> None:
     store = InMemoryEventStore()
     with pytest.raises(InvalidArgument):

@@ -99,6 +99,7 @@ class ProcessManager(_Flow):
     """
 
     _marker_attr: ClassVar[str] = _REACTS
+    _kind: ClassVar[str] = _KIND
 
     batch_size: ClassVar[int] = 100
     max_concurrency: ClassVar[int] = 16

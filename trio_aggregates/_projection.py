@@ -291,7 +291,7 @@ class _Flow:
     """What projections and process managers share: handlers, codec, name, filters."""
 
     _marker_attr: ClassVar[str] = _PROJECTS
-    _async_handlers: ClassVar[bool] = False
+    _kind: ClassVar[str] = "projection"
 
     #: The checkpoint's key (default: the class's name).
     name: ClassVar[str | None] = None
@@ -793,6 +793,7 @@ class RunningProjection:
         self._poll_interval = poll_interval
         self._checkpoints = _checkpoints_for(store, flow)
         self.name = flow.flow_name
+        self._kind = flow._kind
         self._state: State = "starting"
         self._position = 0
         self._head = 0
@@ -1067,9 +1068,25 @@ class RunningProjection:
             raise read_error
 
     async def _handle(self, batch: list[RecordedEvent]) -> None:
-        """Apply one batch and store the checkpoint (never interrupted half-way)."""
-        with trio.CancelScope(shield=True):
-            position, handled = await self._flow._process_batch(self._checkpoints, batch)
+        """Apply one batch and store the checkpoint (never interrupted half-way).
+
+        A store error (the transaction or the checkpoint could not be
+        written: nothing of the batch was committed) is retried, a growing
+        delay apart, up to ``poll_interval``; the statistics show it meanwhile.
+        """
+        delay = 0.05
+        while True:
+            try:
+                with trio.CancelScope(shield=True):
+                    position, handled = await self._flow._process_batch(self._checkpoints, batch)
+            except StoreError as exc:
+                self._error = exc
+                logger.warning("%s %r: batch not written, retrying: %r", self._kind, self.name, exc)
+                await trio.sleep(delay)
+                delay = min(delay * 2, self._poll_interval)
+                continue
+            break
+        self._error = None
         self._done(position, handled, batch[-1].recorded_at)
         await trio.lowlevel.checkpoint()
 
