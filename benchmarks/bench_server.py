@@ -467,6 +467,7 @@ def merge(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {
         "rate": count / seconds,
         "count": count,
+        "ok_total": sum(r["ok_total"] for r in results),
         "seconds": seconds,
         "p50_us": percentile(hist, 0.50),
         "p90_us": percentile(hist, 0.90),
@@ -685,6 +686,19 @@ def run_profile(kind: str, workdir: Path, p: dict[str, Any], out: TextIO) -> dic
             stats = pstats.Stats(str(path), stream=out)
             stats.sort_stats("tottime").print_stats(40)
             stats.sort_stats("cumulative").print_stats(50)
+            # calls per answer: how often each function runs for one request (for a
+            # coroutine cProfile counts every resumption as a call)
+            answers = figures["ok_total"] or 1
+            raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+            per = sorted(
+                ((v[1] / answers, v[3] / answers * 1e6, f"{k[2]} ({k[0]}:{k[1]})")
+                 for k, v in raw.items()),
+                key=lambda x: -x[1],
+            )[:40]  # fmt: skip
+            print(f"\n  calls and cumulative µs per answer ({answers:,} answers):", file=out)
+            for calls, us, name in per:
+                print(f"  {calls:7.2f} {us:9.1f} µs  {name}", file=out)
+            entry["per_answer"] = per
         report["depths"][str(depth)] = entry
     return report
 
