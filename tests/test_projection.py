@@ -332,6 +332,28 @@ async def test_a_failed_batch_leaves_nothing_of_it_visible(durable_url: str) -> 
         assert max(bad.positions) == 23
 
 
+async def test_a_failing_sql_statement_names_its_event(durable_url: str) -> None:
+    """On PostgreSQL a batch's statements are pipelined, so a server error surfaces
+    late: the failure still names the event whose statement failed."""
+
+    class BadSql(Totals):
+        @projects
+        def added(self, event: Added, ctx: EventContext) -> None:
+            if event.amount == 13:
+                ctx.db.execute("INSERT INTO no_such_table VALUES (1)")
+            Totals.added(self, event, ctx)
+
+    async with opened(durable_url) as store:
+        await add_many(store, 30)
+        bad = BadSql("bad_sql", batch_size=8)
+        async with open_projections(store, [bad]) as runner:
+            await wait_for(lambda: runner.statistics()["bad_sql"].state == "failed")
+            error = runner.statistics()["bad_sql"].error
+            assert isinstance(error, ProjectionFailed) and error.position == 25, error
+            assert runner.statistics()["bad_sql"].position == 15
+        assert await read_model(store, bad) == expected(8)
+
+
 async def test_in_memory_a_failure_keeps_what_was_applied() -> None:
     """At least once in memory: the events before the failing one stay applied and
     are the checkpoint; handlers keep positions to skip a redelivery."""

@@ -695,10 +695,24 @@ class _PostgresCheckpoints(_Checkpoints):
             self._conn = conn
         return self._conn
 
-    async def _run(self, fn: Callable[[Any], Any], action: str) -> Any:
+    async def _run(self, fn: Callable[[Any], Any], action: str, *, pipeline: bool = False) -> Any:
         import psycopg
 
         def work() -> Any:
+            if pipeline:
+                # The statements of the whole batch in one round trip or so
+                # (pipeline mode). A server error then surfaces late, maybe
+                # in a later handler: run the batch again statement by
+                # statement, so that the failure names the right event.
+                conn = self._connect()
+                try:
+                    with conn.transaction(), conn.pipeline():
+                        return fn(conn)
+                except ProjectionFailed as exc:
+                    if not isinstance(exc.__cause__, psycopg.Error):
+                        raise  # a handler's own exception: it is the right event
+                except psycopg.Error:
+                    pass
             conn = self._connect()
             with conn.transaction():
                 return fn(conn)
@@ -732,7 +746,7 @@ class _PostgresCheckpoints(_Checkpoints):
             conn.execute(_PG_SAVE, (name, position, time.time()))
             return handled
 
-        handled = await self._run(batch, f"apply a batch of {name!r}")
+        handled = await self._run(batch, f"apply a batch of {name!r}", pipeline=True)
         return position, int(handled)
 
     async def save(self, flow: _Flow, position: int) -> None:
