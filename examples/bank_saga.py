@@ -409,7 +409,10 @@ async def run_saga(
             await accounts.execute(closed, CloseAccount(), command_id=f"{closed}:close")
             say("accounts ready")
 
+            requested = 0
+
             async def request(task: int) -> None:
+                nonlocal requested
                 for i in range(task, transfers_count, tasks):
                     source = keys[(i * 7) % accounts_count]
                     target = keys[(i * 13 + 1) % accounts_count]
@@ -423,7 +426,9 @@ async def run_saga(
                         create_if_missing=True,
                         command_id=f"{transfer_keys[i]}:request",
                     )
-                    say(f"requested {transfer_keys[i]}")
+                    requested += 1
+                    if requested % 20 == 0:
+                        say(f"requested {requested}/{transfers_count}")
 
             async with trio.open_nursery() as nursery:
                 for task in range(tasks):
@@ -433,6 +438,7 @@ async def run_saga(
             # Wait until the saga settled every transfer.
             pending = set(transfer_keys)
             states: dict[str, str] = {}
+            rounds = 0
             with trio.fail_after(timeout):
                 while pending:
                     for key in list(pending):
@@ -444,7 +450,9 @@ async def run_saga(
                     if stats.state == "failed":
                         raise RuntimeError(f"the saga stopped: {stats.error!r}")
                     if pending:
-                        say(f"settled {len(states)}/{transfers_count}")
+                        rounds += 1
+                        if rounds % 10 == 0:
+                            say(f"settled {len(states)}/{transfers_count}")
                         await trio.sleep(0.1)
             say(f"settled {len(states)}/{transfers_count}")
 
