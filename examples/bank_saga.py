@@ -25,15 +25,21 @@ sure it can never be applied later), then records the failure, then refunds.
     python examples/bank_saga.py                      # SQLite, ./bank_saga.db
     python examples/bank_saga.py --store memory://
 
+A projection, ``Balances``, keeps every account's balance in a table
+``bank_balances`` of the same database, written in the transaction that stores
+its checkpoint; the run ends by checking it against the accounts themselves.
+
 Kill it (Ctrl-C, or ``kill -9``) and run it again with the same ``--run``: it
-picks up where it stopped, every transfer ends completed or refunded, and the
-bank's total is exact.
+picks up where it stopped, every transfer ends completed or refunded, the
+bank's total is exact, and the projection equals the accounts (exactly once,
+despite the crash).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 import time
 from contextlib import AsyncExitStack
@@ -59,13 +65,31 @@ from trio_aggregates import (
     open_store,
 )
 from trio_aggregates._process_manager import ProcessManager, reacts
-from trio_aggregates._projection import EventContext, open_projections
+from trio_aggregates._projection import EventContext, Projection, open_projections, projects
 
 try:
-    from bank import Account, CloseAccount, Deposit, GetBalance, OpenAccount, Withdraw
+    from bank import (
+        Account,
+        CloseAccount,
+        Deposit,
+        Deposited,
+        GetBalance,
+        OpenAccount,
+        Withdraw,
+        Withdrawn,
+    )
 except ImportError:  # run as a script from elsewhere, or imported by path
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bank import Account, CloseAccount, Deposit, GetBalance, OpenAccount, Withdraw
+    from bank import (
+        Account,
+        CloseAccount,
+        Deposit,
+        Deposited,
+        GetBalance,
+        OpenAccount,
+        Withdraw,
+        Withdrawn,
+    )
 
 # -- the transfer: commands -------------------------------------------------------
 
@@ -361,6 +385,77 @@ async def _fence(store: EventStore, stream: str, command_id: str) -> bool:
     return False
 
 
+# -- a read model: every account's balance -------------------------------------------
+
+
+class Balances(Projection):
+    """Every account's balance, in a table ``bank_balances`` of the store's own
+    database (written in the transaction that stores the projection's
+    checkpoint: exactly once, even after a crash); in this object's
+    ``memory`` for the in-memory store."""
+
+    reads = (Account,)
+    categories = ("Account",)
+
+    def __init__(self) -> None:
+        self.memory: dict[str, int] = {}
+
+    def setup(self, db: Any) -> None:
+        if db is not None:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS bank_balances "
+                "(account TEXT PRIMARY KEY, cents BIGINT NOT NULL)"
+            )
+
+    def clear(self, db: Any) -> None:
+        self.memory.clear()
+        if db is not None:
+            db.execute("DELETE FROM bank_balances")
+
+    @projects
+    def deposited(self, event: Deposited, ctx: EventContext) -> None:
+        self._add(ctx, event.amount)
+
+    @projects
+    def withdrawn(self, event: Withdrawn, ctx: EventContext) -> None:
+        self._add(ctx, -event.amount)
+
+    def _add(self, ctx: EventContext, cents: int) -> None:
+        if ctx.db is None:
+            self.memory[ctx.key] = self.memory.get(ctx.key, 0) + cents
+            return
+        mark = "?" if isinstance(ctx.db, sqlite3.Connection) else "%s"  # SQLite, psycopg
+        ctx.db.execute(
+            f"INSERT INTO bank_balances (account, cents) VALUES ({mark}, {mark}) "
+            "ON CONFLICT (account) DO UPDATE SET cents = bank_balances.cents + excluded.cents",
+            (ctx.key, cents),
+        )
+
+    async def read(self, store: EventStore) -> dict[str, int]:
+        """The read model: account key -> balance."""
+        path = getattr(store, "path", None)
+        conninfo = getattr(store, "conninfo", None)
+        query = "SELECT account, cents FROM bank_balances"
+
+        def from_sqlite() -> list[Any]:
+            with sqlite3.connect(path) as db:
+                return db.execute(query).fetchall()
+
+        def from_postgres() -> list[Any]:
+            import psycopg
+
+            with psycopg.connect(conninfo) as conn:
+                return conn.execute(query).fetchall()
+
+        if path is not None and path != ":memory:":
+            rows = await trio.to_thread.run_sync(from_sqlite)
+        elif conninfo is not None:
+            rows = await trio.to_thread.run_sync(from_postgres)
+        else:
+            return dict(self.memory)
+        return {key: int(cents) for key, cents in rows}
+
+
 # -- the run --------------------------------------------------------------------------
 
 INITIAL = 1000
@@ -398,7 +493,8 @@ async def run_saga(
         accounts = await stack.enter_async_context(open_aggregates(Account, store))
         transfers = await stack.enter_async_context(open_aggregates(Transfer, store))
         saga = TransferSaga(accounts, transfers)
-        async with open_projections(store, [saga], poll_interval=0.2) as runner:
+        balances_view = Balances()
+        async with open_projections(store, [saga, balances_view], poll_interval=0.2) as runner:
             # The accounts (again, after a restart: the command ids make it a no-op).
             async with trio.open_nursery() as nursery:
                 for key in keys:
@@ -455,6 +551,9 @@ async def run_saga(
                             say(f"settled {len(states)}/{transfers_count}")
                         await trio.sleep(0.1)
             say(f"settled {len(states)}/{transfers_count}")
+            with trio.fail_after(timeout):
+                await runner.wait_caught_up()
+            projected = await balances_view.read(store)
 
         # The books.
         balances = {key: await accounts.execute(key, GetBalance()) for key in keys}
@@ -464,12 +563,14 @@ async def run_saga(
             replayed, _ = await accounts.replay(key)
             assert live == replayed, f"{key}: live {live} != replay {replayed}"
     counts = {state: sum(1 for s in states.values() if s == state) for state in sorted(SETTLED)}
+    projection_agrees = all(projected.get(key, 0) == cents for key, cents in balances.items())
     return {
         "transfers": transfers_count,
         "states": counts,
         "total_balance": sum(balances.values()),
         "expected_total": INITIAL * accounts_count,
         "closed_balance": balances[closed],
+        "projection_agrees": projection_agrees,
         "seconds": time.perf_counter() - started,
     }
 
@@ -522,7 +623,10 @@ def main() -> None:
         raise SystemExit("some transfers are not settled!")
     if summary["total_balance"] != summary["expected_total"] or summary["closed_balance"]:
         raise SystemExit("the books do not balance!")
+    if not summary["projection_agrees"]:
+        raise SystemExit("the balances projection does not match the accounts!")
     print("every transfer completed or refunded; the books balance")
+    print("the balances projection equals every account's balance")
 
 
 if __name__ == "__main__":

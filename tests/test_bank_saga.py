@@ -55,6 +55,7 @@ def check_summary(summary: dict[str, Any], transfers: int, accounts: int) -> Non
     assert summary["states"]["refunded"] == transfers // 10  # those to the closed account
     assert summary["total_balance"] == summary["expected_total"] == 1000 * accounts
     assert summary["closed_balance"] == 0
+    assert summary["projection_agrees"]
 
 
 async def check_movements(url: str, run: str, transfers: int, accounts: int) -> None:
@@ -177,6 +178,7 @@ async def test_the_example_killed_mid_run_settles_everything_after_a_restart(
     out = result.stdout.decode()
     assert result.returncode == 0, (out, result.stderr.decode()[-3000:])
     assert "every transfer completed or refunded; the books balance" in out
+    assert "the balances projection equals every account's balance" in out
     assert f"total balance {1000 * accounts} (expected {1000 * accounts})" in out
     assert f"{transfers - transfers // 10} completed, {transfers // 10} refunded" in out
     await check_movements(durable_url, "k", transfers, accounts)
