@@ -388,6 +388,24 @@ async def test_reset_rebuilds_from_position_1(store_url: str) -> None:
             assert await read_model(store, bad) == expected(30)
 
 
+async def test_restart_goes_on_from_the_checkpoint_after_a_failure(store_url: str) -> None:
+    async with opened(store_url) as store:
+        await add_many(store, 30)
+        bad = Failing("restarted", batch_size=8)
+        async with open_projections(store, [bad]) as runner:
+            await wait_for(lambda: runner.statistics()["restarted"].state == "failed")
+            checkpoint = runner.statistics()["restarted"].position
+            bad.fail_on = None  # type: ignore[misc]  # the cause is gone
+            bad.positions.clear()
+            await runner.restart("restarted")
+            await runner.wait_caught_up()
+            stats = runner.statistics()["restarted"]
+            assert stats.state == "running" and stats.error is None
+        # From the checkpoint on, not from the start; each event applied once.
+        assert bad.positions[0] == checkpoint + 2 == (17 if store_url != "memory://" else 25)
+        assert await read_model(store, bad) == expected(30)
+
+
 async def test_a_restart_continues_from_the_checkpoint(durable_url: str) -> None:
     async with opened(durable_url) as store:
         await add_many(store, 20)

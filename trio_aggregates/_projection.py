@@ -818,7 +818,8 @@ class RunningProjection:
         self._idle = trio.Event()  # set when the live loop has nothing in hand
         self._error: BaseException | None = None
         self._scope: trio.CancelScope | None = None
-        self._reset_wanted = False
+        self._reset_wanted = False  # reset() or restart() asked for
+        self._reset_clears = False  # reset(), not restart()
         self._reset_done: trio.Event | None = None
         self._wakeup = trio.Event()
         self._ended = trio.Event()
@@ -859,10 +860,26 @@ class RunningProjection:
                 then failed, with that error).
             TrioAggregatesError: the projection is not running any more.
         """
+        await self._request(reset=True)
+
+    async def restart(self) -> None:
+        """Run a failed projection again, from its checkpoint (the failing event first).
+
+        For a failure whose cause is gone (an external system that was
+        down, a fixed handler). A running projection stops at its batch in
+        hand and goes on from its checkpoint. Waits until it has restarted.
+
+        Raises:
+            TrioAggregatesError: the projection is not running any more.
+        """
+        await self._request(reset=False)
+
+    async def _request(self, *, reset: bool) -> None:
         if self._ended.is_set():
-            raise TrioAggregatesError(f"projection {self.name!r} is not running")
+            raise TrioAggregatesError(f"{self._kind} {self.name!r} is not running")
         done = self._reset_done = trio.Event()
         self._reset_wanted = True
+        self._reset_clears = reset
         if self._scope is not None:
             self._scope.cancel()
         self._wakeup.set()
@@ -879,14 +896,16 @@ class RunningProjection:
                 if self._reset_wanted:
                     self._reset_wanted = False
                     try:
-                        await self._checkpoints.reset(self._flow)
+                        if self._reset_clears:
+                            await self._checkpoints.reset(self._flow)
                     except StoreError as exc:
                         self._fail(exc)
                     else:
                         self._error = None
-                        self._handled = 0
-                        self._position = 0
-                        self._caught_up_to = 0
+                        if self._reset_clears:
+                            self._handled = 0
+                            self._position = 0
+                            self._caught_up_to = 0
                         self._state = "starting"
                     if self._reset_done is not None:
                         self._reset_done.set()
@@ -1188,6 +1207,15 @@ class ProjectionRunner:
             KeyError: no projection of that name.
         """
         await self._running[name].reset()
+
+    async def restart(self, name: str) -> None:
+        """Run projection ``name`` again from its checkpoint (see
+        :meth:`RunningProjection.restart`).
+
+        Raises:
+            KeyError: no projection of that name.
+        """
+        await self._running[name].restart()
 
     async def wait_caught_up(self, position: int | None = None) -> None:
         """Wait until every projection that is not failed has applied ``position``
