@@ -59,7 +59,10 @@ memory, the events before it stay applied and counted), its state becomes
 ``"failed"`` and its ``error`` a :class:`ProjectionFailed` naming the event's
 position, stream and version, with the handler's exception as
 ``__cause__``. The other projections go on. :meth:`ProjectionRunner.reset`
-rebuilds a projection from position 1 (a failed one too). A store error while
+rebuilds a projection from position 1 (a failed one too);
+:meth:`ProjectionRunner.restart` runs a failed one again from its checkpoint.
+A batch whose transaction could not be written (a store error: nothing of it
+committed) is retried. A store error while
 reading is retried, with a back-off up to ``poll_interval`` apart; the
 projection's ``error`` shows the last one meanwhile.
 
@@ -414,7 +417,8 @@ class Projection(_Flow):
         return await checkpoints.apply(self, batch)
 
     def setup(self, db: Any) -> None:
-        """Create the read model if need be (in a transaction, at each start). Default: nothing."""
+        """Create the read model if need be (in a transaction, at each start; ``db`` is
+        ``None`` when the checkpoint is kept in memory). Default: nothing."""
 
     def clear(self, db: Any) -> None:
         """Empty the read model, for :meth:`ProjectionRunner.reset` (in the transaction
