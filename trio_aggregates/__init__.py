@@ -45,6 +45,34 @@ from ._groupcommit import (
     StoreStatistics as StoreStatistics,
 )
 from ._open_store import open_store as open_store
+from ._process_manager import (
+    ProcessManager as ProcessManager,
+    reacts as reacts,
+)
+from ._projection import (
+    EventContext as EventContext,
+    Projection as Projection,
+    ProjectionFailed as ProjectionFailed,
+    ProjectionRunner as ProjectionRunner,
+    ProjectionStatistics as ProjectionStatistics,
+    RunningProjection as RunningProjection,
+    open_projections as open_projections,
+    projects as projects,
+    run_projection as run_projection,
+)
+from ._protocol import (
+    DEFAULT_MAX_LINE_BYTES as DEFAULT_MAX_LINE_BYTES,
+    OPS as OPS,
+    PROTOCOL_VERSION as PROTOCOL_VERSION,
+    BadLine as BadLine,
+    ClientCodec as ClientCodec,
+    ErrorCode as ErrorCode,
+    ProtocolError as ProtocolError,
+    Request as Request,
+    Response as Response,
+    ServerCodec as ServerCodec,
+    error_code_for as error_code_for,
+)
 from ._registry import (
     AggregateFunction as AggregateFunction,
     Call as Call,
@@ -58,6 +86,14 @@ from ._repository import (
     StoredEvent as StoredEvent,
     open_aggregates as open_aggregates,
 )
+from ._server import (
+    DEFAULT_PORT as DEFAULT_PORT,
+    AggregateServer as AggregateServer,
+    App as App,
+    ServerStatistics as ServerStatistics,
+    open_aggregate_server as open_aggregate_server,
+    serve_aggregates as serve_aggregates,
+)
 from ._sqlite import (
     SQLiteEventStore as SQLiteEventStore,
     open_sqlite_store as open_sqlite_store,
@@ -68,7 +104,12 @@ from ._store import (
     NewEvent as NewEvent,
     RecordedEvent as RecordedEvent,
     Snapshot as Snapshot,
+    category_of as category_of,
     read_stream as read_stream,
+)
+from ._subscription import (
+    Subscription as Subscription,
+    open_subscription as open_subscription,
 )
 
 __version__ = "0.1.0"
