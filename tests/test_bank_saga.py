@@ -131,16 +131,18 @@ async def test_a_store_error_on_the_deposit_is_refunded_never_doubled() -> None:
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
 async def test_the_example_killed_mid_run_settles_everything_after_a_restart(
-    durable_url: str, how: str
+    durable_url: str, how: str, tmp_path: Path
 ) -> None:
     transfers, accounts = 600, 20
     args = ["--store", durable_url, "--run", "k", "--transfers", str(transfers)]
-    process = await trio.lowlevel.open_process(
-        [sys.executable, SCRIPT, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    stderr = tmp_path / "stderr.txt"
+    with stderr.open("wb") as errors:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, SCRIPT, *args],
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     assert process.stdout is not None
     output = b""
     try:
@@ -161,7 +163,7 @@ async def test_the_example_killed_mid_run_settles_everything_after_a_restart(
     if how == "SIGKILL":
         assert process.returncode == -signal.SIGKILL
     else:
-        assert process.returncode == 130
+        assert process.returncode == 130, stderr.read_text()[-3000:]
     assert b"the books balance" not in output
     # Killed mid-saga: the saga had begun (money withdrawn), not every transfer settled.
     states = await transfer_states(durable_url, "k", transfers)

@@ -388,3 +388,23 @@ async def test_a_reaction_failing_on_a_live_event_while_more_arrive() -> None:
         assert isinstance(error, ProjectionFailed) and error.position == 14
         assert runner.statistics()["Count"].state == "running"
     assert count.handled == 31
+
+
+async def test_ctrl_c_in_a_reaction_comes_out_alone() -> None:
+    """A KeyboardInterrupt landing in a reaction (events of several streams handled
+    at once: nested task groups) leaves the block as itself, not in a group."""
+    store = InMemoryEventStore()
+    await order_many(store, 10)
+
+    class Interrupted(ProcessManager):
+        reads = (Shop,)
+
+        @reacts
+        async def ordered(self, event: Ordered) -> None:
+            await trio.lowlevel.checkpoint()
+            if event.amount == 7:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        async with open_projections(store, [Interrupted()]):
+            await trio.sleep_forever()

@@ -391,7 +391,7 @@ class _Flow:
 class Projection(_Flow):
     """Base class of projections: a read model fed by the store's events.
 
-    Class attributes:
+    Attributes:
         name: the checkpoint's key (default: the class's name). Two
             projections with one name share a checkpoint: do not.
         reads: aggregate types (all their event classes) or event classes
@@ -1297,14 +1297,18 @@ async def open_projections(
             finally:
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        if group.split(trio.Cancelled)[1] is None and body_error is None:
-            raise  # cancelled from outside: the enclosing scope takes it
-        fatal = [e for e in group.exceptions if isinstance(e, KeyboardInterrupt | SystemExit)]
-        if fatal:
-            raise fatal[0] from None
+        # Ctrl-C may land in any task, nested groups deep: it wins, alone.
+        fatal = group.split((KeyboardInterrupt, SystemExit))[0]
+        if fatal is not None:
+            first: BaseException = fatal
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
         if group.split(trio.Cancelled)[1] is not None:
             raise TrioAggregatesError(
                 "internal error in trio_aggregates (please report it)"
             ) from group
+        if body_error is None:
+            raise  # cancelled from outside: the enclosing scope takes it
     if body_error is not None:
         raise body_error
