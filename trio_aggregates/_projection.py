@@ -1069,6 +1069,8 @@ class RunningProjection:
                 with trio.move_on_after(self._poll_interval):
                     await self._idle.wait()
                 self._idle = trio.Event()
+                # At most one look every 20 ms, however often the flow idles.
+                await trio.sleep(min(0.02, self._poll_interval))
                 try:
                     head = await self._store.head_position()
                     if head > max(self._position, self._caught_up_to):
