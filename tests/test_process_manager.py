@@ -25,6 +25,7 @@ from trio_aggregates import (
     AggregateRepository,
     EventStore,
     InMemoryEventStore,
+    InvalidArgument,
     NewEvent,
     StoreError,
     applies,
@@ -408,3 +409,17 @@ async def test_ctrl_c_in_a_reaction_comes_out_alone() -> None:
     with pytest.raises(KeyboardInterrupt):
         async with open_projections(store, [Interrupted()]):
             await trio.sleep_forever()
+
+
+def test_reactions_are_coroutines_and_settings_are_checked() -> None:
+    with pytest.raises(TypeError, match="async def"):
+
+        class Sync(ProcessManager):
+            @reacts
+            def ordered(self, event: Ordered) -> None:
+                pass
+
+    with pytest.raises(InvalidArgument):
+
+        class NoConcurrency(ProcessManager):
+            max_concurrency = 0

@@ -61,7 +61,7 @@ from typing import Any, ClassVar, Final
 
 import trio
 
-from ._exceptions import CallTimeout, StoreError
+from ._exceptions import CallTimeout, InvalidArgument, StoreError
 from ._projection import (
     EventContext,
     ProjectionFailed,
@@ -87,7 +87,7 @@ _RETRIED: Final = (StoreError, CallTimeout)
 class ProcessManager(_Flow):
     """Base class of process managers (sagas): reactions that send commands.
 
-    Class attributes:
+    Attributes:
         name: the checkpoint's key and the command ids' prefix (default: the
             class's name). Changing it re-runs every event with new ids:
             do not, once it ran.
@@ -111,6 +111,12 @@ class ProcessManager(_Flow):
         for fn, _ in cls._handlers.values():
             if not inspect.iscoroutinefunction(fn):
                 raise TypeError(f"{cls.__name__}.{fn.__name__}: a reaction is an async def")
+        if cls.max_concurrency < 1 or cls.retry_attempts < 0 or not cls.retry_delay >= 0:
+            raise InvalidArgument(
+                f"{cls.__name__}: max_concurrency >= 1, retry_attempts >= 0 and "
+                f"retry_delay >= 0, not {cls.max_concurrency}, {cls.retry_attempts}, "
+                f"{cls.retry_delay}"
+            )
 
     async def _react(self, record: RecordedEvent) -> bool:
         """Run the reaction to ``record`` (with retries); return whether there was one.
