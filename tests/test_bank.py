@@ -1,9 +1,10 @@
-"""The transfer saga (examples/bank_saga.py): every transfer completes or is refunded.
+"""The bank example (examples/bank.py): every transfer is settled by the saga.
 
 In-process on memory, SQLite and PostgreSQL; then the example itself as a real
 process, killed mid-run with SIGKILL (and with SIGINT), and run again: every
-transfer is settled, each account movement happened exactly once, and the
-bank's total is exact.
+transfer is completed, refunded or rejected, each account movement happened
+exactly once, the balances projection equals the accounts, and the bank's
+total is exact.
 """
 
 from __future__ import annotations
@@ -27,9 +28,8 @@ from trio_aggregates import AggregateNotFound, open_aggregates, open_store
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
-saga: Any = importlib.import_module("bank_saga")
 bank: Any = importlib.import_module("bank")
-SCRIPT = str(EXAMPLES / "bank_saga.py")
+SCRIPT = str(EXAMPLES / "bank.py")
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
@@ -37,7 +37,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "memory":
         yield "memory://"
     elif request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/bank_saga.db"
+        yield f"sqlite:///{tmp_path}/bank.db"
     else:
         yield request.getfixturevalue("postgres_database").url
 
@@ -45,14 +45,33 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 @pytest.fixture(params=["sqlite", "postgres"])
 def durable_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/bank_saga.db"
+        yield f"sqlite:///{tmp_path}/bank.db"
     else:
         yield request.getfixturevalue("postgres_database").url
 
 
-def check_summary(summary: dict[str, Any], transfers: int, accounts: int) -> None:
-    assert summary["states"]["completed"] + summary["states"]["refunded"] == transfers
-    assert summary["states"]["refunded"] == transfers // 10  # those to the closed account
+def expected_states(transfers: int) -> dict[str, int]:
+    """One transfer in 25 asks for too much (rejected), one in 10 goes to the closed
+    account (refunded, unless rejected first), the others complete."""
+    rejected = sum(1 for i in range(transfers) if i % 25 == 24)
+    refunded = sum(1 for i in range(transfers) if i % 10 == 9 and i % 25 != 24)
+    return {
+        "completed": transfers - rejected - refunded,
+        "refunded": refunded,
+        "rejected": rejected,
+    }
+
+
+def check_summary(
+    summary: dict[str, Any], transfers: int, accounts: int, *, exact: bool = True
+) -> None:
+    """The books; ``exact``: no transfer was refused for want of funds but the oversized ones."""
+    assert summary["transfers"] == transfers
+    assert sum(summary["states"].values()) == transfers
+    if exact:
+        assert summary["states"] == expected_states(transfers)
+    else:  # some transfers also found their source short of funds: rejected
+        assert summary["states"]["rejected"] >= expected_states(transfers)["rejected"]
     assert summary["total_balance"] == summary["expected_total"] == 1000 * accounts
     assert summary["closed_balance"] == 0
     assert summary["projection_agrees"]
@@ -60,7 +79,7 @@ def check_summary(summary: dict[str, Any], transfers: int, accounts: int) -> Non
 
 async def check_movements(url: str, run: str, transfers: int, accounts: int) -> None:
     """Each transfer moved money exactly once: one withdrawal, then one deposit
-    (completed) or one refund (refunded), never more."""
+    (completed) or one refund (refunded), never more; a rejected one, nothing."""
     keys = [f"{run}-account-{i}" for i in range(accounts)]
     moves: collections.Counter[tuple[str, str]] = collections.Counter()
     async with open_store(url) as store:
@@ -71,10 +90,14 @@ async def check_movements(url: str, run: str, transfers: int, accounts: int) -> 
                     reference = getattr(event, "reference", None)
                     if reference and reference != "initial":
                         moves[(type(event).__name__, reference)] += 1
-        async with open_aggregates(saga.Transfer, store) as transfers_repo:
+        async with open_aggregates(bank.Transfer, store) as transfers_repo:
             for i in range(transfers):
                 key = f"{run}-{i}"
                 state = (await transfers_repo.load(key)).state
+                if state == "rejected":
+                    assert i % 25 == 24, key
+                    assert not [m for m in moves if m[1].endswith(f"transfer:{key}")], key
+                    continue
                 assert moves[("Withdrawn", f"transfer:{key}")] == 1, key
                 if state == "completed":
                     assert moves[("Deposited", f"transfer:{key}")] == 1, key
@@ -87,7 +110,7 @@ async def check_movements(url: str, run: str, transfers: int, accounts: int) -> 
 
 async def transfer_states(url: str, run: str, transfers: int) -> collections.Counter[str]:
     states: collections.Counter[str] = collections.Counter()
-    async with open_store(url) as store, open_aggregates(saga.Transfer, store) as repo:
+    async with open_store(url) as store, open_aggregates(bank.Transfer, store) as repo:
         for i in range(transfers):
             try:
                 states[(await repo.load(f"{run}-{i}")).state] += 1
@@ -98,12 +121,36 @@ async def transfer_states(url: str, run: str, transfers: int) -> collections.Cou
 
 async def test_the_saga_settles_every_transfer(store_url: str) -> None:
     with trio.fail_after(120):
-        summary = await saga.run_saga(
-            store_url, run="t", accounts_count=10, transfers_count=120, progress=False
-        )
+        summary = await bank.run_bank(store_url, run="t", accounts_count=10, transfers=120)
     check_summary(summary, 120, 10)
     if store_url != "memory://":
         await check_movements(store_url, "t", 120, 10)
+
+
+async def test_busy_accounts_many_transfers_each() -> None:
+    """Ten accounts, 1000 transfers from 20 tasks: the saga's commands contend, and
+    sources run short of funds (rejected, whichever order the saga runs them in)."""
+    with trio.fail_after(120):
+        summary = await bank.run_bank(
+            "memory://", run="b", accounts_count=10, transfers=1000, tasks=20
+        )
+    check_summary(summary, 1000, 10, exact=False)
+
+
+async def test_a_finished_run_run_again_changes_nothing(tmp_path: Path) -> None:
+    """The same ``run`` again: every command is a duplicate, no event is appended,
+    and the books are the same."""
+    url = f"sqlite:///{tmp_path}/bank.db"
+    with trio.fail_after(120):
+        first = await bank.run_bank(url, run="r", accounts_count=5, transfers=50)
+        async with open_store(url) as store:
+            head = await store.head_position()
+        again = await bank.run_bank(url, run="r", accounts_count=5, transfers=50)
+        async with open_store(url) as store:
+            assert await store.head_position() == head
+    check_summary(first, 50, 5)
+    check_summary(again, 50, 5)
+    assert again["states"] == first["states"]
 
 
 async def test_a_store_error_on_the_deposit_is_refunded_never_doubled() -> None:
@@ -121,9 +168,7 @@ async def test_a_store_error_on_the_deposit_is_refunded_never_doubled() -> None:
 
     store = Flaky()
     with trio.fail_after(60):
-        summary = await saga.run_saga(
-            store, run="f", accounts_count=5, transfers_count=30, progress=False
-        )
+        summary = await bank.run_bank(store, run="f", accounts_count=5, transfers=30)
     # Every deposit went in (then its answer was lost): the fence finds it there,
     # so every transfer but those to the closed account completes; nothing doubles.
     check_summary(summary, 30, 5)
@@ -135,6 +180,7 @@ async def test_the_example_killed_mid_run_settles_everything_after_a_restart(
 ) -> None:
     transfers, accounts = 600, 20
     args = ["--store", durable_url, "--run", "k", "--transfers", str(transfers)]
+    args += ["--accounts", str(accounts)]
     stderr = tmp_path / "stderr.txt"
     with stderr.open("wb") as errors:
         process = await trio.lowlevel.open_process(
@@ -168,7 +214,8 @@ async def test_the_example_killed_mid_run_settles_everything_after_a_restart(
     # Killed mid-saga: the saga had begun (money withdrawn), not every transfer settled.
     states = await transfer_states(durable_url, "k", transfers)
     begun = sum(states[s] for s in ("withdrawn", "deposit_failed", "completed", "refunded"))
-    assert begun > 0 and states["completed"] + states["refunded"] < transfers, states
+    settled = sum(states[s] for s in ("completed", "refunded", "rejected"))
+    assert begun > 0 and settled < transfers, states
     # Restart: it finishes the same run.
     with trio.fail_after(180):
         result = await trio.run_process(
@@ -179,8 +226,13 @@ async def test_the_example_killed_mid_run_settles_everything_after_a_restart(
         )
     out = result.stdout.decode()
     assert result.returncode == 0, (out, result.stderr.decode()[-3000:])
-    assert "every transfer completed or refunded; the books balance" in out
+    assert "every transfer completed, refunded or rejected; the books balance" in out
     assert "the balances projection equals every account's balance" in out
+    assert "every live account equals a replay of its stream" in out
     assert f"total balance {1000 * accounts} (expected {1000 * accounts})" in out
-    assert f"{transfers - transfers // 10} completed, {transfers // 10} refunded" in out
+    expected = expected_states(transfers)
+    assert (
+        f"{expected['completed']} completed, {expected['refunded']} refunded, "
+        f"{expected['rejected']} rejected;"
+    ) in out
     await check_movements(durable_url, "k", transfers, accounts)
