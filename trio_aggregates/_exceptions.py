@@ -28,6 +28,7 @@ __all__ = [
     "InvalidArgument",
     "InvalidKey",
     "KeyAlreadyRegistered",
+    "NotOwner",
     "RegistryClosed",
     "StoreError",
     "StreamDeleted",
@@ -240,6 +241,37 @@ class StreamDeleted(StoreError):
     def __init__(self, stream: str) -> None:
         super().__init__(f"stream {stream!r} is deleted")
         self.stream = stream
+
+
+class NotOwner(StoreError):
+    """A write for a stream whose shard this cluster node holds no valid lease on.
+
+    Nothing was written. Raised by the store of a cluster node (see
+    :func:`~trio_aggregates.open_cluster`): by the node itself when it knows
+    its lease is gone or too close to its expiry to be trusted (self-fencing),
+    or by the database, in the write's own transaction, when the write's
+    fencing token is not the shard's current, unexpired one (another node
+    took the shard over, while this one was paused, say). Send the command
+    to the shard's owner, with the same ``command_id``.
+
+    Attributes:
+        stream: the stream written to.
+        shard: its shard.
+        node: the node that tried to write.
+        by_database: ``True`` if the database refused the write (its token
+            was stale), ``False`` if the node refused it itself.
+    """
+
+    def __init__(self, stream: str, shard: int, node: str, *, by_database: bool) -> None:
+        who = "the database" if by_database else "the node itself"
+        super().__init__(
+            f"{who} refused a write to stream {stream!r}: node {node!r} holds no valid lease "
+            f"on shard {shard}"
+        )
+        self.stream = stream
+        self.shard = shard
+        self.node = node
+        self.by_database = by_database
 
 
 class EventDecodeError(StoreError):

@@ -107,7 +107,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, ClassVar, TypeVar, cast, final
+from typing import Any, ClassVar, Protocol, TypeVar, cast, final
 
 import attrs
 import outcome
@@ -137,6 +137,7 @@ from ._exceptions import (
     DuplicateCommand,
     EventDecodeError,
     InvalidArgument,
+    NotOwner,
     StoreError,
     StreamDeleted,
 )
@@ -584,6 +585,173 @@ _MIGRATIONS.append(
         _in_global_order(_MIGRATIONS[0][4]),  # trio_aggregates_append
         _in_global_order(_MIGRATIONS[1][0]),  # trio_aggregates_append_batch
         _in_global_order(_MIGRATIONS[2][1]),  # trio_aggregates_write_appends
+    )
+)
+
+# -- version 5: cluster membership, shard leases, fencing ---------------------
+#
+# The tables and functions of ``_cluster.py`` (see its docstring for the
+# design). Every time is the database's clock (``clock_timestamp()``), never a
+# node's. A lease row per shard holds the current grant (node, fencing token,
+# expiry); the token comes from a sequence, so it only grows; the grants table
+# keeps the history (one row per grant, its expiry moved on renewal, its
+# release time), from which a test checks that no two grants of one shard were
+# ever valid at once. Writers that change a lease row (claim, renew, release)
+# lock rows in shard order, and so does the fence check, so lease writers and
+# appends cannot deadlock.
+#
+# trio_aggregates_fence is the fencing check an append runs first in its own
+# transaction: it takes a FOR SHARE lock on each (shard, token) lease row the
+# append relies on, held by this node and not expired by the database's
+# clock, and raises SQLSTATE TAF01 (nothing of the transaction is written) if
+# any is missing. A claim or release of such a shard waits for the append's
+# transaction to end, so every append lands before the next grant of its
+# shard, and the next owner reads it when it activates.
+
+_FENCED = "TAF01"
+
+_MIGRATIONS.append(
+    (
+        """
+        CREATE TABLE trio_aggregates_nodes (
+            node text PRIMARY KEY,
+            address text NOT NULL,
+            state text NOT NULL CHECK (state IN ('alive', 'leaving', 'dead', 'left')),
+            joined_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+            heartbeat_at timestamptz NOT NULL DEFAULT clock_timestamp()
+        )
+        """,
+        "CREATE SEQUENCE trio_aggregates_fencing_tokens AS bigint",
+        """
+        CREATE TABLE trio_aggregates_leases (
+            shard integer PRIMARY KEY,
+            node text,
+            token bigint NOT NULL,
+            expires_at timestamptz NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE trio_aggregates_lease_grants (
+            token bigint PRIMARY KEY,
+            shard integer NOT NULL,
+            node text NOT NULL,
+            granted_at timestamptz NOT NULL,
+            expires_at timestamptz NOT NULL,
+            released_at timestamptz
+        )
+        """,
+        "CREATE INDEX trio_aggregates_lease_grants_shard ON trio_aggregates_lease_grants (shard)",
+        # Claim the shards among p_shards that are free (released or expired):
+        # a new token each; return what was granted.
+        """
+        CREATE FUNCTION trio_aggregates_claim(p_node text, p_shards integer[], p_ttl float8)
+        RETURNS TABLE (o_shard integer, o_token bigint) LANGUAGE plpgsql AS $$
+        DECLARE
+            v_now timestamptz := clock_timestamp();
+            v_expires timestamptz := v_now + make_interval(secs => p_ttl);
+        BEGIN
+            RETURN QUERY
+            WITH granted AS (
+                INSERT INTO trio_aggregates_leases AS l (shard, node, token, expires_at)
+                    SELECT u.shard, p_node, nextval('trio_aggregates_fencing_tokens'), v_expires
+                    FROM (SELECT DISTINCT unnest(p_shards) AS shard) u ORDER BY u.shard
+                ON CONFLICT (shard) DO UPDATE
+                    SET node = excluded.node, token = excluded.token,
+                        expires_at = excluded.expires_at
+                    WHERE l.node IS NULL OR l.expires_at <= clock_timestamp()
+                RETURNING l.shard, l.token
+            ), recorded AS (
+                INSERT INTO trio_aggregates_lease_grants
+                    (token, shard, node, granted_at, expires_at)
+                    SELECT g.token, g.shard, p_node, clock_timestamp(), v_expires FROM granted g
+                RETURNING shard, token
+            )
+            SELECT r.shard, r.token FROM recorded r;
+        END
+        $$
+        """,
+        # Renew this node's leases (shard, token) that have not expired;
+        # return those renewed (the others are lost).
+        """
+        CREATE FUNCTION trio_aggregates_renew(
+            p_node text, p_shards integer[], p_tokens bigint[], p_ttl float8
+        ) RETURNS TABLE (o_shard integer, o_token bigint) LANGUAGE plpgsql AS $$
+        DECLARE
+            v_expires timestamptz := clock_timestamp() + make_interval(secs => p_ttl);
+        BEGIN
+            RETURN QUERY
+            WITH locked AS (
+                SELECT l.shard FROM trio_aggregates_leases l
+                    JOIN unnest(p_shards, p_tokens) AS u(shard, token)
+                        ON l.shard = u.shard AND l.token = u.token
+                    WHERE l.node = p_node AND l.expires_at > clock_timestamp()
+                    ORDER BY l.shard FOR UPDATE OF l
+            ), renewed AS (
+                UPDATE trio_aggregates_leases l SET expires_at = v_expires
+                    FROM locked WHERE l.shard = locked.shard
+                RETURNING l.shard, l.token
+            ), recorded AS (
+                UPDATE trio_aggregates_lease_grants g SET expires_at = v_expires
+                    FROM renewed WHERE g.token = renewed.token
+                RETURNING g.shard, g.token
+            )
+            SELECT r.shard, r.token FROM recorded r;
+        END
+        $$
+        """,
+        # Release this node's leases (shard, token): free at once.
+        """
+        CREATE FUNCTION trio_aggregates_release(
+            p_node text, p_shards integer[], p_tokens bigint[]
+        ) RETURNS integer LANGUAGE plpgsql AS $$
+        DECLARE
+            v_now timestamptz := clock_timestamp();
+            v_count integer;
+        BEGIN
+            WITH locked AS (
+                SELECT l.shard FROM trio_aggregates_leases l
+                    JOIN unnest(p_shards, p_tokens) AS u(shard, token)
+                        ON l.shard = u.shard AND l.token = u.token
+                    WHERE l.node = p_node
+                    ORDER BY l.shard FOR UPDATE OF l
+            ), released AS (
+                UPDATE trio_aggregates_leases l
+                    SET node = NULL, expires_at = least(l.expires_at, v_now)
+                    FROM locked WHERE l.shard = locked.shard
+                RETURNING l.token
+            )
+            UPDATE trio_aggregates_lease_grants g
+                SET released_at = v_now, expires_at = least(g.expires_at, v_now)
+                FROM released WHERE g.token = released.token;
+            GET DIAGNOSTICS v_count = ROW_COUNT;
+            RETURN v_count;
+        END
+        $$
+        """,
+        # The fence: see above. Raises TAF01 naming the shards not held.
+        f"""
+        CREATE FUNCTION trio_aggregates_fence(
+            p_node text, p_shards integer[], p_tokens bigint[]
+        ) RETURNS integer LANGUAGE plpgsql AS $$
+        DECLARE
+            v_held integer[];
+        BEGIN
+            SELECT coalesce(array_agg(x.shard), '{{}}') INTO v_held FROM (
+                SELECT l.shard FROM trio_aggregates_leases l
+                    JOIN unnest(p_shards, p_tokens) AS u(shard, token)
+                        ON l.shard = u.shard AND l.token = u.token
+                    WHERE l.node = p_node AND l.expires_at > clock_timestamp()
+                    ORDER BY l.shard FOR SHARE OF l
+            ) x;
+            IF cardinality(v_held) < cardinality(p_shards) THEN
+                RAISE EXCEPTION 'fenced: node % holds no valid lease on shards %', p_node,
+                    ARRAY(SELECT s FROM unnest(p_shards) s WHERE NOT s = ANY(v_held) ORDER BY s)
+                    USING ERRCODE = '{_FENCED}';
+            END IF;
+            RETURN cardinality(v_held);
+        END
+        $$
+        """,
     )
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -1041,14 +1209,63 @@ def _run_statements(conn: Conn, statements: list[_Statement]) -> list[Any]:
     return [cursor.fetchone() for cursor in cursors]
 
 
-def _write_alone(conn: Conn, op: _WriteOp) -> outcome.Outcome[Any]:
+# -- fencing (cluster mode, see _cluster.py) ------------------------------------
+
+
+class _Fence(Protocol):
+    """What a store in cluster mode asks before each write (``_cluster.py``)."""
+
+    @property
+    def node_id(self) -> str: ...
+
+    def fence(self, stream: str) -> tuple[int, int]:
+        """Return ``(shard, fencing token)`` for a write to ``stream``.
+
+        Raises:
+            NotOwner: this node holds no lease it trusts on the stream's shard.
+        """
+        ...
+
+
+@final
+@attrs.frozen
+class _Fencing:
+    """A batch's fencing: the node, and each op's ``(shard, token)``, in op order."""
+
+    node: str
+    grants: list[tuple[int, int]]
+
+    def statement(self, ops: Sequence[int] | None = None) -> _Statement:
+        """The fence check for the ops at indexes ``ops`` (all if ``None``)."""
+        grants = self.grants if ops is None else [self.grants[i] for i in ops]
+        pairs = sorted(set(grants))
+        return _FENCE, (self.node, [s for s, _ in pairs], [t for _, t in pairs])
+
+    def refused(self, op: _WriteOp, index: int) -> NotOwner:
+        return NotOwner(_op_stream(op), self.grants[index][0], self.node, by_database=True)
+
+
+_FENCE = "SELECT trio_aggregates_fence(%s, %s::integer[], %s::bigint[])"
+
+
+def _is_fenced(exc: BaseException) -> bool:
+    return isinstance(exc, psycopg.Error) and exc.sqlstate == _FENCED
+
+
+def _write_alone(
+    conn: Conn, op: _WriteOp, fencing: _Fencing | None = None, index: int = 0
+) -> outcome.Outcome[Any]:
     """Write ``op`` in a transaction of its own: if it fails, it fails alone."""
-    sql, params = _statement([op])
+    statements = [_statement([op])]
+    if fencing is not None:
+        statements.insert(0, fencing.statement([index]))
     try:
-        row = conn.execute(sql, params).fetchone()
+        row = _run_statements(conn, statements)[-1]
     except psycopg.Error as exc:
         if conn.broken:
             raise
+        if fencing is not None and _is_fenced(exc):
+            return outcome.Error(fencing.refused(op, index))
         return outcome.Error(_wrap(exc, _describe(op)))
     return _outcomes([op], row)[0]
 
@@ -1059,7 +1276,7 @@ def _write_alone(conn: Conn, op: _WriteOp) -> outcome.Outcome[Any]:
 _NOT_ONE_OPS_FAULT = (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable)
 
 
-def _write_batch(conn: Conn, ops: list[_WriteOp]) -> _BatchResult:
+def _write_batch(conn: Conn, ops: list[_WriteOp], fencing: _Fencing | None = None) -> _BatchResult:
     """In a worker thread: write ``ops`` in one transaction, in one round trip.
 
     The ops are taken in (stable) order of stream name, so that every writer
@@ -1070,6 +1287,11 @@ def _write_batch(conn: Conn, ops: list[_WriteOp]) -> _BatchResult:
     transaction raises anyway (a value the driver cannot send, a deadlock
     with another process, ...), nothing of it is written, and the ops are
     written again one transaction each, so that only the ops at fault fail.
+
+    With ``fencing`` (cluster mode), the transaction first runs the fence
+    check of every op's ``(shard, token)``; if any is stale, the transaction
+    is refused as a whole and each op is written again alone, under its own
+    fence check: the ops of stale shards fail with :exc:`NotOwner`.
     """
     # Stable sort: one stream's writes keep their order.
     order = sorted(range(len(ops)), key=lambda i: _op_stream(ops[i]))
@@ -1081,17 +1303,18 @@ def _write_batch(conn: Conn, ops: list[_WriteOp]) -> _BatchResult:
         # once an earlier one took the position lock (see "version 4").
         names = sorted({_op_stream(op) for op in ops})
         statements.insert(0, (_LOCK_STREAMS, (names,)))
+    if fencing is not None:
+        statements.insert(0, fencing.statement())
     try:
         try:
             rows = _run_statements(conn, statements)
-            if len(rows) > len(runs):
-                del rows[0]
+            del rows[: len(rows) - len(runs)]
         except psycopg.Error as exc:
             if conn.broken or isinstance(exc, _NOT_ONE_OPS_FAULT):
                 raise
             logger.debug("batch write failed; writing one op at a time", exc_info=True)
             for i in order:
-                results[i] = _write_alone(conn, ops[i])
+                results[i] = _write_alone(conn, ops[i], fencing, i)
             return _BatchResult(results, committed=True)
     except Exception as exc:
         # The connection was lost: none of the batch is written -- unless it
@@ -1213,12 +1436,43 @@ class PostgresEventStore(_DurableStore):
     _batches_in_flight: ClassVar[int] = 1
 
     _pool: _Pool
+    # Cluster mode (``_cluster.py``): asked for each write's (shard, token);
+    # None (the default) writes exactly as without a cluster, at no cost.
+    _fence: _Fence | None = attrs.field(default=None, init=False)
 
     async def _write_batch(self, ops: list[_WriteOp]) -> _BatchResult:
+        fence = self._fence
+        if fence is not None:
+            return await self._write_fenced(fence, ops)
         try:
             return await self._pool.run(lambda conn: _write_batch(conn, ops))
         except psycopg.Error as exc:
             raise _wrap(exc, "connect") from exc
+
+    async def _write_fenced(self, fence: _Fence, ops: list[_WriteOp]) -> _BatchResult:
+        """Cluster mode: each op carries its shard's token, checked in the write's
+        transaction; an op the node itself knows it does not own fails alone, unsent."""
+        results: list[outcome.Outcome[Any]] = [outcome.Value(None)] * len(ops)
+        sent: list[int] = []
+        grants: list[tuple[int, int]] = []
+        for i, op in enumerate(ops):
+            try:
+                grants.append(fence.fence(_op_stream(op)))
+            except NotOwner as exc:
+                results[i] = outcome.Error(exc)
+            else:
+                sent.append(i)
+        if not sent:
+            return _BatchResult(results, committed=False)
+        batch = [ops[i] for i in sent]
+        fencing = _Fencing(fence.node_id, grants)
+        try:
+            written = await self._pool.run(lambda conn: _write_batch(conn, batch, fencing))
+        except psycopg.Error as exc:
+            raise _wrap(exc, "connect") from exc
+        for i, result in zip(sent, written.outcomes, strict=True):
+            results[i] = result
+        return _BatchResult(results, committed=written.committed)
 
     async def _query(self, query: str, params: tuple[Any, ...], action: str) -> list[Any]:
         self._check_open()
