@@ -17,6 +17,17 @@ ends), and reported as ``trio_aggregates / bare``:
    (activations/s, GC on; target: at least 0.8x). GC off is shown for context.
 4. ``memory``: bytes per idle aggregate, 100,000 of them (20,000 with
    ``--quick``), measured with ``tracemalloc`` (target: at most 1.15x).
+5. ``scale``: how memory and the garbage collector grow with the number of
+   live aggregates (1,000 to 1,000,000; 1,000 to 50,000 with ``--quick``;
+   ``--scale-sizes 1000,50000`` to choose). Each point runs in a fresh
+   process (so no point inherits another's freed memory) and measures, for
+   bare Trio, the registry (``echo_aggregate``) and event-sourced
+   ``Account`` aggregates of ``examples/bank.py`` (``open_aggregates(Account,
+   "memory://", idle_timeout=None)`` + ``create``, their events in the
+   in-memory store): the resident memory (RSS) added per aggregate, the
+   objects the cyclic garbage collector tracks per aggregate, and how long a
+   full ``gc.collect()`` takes with all of them live, before and after
+   ``gc.freeze()``. For information; no target.
 
 Usage (from the project root)::
 
@@ -25,9 +36,13 @@ Usage (from the project root)::
 
 from __future__ import annotations
 
+import argparse
 import gc
+import json
 import math
+import os
 import random
+import subprocess
 import sys
 import time
 import tracemalloc
@@ -41,7 +56,7 @@ from _common import Report, apply_reps, gc_disabled, interleaved, interleaved_as
 import trio_aggregates
 from trio_aggregates import Mailbox
 
-SECTIONS = ("get", "call", "activate", "memory")
+SECTIONS = ("get", "call", "activate", "memory", "scale")
 
 #: The registry's default mailbox size; the bare channels get the same buffer.
 MAILBOX_SIZE = 64
@@ -560,6 +575,130 @@ async def bench_memory(report: Report, p: dict[str, Any]) -> None:
     )
 
 
+# -- 5: scale: memory and GC pauses against the number of live aggregates ----------
+
+#: The sides of a scale point: what a live aggregate is.
+SCALE_SIDES = ("bare", "registry", "aggregates")
+
+#: ``examples/``, for ``bank.py``'s ``Account``.
+EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples")
+
+
+def _rss() -> int:
+    """This process's resident set size, in bytes (Linux ``/proc/self/statm``)."""
+    with open("/proc/self/statm", encoding="ascii") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _gc_pauses() -> dict[str, float]:
+    """A full collection's duration (s) with everything live, then after ``gc.freeze()``."""
+    times = []
+    for _ in range(2):
+        started = perf_counter()
+        gc.collect()
+        times.append(perf_counter() - started)
+    gc.freeze()
+    started = perf_counter()
+    gc.collect()
+    frozen = perf_counter() - started
+    gc.unfreeze()
+    return {"gc_full_s": min(times), "gc_full_frozen_s": frozen}
+
+
+async def _scale_point(side: str, n: int) -> dict[str, Any]:
+    """Hold ``n`` live aggregates of ``side``; measure what they cost (see ``scale``)."""
+    figures: dict[str, Any] = {"side": side, "n": n}
+
+    async def measure(activate: Callable[[int], Awaitable[Any]]) -> None:
+        gc.collect()
+        rss, objects = _rss(), len(gc.get_objects())
+        started = perf_counter()
+        for key in range(n):
+            await activate(key)
+        figures["activations_per_s"] = n / (perf_counter() - started)
+        gc.collect()
+        figures["rss_bytes_per_aggregate"] = (_rss() - rss) / n
+        figures["gc_objects_per_aggregate"] = (len(gc.get_objects()) - objects) / n
+        figures.update(_gc_pauses())
+        figures["rss_total_bytes"] = _rss()
+
+    if side == "bare":
+        async with trio.open_nursery() as nursery:
+            table: dict[Any, trio.MemorySendChannel[Any]] = {}
+
+            async def start(key: int) -> None:
+                table[key] = await nursery.start(bare_server, key)
+
+            await measure(start)
+            close_all(table)
+    elif side == "registry":
+        async with trio_aggregates.open_registry(
+            echo_aggregate, mailbox_size=MAILBOX_SIZE, idle_timeout=None
+        ) as registry:
+            await measure(registry.register)
+    else:
+        sys.path.insert(0, EXAMPLES)
+        from bank import Account, OpenAccount
+
+        async with trio_aggregates.open_aggregates(Account, "memory://", idle_timeout=None) as repo:
+            command = OpenAccount("bench")
+            await repo.create("warm-up", command)  # the first command's one-off imports
+
+            async def create(key: int) -> None:
+                await repo.create(key, command)
+
+            await measure(create)
+    return figures
+
+
+def run_scale_point(side: str, n: int) -> dict[str, Any]:
+    """:func:`_scale_point` in a fresh process (``--scale-point SIDE N``)."""
+    result = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--scale-point", side, str(n)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=3600,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"scale point {side} {n} failed:\n{result.stderr}")
+    figures: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return figures
+
+
+def bench_scale(report: Report, p: dict[str, Any]) -> list[dict[str, Any]]:
+    points = []
+    for n in p["scale_sizes"]:
+        by_side = {}
+        for side in SCALE_SIDES:
+            progress(f"scale: {n:,} live aggregates, {side}")
+            by_side[side] = run_scale_point(side, n)
+            points.append(by_side[side])
+        report.compare(
+            f"scale_rss_{n}",
+            f"RSS per live aggregate, {n:,} of them (bytes)",
+            "bytes",
+            "lower",
+            [by_side["bare"]["rss_bytes_per_aggregate"]],
+            [by_side["registry"]["rss_bytes_per_aggregate"]],
+            target=None,
+            note="each side in a fresh process",
+        )
+        report.add_context(
+            f"scale_rss_aggregates_{n}",
+            f"  event-sourced Account + its events in memory, {n:,}",
+            "bytes",
+            "lower",
+            [by_side["aggregates"]["rss_bytes_per_aggregate"]],
+            note=(
+                f"{by_side['aggregates']['gc_objects_per_aggregate']:.1f} GC-tracked objects"
+                f" each; full gc.collect() {by_side['aggregates']['gc_full_s']:.3f} s"
+                f" ({by_side['aggregates']['gc_full_frozen_s']:.3f} s after gc.freeze())"
+            ),
+        )
+    return points
+
+
 # -- main ---------------------------------------------------------------------------
 
 
@@ -577,6 +716,9 @@ def parameters(quick: bool, reps: int | None) -> dict[str, Any]:
         "reps_activate": 4 if not quick else 3,
         "reps_memory": 1,
         "mailbox_size": MAILBOX_SIZE,
+        "scale_sizes": [1_000, 10_000, 100_000, 1_000_000]
+        if not quick
+        else [1_000, 10_000, 50_000],
     }
     return apply_reps(p, reps)
 
@@ -588,8 +730,21 @@ def progress(what: str, _start: list[float] = []) -> None:  # noqa: B006 - the s
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(__doc__.splitlines()[0] if __doc__ else "", SECTIONS, argv)
+    # Options of this script only: ``--scale-sizes`` and the internal ``--scale-point``.
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--scale-sizes", default=None)
+    own.add_argument("--scale-point", nargs=2, metavar=("SIDE", "N"), default=None)
+    extra, rest = own.parse_known_args(argv)
+    if extra.scale_point is not None:
+        side, n = extra.scale_point
+        if side not in SCALE_SIDES:
+            own.error(f"--scale-point: side must be one of {SCALE_SIDES}")
+        print(json.dumps(trio.run(_scale_point, side, int(n))))
+        return 0
+    args = parse_args(__doc__.splitlines()[0] if __doc__ else "", SECTIONS, rest)
     p = parameters(args.quick, args.reps)
+    if extra.scale_sizes:
+        p["scale_sizes"] = [int(x.replace("_", "")) for x in extra.scale_sizes.split(",")]
     report = Report("bench_registry", quick=args.quick, parameters=p)
 
     async def run() -> None:
@@ -607,11 +762,17 @@ def main(argv: list[str] | None = None) -> int:
             await bench_memory(report, p)
 
     trio.run(run)
+    scaling = bench_scale(report, p) if "scale" in args.only else []
     progress("done")
-    report.sort(["get", "call_sequential", "call_concurrent", "activate", "memory"])
+    report.sort(["get", "call_sequential", "call_concurrent", "activate", "memory", "scale"])
     print()
     report.print_table()
-    report.write_json(args.json)
+    if args.json:
+        data = report.as_json()
+        data["scaling"] = scaling
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        print(f"wrote {args.json}")
     return 0
 
 
