@@ -1,4 +1,5 @@
-"""Shared fixtures: a throwaway PostgreSQL server for the session, a fresh schema per test.
+"""Shared fixtures: a throwaway PostgreSQL server for the session, a fresh schema per test,
+and the fixtures of the testing kit (``trio_aggregates.testing``).
 
 The PostgreSQL tests skip, with the reason shown, when no PostgreSQL server
 binaries are installed; when the ``CI`` environment variable is set they fail
@@ -14,6 +15,9 @@ from collections.abc import Iterator
 import attrs
 import pytest
 from _pgserver import PostgresNotFound, PostgresServer
+
+# The testing kit's fixtures (memory_store, aggregates, ...), as users load them.
+pytest_plugins = ["trio_aggregates.testing"]
 
 
 def _no_postgres(reason: str) -> None:
