@@ -396,13 +396,22 @@ async def test_a_retry_across_a_server_restart_on_sqlite(tmp_path: Path) -> None
         assert store["appends"] >= 0 and "transactions" in store  # the SQLite writer's
 
 
-async def test_identical_requests_in_flight_run_once() -> None:
+@pytest.mark.parametrize("live", [False, True], ids=["activating", "live"])
+async def test_identical_requests_in_flight_run_once(live: bool) -> None:
+    """Coalescing, whether the first request activates the aggregate or finds it live.
+
+    On a live aggregate the first one takes the fast path (a callback, no
+    task); the identical ones wait for its outcome.
+    """
     store = GatedStore()
-    store.hold("Counter-c")
     request = {"type": "Counter", "key": "c", "command": "Add", "data": {"amount": 5},
                "create": True, "command_id": "same"}  # fmt: skip
     async with serving(store) as server:
         async with client_of(server) as c1, client_of(server) as c2:
+            if live:
+                await c1.ok(type="Counter", key="c", command="Add", data={"amount": 0},
+                            create=True)  # fmt: skip
+            store.hold("Counter-c")
             await c1.send({"id": "a", **request}, {"id": "b", **request})
             await c2.send({"id": "c", **request})
             await until(lambda: server.statistics().in_flight >= 3)
@@ -410,9 +419,12 @@ async def test_identical_requests_in_flight_run_once() -> None:
             assert store.waiting == 1  # one append, the others wait for it
             store.release()
             answers = [await c1.answer("a"), await c1.answer("b"), await c2.answer("c")]
-        assert {(a["version"], json.dumps(a["result"])) for a in answers} == {(1, '{"total": 5}')}
+        version = 2 if live else 1
+        assert {(a["version"], json.dumps(a["result"])) for a in answers} == {
+            (version, '{"total": 5}')
+        }
         assert server.statistics().coalesced == 2
-    assert await events_in(store, "Counter-c") == 1
+    assert await events_in(store, "Counter-c") == version
 
 
 # -- bad input ---------------------------------------------------------------------------
@@ -782,14 +794,20 @@ async def test_a_client_that_reads_nothing_is_dropped(
             await client.aclose()
 
 
+@pytest.mark.parametrize("live", [False, True], ids=["activating", "live"])
 async def test_shutdown_finishes_requests_in_flight_within_the_grace_period(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, live: bool
 ) -> None:
+    """Whether the requests run in tasks (activating) or on the fast path (live)."""
     store = GatedStore()
-    store.hold("Counter-stuck")
     async with trio.open_nursery() as nursery, serving(store, grace_period=5) as server:
         c = await Client.connect(server.port)
         try:
+            if live:
+                for key in ("stuck", "late"):
+                    await c.ok(type="Counter", key=key, command="Add", data={"amount": 0},
+                               create=True)  # fmt: skip
+            store.hold("Counter-stuck")
             await c.send(
                 {"id": "stuck", "type": "Counter", "key": "stuck", "command": "Add",
                  "data": {"amount": 1}, "create": True},
@@ -812,14 +830,14 @@ async def test_shutdown_finishes_requests_in_flight_within_the_grace_period(
             await trio.sleep(1)
             store.release("Counter-late")
             late = await c.answer("late")
-            assert late["ok"] and late["version"] == 1
+            assert late["ok"] and late["version"] == (2 if live else 1)
             stuck = await c.answer("stuck")
             assert stuck["error"]["code"] == "shutting_down"
             assert 5 <= trio.current_time() - started < 6
             assert await c.closed()
         finally:
             await c.aclose()
-    assert await events_in(store, "Counter-late") == 1
+    assert await events_in(store, "Counter-late") == (2 if live else 1)
 
 
 async def test_serve_aggregates_runs_until_cancelled_then_shuts_down_gracefully() -> None:

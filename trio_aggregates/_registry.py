@@ -63,7 +63,7 @@ import itertools
 import logging
 import math
 import sys
-from collections.abc import AsyncIterator, Awaitable, Hashable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any, Final, Protocol, TypeAlias, final
 
@@ -147,13 +147,15 @@ class Call:
         message: what the caller sent.
     """
 
-    __slots__ = ("_abandoned", "_outcome", "_task", "message")
+    __slots__ = ("_abandoned", "_callback", "_outcome", "_task", "message")
 
     def __init__(self, message: Any) -> None:
         self.message = message
         self._outcome: outcome.Outcome[Any] | None = None
         self._task: trio.lowlevel.Task | None = None
         self._abandoned = False
+        # Registry._call_soon: called with the outcome instead of waking a task.
+        self._callback: Callable[[outcome.Outcome[Any]], None] | None = None
 
     def __repr__(self) -> str:
         state = "answered" if self._outcome is not None else "pending"
@@ -194,6 +196,14 @@ class Call:
         if task is not None:
             self._task = None
             trio.lowlevel.reschedule(task, result)
+            return
+        callback = self._callback
+        if callback is not None:
+            self._callback = None
+            try:
+                callback(result)
+            except Exception:  # pragma: no cover (the callbacks catch their own errors)
+                logger.exception("a call's completion callback failed (please report it)")
 
     @enable_ki_protection
     def _abort(self, _: Any) -> trio.lowlevel.Abort:
@@ -1249,6 +1259,31 @@ class Registry:
             return result.unwrap()
         call._task = trio.lowlevel.current_task()
         return await trio.lowlevel.wait_task_rescheduled(call._abort)
+
+    def _call_soon(
+        self, key: Hashable, message: Any, callback: Callable[[outcome.Outcome[Any]], None]
+    ) -> Call | None:
+        """Put a :class:`Call` in a live aggregate's mailbox, if it has room; never waits.
+
+        Internal (the protocol server's hot path): instead of a task waiting
+        for the answer, ``callback`` gets the outcome, called synchronously
+        by whoever answers (the aggregate's task, or the registry failing
+        the call); it must be quick and never raise. To withdraw the call,
+        set its ``_abandoned``: a mailbox skips it if the aggregate has not
+        taken it, else the callback still runs. Returns ``None`` (and puts
+        nothing anywhere) when ``key`` has no live activation or its mailbox
+        is full: the caller then uses :meth:`call`.
+        """
+        send = self._live.get(key)
+        if send is None:
+            return None
+        call = Call(message)
+        call._callback = callback
+        try:
+            send.send_nowait(call)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            return None
+        return call
 
     async def _deliver(self, key: Any, call: Call, aggregate: AggregateFunction | None) -> None:
         """Put ``call`` in the mailbox of a live activation of ``key``: the slow path.

@@ -46,11 +46,12 @@ import itertools
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from typing import Any, Final, Generic, TypeVar, final
 
 import attrs
+import outcome
 import trio
 
 from ._aggregate import Aggregate, canonical_key
@@ -337,6 +338,40 @@ class AggregateRepository(Generic[A]):
             command_id, correlation_id, causation_id, metadata, detailed=True,
         )  # fmt: skip
         return await self._send(key, request, timeout)  # type: ignore[no-any-return]
+
+    def _execute_soon(
+        self,
+        key: str | int | uuid.UUID,
+        command: object,
+        callback: Callable[[outcome.Outcome[Any]], None],
+        *,
+        mode: int = EXISTING,
+        expected_version: int | None = None,
+        dry_run: bool = False,
+        command_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Call | None:
+        """:meth:`_execute_detailed` without waiting, if ``key`` is live with mailbox room.
+
+        The protocol server's hot path (internal): ``callback`` gets the
+        outcome of ``(version, reply)`` (as :meth:`_execute_detailed` would
+        return or raise it), from the aggregate's task. Returns the call
+        (set its ``_abandoned`` to withdraw it), or ``None`` when the key
+        needs activating or its mailbox is full: then use
+        :meth:`_execute_detailed`.
+
+        Raises:
+            InvalidKey, InvalidArgument: as :meth:`execute`, at once.
+        """
+        if mode == NEW:
+            expected_version = 0
+        request = self._request(
+            command, mode, expected_version, dry_run, dry_run,
+            command_id, correlation_id, causation_id, metadata, detailed=True,
+        )  # fmt: skip
+        return self.registry._call_soon(canonical_key(key), request, callback)
 
     async def load(
         self, key: str | int | uuid.UUID, *, timeout: float | None = None, fresh: bool = True

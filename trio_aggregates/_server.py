@@ -9,16 +9,19 @@ I/O and runs the requests on one :class:`AggregateRepository` per wire type.
 Per connection:
 
 * the **reader** receives bytes, lets the codec cut them into requests, and
-  queues each for a worker. It answers at once what needs no worker (a bad
-  line, ``ping``, ``hello``, ``stats``, a refusal). Every line holds one of
+  starts each. It answers at once what needs no aggregate (a bad line,
+  ``ping``, ``hello``, ``stats``, a refusal). Every line holds one of
   ``max_in_flight`` slots from when it is read until its answer is sent:
   with no slot free the reader stops reading (backpressure: the client's
   sends block in TCP, nobody else is slowed).
-* **workers** run the requests (a pool grown on demand up to the number in
-  flight, so no task is spawned per request once the pool is warm). A
-  worker with an answer sends every answer ready in one ``send_all`` (one
-  sender at a time; with more answers due it first lets the tasks runnable
-  now finish theirs, so that they share the write).
+* an ``execute`` or ``create`` on a live aggregate with room in its mailbox
+  takes the **fast path**: the reader puts the command in the mailbox with
+  a completion callback, and the aggregate's task, answering, encodes the
+  answer and queues it. No task runs for it but the aggregate's own. Every
+  other request (an activation, a full mailbox, a retried or coalesced
+  ``command_id``, ``load``, ``history`` ...) runs in a **task** of its own.
+* the **sender** writes every answer queued in one ``send_all`` (the
+  answers of one scheduler pass share the write), one sender at a time.
 * a **watchdog** closes the connection after ``idle_timeout`` with nothing
   in flight and nothing received, answers ``timeout`` for a request running
   longer than ``request_timeout``, and drops a client that reads no answer
@@ -53,6 +56,7 @@ constant time), else ``unauthorized`` and the connection is closed.
 from __future__ import annotations
 
 import collections
+import functools
 import hmac
 import logging
 import math
@@ -64,6 +68,7 @@ from typing import Any, Final, NoReturn, TypeAlias, final
 
 import attrs
 import cattrs
+import outcome
 import trio
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -85,6 +90,7 @@ from ._protocol import (
     ServerCodec,
     error_details,
 )
+from ._registry import Call
 from ._repository import AggregateRepository, open_aggregates
 from ._store import EventStore
 
@@ -171,8 +177,18 @@ class _Pending:
     __slots__ = ("done", "outcome")
 
     def __init__(self) -> None:
-        self.done = trio.Event()
+        self.done: trio.Event | None = None  # made by the first one to wait
         self.outcome: _Outcome | None = None
+
+    async def wait(self) -> None:
+        if self.done is None:
+            self.done = trio.Event()
+        await self.done.wait()
+
+    def finish(self, outcome: _Outcome | None) -> None:
+        self.outcome = outcome
+        if self.done is not None:
+            self.done.set()
 
 
 def _routes_of(app: object) -> dict[str, type[Aggregate]]:
@@ -522,7 +538,7 @@ class AggregateServer:
             return finished
         pending = self._pending.get(key)
         while pending is not None:
-            await pending.done.wait()
+            await pending.wait()
             if pending.outcome is not None:
                 self._coalesced += 1
                 return pending.outcome
@@ -532,46 +548,63 @@ class AggregateServer:
         if finished is not None:  # pragma: no cover (finished while cancelled ones woke)
             return finished
         pending = self._pending[key] = _Pending()
+        outcome = None
         try:
             try:
                 outcome = await self._run(route, request, command)
             except Exception as exc:
                 outcome = self._failure(request, exc)
-            pending.outcome = outcome
-            if outcome[0] == "ok":
-                self._finished[key] = outcome
-                if len(self._finished) > _FINISHED_ANSWERS:
-                    self._finished.popitem(last=False)
             return outcome
         finally:
-            del self._pending[key]
-            pending.done.set()
+            self._settle(key, pending, outcome)
 
-    async def _run(self, route: _Route, request: Request, command: object) -> _Outcome:
+    def _settle(self, key: _Key, pending: _Pending, outcome: _Outcome | None) -> None:
+        """A request with a ``command_id`` is done: keep a success, wake identical ones.
+
+        ``outcome`` is ``None`` when it was withdrawn (cancelled, timed
+        out): the identical ones waiting then run it themselves.
+        """
+        if outcome is not None and outcome[0] == "ok":
+            self._finished[key] = outcome
+            if len(self._finished) > _FINISHED_ANSWERS:
+                self._finished.popitem(last=False)
+        if self._pending.get(key) is pending:
+            del self._pending[key]
+        pending.finish(outcome)
+
+    def _execute_options(self, request: Request) -> dict[str, Any]:
+        """The keyword arguments of ``_execute_detailed`` for an execute or create."""
         if request.op == "create":
             mode = NEW
             expected = None
         else:
             mode = ANY if request.create else EXISTING
             expected = request.expected_version
-        assert request.key is not None
         if request.metadata:
             # The codec checked them: correlation and causation ids are strings.
             correlation_id, causation_id = request.correlation_id, request.causation_id
             metadata = request.extra_metadata
         else:
             correlation_id = causation_id = metadata = None
+        return {
+            "mode": mode,
+            "expected_version": expected,
+            "dry_run": request.dry_run,
+            "command_id": request.command_id,
+            "correlation_id": correlation_id,
+            "causation_id": causation_id,
+            "metadata": metadata,
+        }
+
+    async def _run(self, route: _Route, request: Request, command: object) -> _Outcome:
+        assert request.key is not None
         version, reply = await route.repository._execute_detailed(
-            request.key,
-            command,
-            mode=mode,
-            expected_version=expected,
-            dry_run=request.dry_run,
-            command_id=request.command_id,
-            correlation_id=correlation_id,
-            causation_id=causation_id,
-            metadata=metadata,
+            request.key, command, **self._execute_options(request)
         )
+        return self._executed(route, request, version, reply)
+
+    def _executed(self, route: _Route, request: Request, version: int, reply: Any) -> _Outcome:
+        """The outcome of an execute or create that ran: its version and result."""
         if request.dry_run:
             name_for = route.repository.aggregate_type.codec().name_for
             unstructure = route.converter.unstructure
@@ -637,34 +670,54 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 @final
-class _Worker:
-    """A worker's request in hand, for the watchdog."""
+class _Entry:
+    """A request read and not yet answered: for the watchdog, shutdown and the answer."""
 
-    __slots__ = ("request", "scope", "started")
+    __slots__ = (
+        "answered", "call", "key", "pending", "request", "route", "scope", "started", "token",
+    )  # fmt: skip
 
-    def __init__(self) -> None:
-        self.request: Request | None = None
-        self.started = 0.0
-        self.scope = trio.CancelScope()
+    def __init__(self, request: Request, started: float, token: int) -> None:
+        self.request = request
+        self.started = started
+        self.token = token
+        self.answered = False
+        # A request run on the fast path: its call, route, and command_id slot.
+        self.call: Call | None = None
+        self.route: _Route | None = None
+        self.key: _Key | None = None
+        self.pending: _Pending | None = None
+        # A request run by a task of its own: its cancel scope.
+        self.scope: trio.CancelScope | None = None
 
 
 @final
 class _Connection:
-    """One client connection: a reader, a pool of workers, a watchdog.
+    """One client connection: a reader, a sender, a watchdog, and the requests in flight.
 
-    The reader parses lines and queues requests; workers (a pool grown up to
-    the number in flight) run them; whoever has answers ready sends them, all
-    that are ready in one ``send_all``, one sender at a time (a worker after
-    its request, the reader after answering lines itself).
+    The reader parses lines and starts each request. An ``execute`` or
+    ``create`` whose aggregate is live with room in its mailbox takes the
+    fast path: the reader decodes it and puts it in the mailbox with a
+    completion callback, which the aggregate's task calls with the outcome;
+    the callback encodes the answer and queues it. No task runs for the
+    request but the aggregate's own. Every other request (an activation, a
+    full mailbox, an identical ``command_id`` in flight, ``load`` ...) runs
+    in a task of its own. The reader answers at once what needs no
+    aggregate (a bad line, ``ping``, ``hello``, ``stats``, a refusal).
+
+    Answers queue in ``out``; the sender writes all that are queued in one
+    ``send_all`` (the callbacks of one scheduler pass share the write), one
+    sender at a time (the reader sends the answers it gave itself).
 
     Invariant: ``in_flight`` counts the lines read whose answers are not yet
     sent (or dropped, on a broken connection); it is at most
-    ``max_in_flight`` and so bounds the queue and the answers waiting.
+    ``max_in_flight`` and so bounds the requests running and the answers
+    waiting. ``running`` holds the requests not yet answered, oldest first.
 
     The timeouts cost the hot path no cancel scope and no deadline: the
-    reader, the workers and the senders note the time, and one watchdog task
-    wakes at the earliest deadline (at least every ``min(idle_timeout,
-    request_timeout)`` seconds) and cancels what is due.
+    reader notes the time, and one watchdog task wakes at the earliest
+    deadline (at least every ``min(idle_timeout, request_timeout)`` seconds)
+    and answers or cancels what is due.
     """
 
     def __init__(self, server: AggregateServer, stream: trio.abc.Stream) -> None:
@@ -677,22 +730,24 @@ class _Connection:
         self.broken = False
         self.stop_reading = False
         self.reading_done = False
-        self.queue: collections.deque[Request] = collections.deque()
-        self.workers: list[_Worker] = []
-        self.idle_workers = 0
+        self.running: dict[int, _Entry] = {}
+        self.next_token = 0
         self.out: list[bytes] = []
         self.sending = False
+        self.sender_parked = False
         self.sending_since = 0.0
         self.send_scope: trio.CancelScope | None = None
         self.last_activity = trio.current_time()
+        self.grace_deadline = math.inf
         self.hard_deadline = math.inf
         self.scope = trio.CancelScope()
         self.read_scope = trio.CancelScope()
-        self.watchdog_scope = trio.CancelScope()
-        self.worker_scope: trio.CancelScope | None = None
-        self.work_lot = trio.lowlevel.ParkingLot()
+        self.tasks_scope = trio.CancelScope()
+        self.drain_scope = trio.CancelScope()
         self.slot_lot = trio.lowlevel.ParkingLot()
-        self.workers_nursery: trio.Nursery
+        self.send_lot = trio.lowlevel.ParkingLot()
+        self.drained_lot = trio.lowlevel.ParkingLot()
+        self.tasks: trio.Nursery
 
     def cancel(self) -> None:
         self.scope.cancel()
@@ -702,8 +757,9 @@ class _Connection:
     def shut_down(self, deadline: float) -> None:
         """The server is closing: finish by ``deadline``, answer the rest ``shutting_down``."""
         self.closing = True
-        if self.worker_scope is not None:
-            self.worker_scope.deadline = deadline
+        self.grace_deadline = deadline
+        self.tasks_scope.deadline = deadline
+        self.drain_scope.deadline = deadline
         self.hard_deadline = deadline + _FLUSH_TIME
         self.scope.deadline = self.hard_deadline + _LINGER
         if self.send_scope is not None:
@@ -722,31 +778,40 @@ class _Connection:
 
     async def run(self) -> None:
         with self.scope:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watchdog)
-                try:
-                    async with trio.open_nursery() as workers:
-                        self.worker_scope = workers.cancel_scope
-                        self.workers_nursery = workers
-                        try:
-                            await self._read_loop()
-                        finally:
-                            self.reading_done = True
-                            self.work_lot.unpark_all()
-                    # Every worker is done: what no worker took is refused.
-                    server = self.server
-                    while self.queue:  # pragma: no cover (a worker takes each at once)
-                        request = self.queue.popleft()
-                        self.out.append(
-                            server._encode_error(
-                                self.codec, request.id, ErrorCode.SHUTTING_DOWN, _SHUTTING_DOWN
-                            )
-                        )
+            try:
+                async with trio.open_nursery() as helpers:
+                    helpers.start_soon(self._watchdog)
+                    helpers.start_soon(self._sender)
+                    with self.tasks_scope:
+                        async with trio.open_nursery() as tasks:
+                            self.tasks = tasks
+                            try:
+                                await self._read_loop()
+                            finally:
+                                self.reading_done = True
+                    # The tasks are done (or past the grace period); the fast ones:
+                    with self.drain_scope:
+                        while self.running:
+                            await self.drained_lot.park()
+                    for entry in list(self.running.values()):  # past the grace period
+                        self._shutting_down(entry)
                     await self._send()
-                finally:
-                    self.watchdog_scope.cancel()
+                    helpers.cancel_scope.cancel()
+            finally:
+                self._withdraw_all()
             if self.closing or self.stop_reading:
                 await self._linger()
+
+    def _withdraw_all(self) -> None:
+        """The connection is gone: its requests not yet taken are never run."""
+        for entry in self.running.values():
+            entry.answered = True
+            if entry.call is not None:
+                entry.call._abandoned = True
+            if entry.pending is not None:
+                assert entry.key is not None
+                self.server._settle(entry.key, entry.pending, None)
+        self.running.clear()
 
     async def _linger(self) -> None:
         """Half-close and read (and drop) what the client still sends, briefly.
@@ -772,8 +837,7 @@ class _Connection:
         server = self.server
         idle = server._idle_timeout
         limit = server._request_timeout
-        with self.watchdog_scope:
-            await self._watch(idle, limit, min(idle, limit))
+        await self._watch(idle, limit, min(idle, limit))
 
     async def _watch(self, idle: float, limit: float, every: float) -> None:
         while True:
@@ -792,13 +856,15 @@ class _Connection:
                     self.send_scope.cancel()  # the sender finds the connection broken
                 else:
                     wake = min(wake, due)
-            for worker in self.workers:
-                if worker.request is not None:
-                    due = worker.started + limit
-                    if now >= due:
-                        worker.scope.cancel()  # answered `timeout` by the worker
-                    else:
-                        wake = min(wake, due)
+            late = []
+            for entry in self.running.values():  # oldest first
+                due = entry.started + limit
+                if now < due:
+                    wake = min(wake, due)
+                    break
+                late.append(entry)
+            for entry in late:
+                self._time_out(entry)
             await trio.sleep_until(wake)
 
     # -- reading ---------------------------------------------------------------------
@@ -825,6 +891,7 @@ class _Connection:
                             await self.slot_lot.park()
                         if self.broken:
                             return
+                        self.last_activity = trio.current_time()
                     self._dispatch(item)
                     if self.stop_reading:
                         break
@@ -834,7 +901,7 @@ class _Connection:
                     return  # EOF: the answers in flight are still sent
 
     def _dispatch(self, item: Request | BadLine) -> None:
-        """Take one line: answer it here, or queue it for a worker."""
+        """Take one line: answer it here, or start it."""
         self.in_flight += 1
         server = self.server
         server._in_flight += 1
@@ -867,14 +934,13 @@ class _Connection:
         elif op == "stats":
             self.out.append(codec.encode_ok(item.id, server._stats()))
         else:
-            self.queue.append(item)
-            if self.idle_workers:
-                self.idle_workers -= 1
-                self.work_lot.unpark()
-            elif len(self.workers) < server._max_in_flight:
-                worker = _Worker()
-                self.workers.append(worker)
-                self.workers_nursery.start_soon(self._worker, worker)
+            token = self.next_token
+            self.next_token = token + 1
+            entry = self.running[token] = _Entry(item, self.last_activity, token)
+            if (op == "execute" or op == "create") and self._start_fast(entry):
+                return
+            entry.scope = trio.CancelScope()
+            self.tasks.start_soon(self._run_task, entry)
 
     def _authenticate(self, request: Request) -> None:
         server = self.server
@@ -895,55 +961,118 @@ class _Connection:
         )
         self.stop_reading = True
 
-    # -- working ----------------------------------------------------------------------
+    # -- running ----------------------------------------------------------------------
 
-    async def _worker(self, worker: _Worker) -> None:
-        """Run queued requests until the reader is done; answer each, send what is ready.
+    def _start_fast(self, entry: _Entry) -> bool:
+        """Start an execute or create on the fast path; ``False`` if it needs a task.
 
-        The watchdog may cancel the request in hand (``timeout``); the end of
-        the grace period at shutdown cancels it too (``shutting_down``).
+        True when the command went into a live aggregate's mailbox, or was
+        answered here (a command ``data`` that does not decode, a bad key).
         """
         server = self.server
-        answer = server._answer
-        codec = self.codec
-        queue = self.queue
+        request = entry.request
+        route = server._routes.get(request.type)  # type: ignore[arg-type]
+        name = request.command
+        if route is None or request.key is None or name is None:
+            return False  # an error: the task answers it
+        found = route.commands.get(name)
+        if found is None:
+            return False
+        key = None
+        command_id = request.command_id
         try:
-            while True:
-                with worker.scope:
-                    while True:
-                        if not queue:
-                            if self.reading_done:
-                                return
-                            self.idle_workers += 1
-                            await self.work_lot.park()
-                            continue
-                        request = queue.popleft()
-                        worker.started = trio.current_time()
-                        worker.request = request
-                        line = await answer(codec, request)
-                        worker.request = None
-                        self.out.append(line)
-                        if not self.sending:
-                            # More answers due: let the others finishing now join the batch.
-                            await self._send(defer=self.in_flight > len(self.out))
-                        if worker.scope.cancel_called:
-                            break  # it just made it: a new scope before the next one
-                # The watchdog cancelled the request in hand: too slow.
-                late = worker.request
-                if late is not None:
-                    worker.request = None
-                    self.out.append(self._timed_out(late))
-                    if not self.sending:
-                        await self._send()
-                worker.scope = trio.CancelScope()
-        except trio.Cancelled:
-            left = worker.request
-            if left is not None:  # shutting down: the grace period is over
-                worker.request = None
-                self.out.append(
-                    server._encode_error(codec, left.id, ErrorCode.SHUTTING_DOWN, _SHUTTING_DOWN)
+            if command_id is not None and not request.dry_run:
+                key = (route.name, canonical_key(request.key), command_id)
+                if key in server._finished or key in server._pending:
+                    return False  # a retry, or an identical one in flight: the task handles it
+            cls, structure = found
+            try:
+                command = structure(request.data if request.data is not None else {}, cls)
+            except Exception as exc:
+                self._answer(
+                    entry,
+                    server._encode_error(
+                        self.codec, request.id, ErrorCode.BAD_REQUEST, _structure_error(exc)
+                    ),
                 )
+                return True
+            call = route.repository._execute_soon(
+                request.key,
+                command,
+                functools.partial(self._fast_done, entry),
+                **server._execute_options(request),
+            )
+        except Exception as exc:
+            self._answer(
+                entry, server._encode_outcome(self.codec, request.id, server._failure(request, exc))
+            )
+            return True
+        if call is None:
+            return False
+        entry.call = call
+        entry.route = route
+        if key is not None:
+            entry.key = key
+            entry.pending = server._pending[key] = _Pending()
+        return True
+
+    def _fast_done(self, entry: _Entry, result: outcome.Outcome[Any]) -> None:
+        """A fast-path request's outcome, from the aggregate's task: answer it."""
+        if entry.answered:
+            return  # timed out, or the connection is gone
+        server = self.server
+        request = entry.request
+        try:
+            version, reply = result.unwrap()
+            assert entry.route is not None
+            answer = server._executed(entry.route, request, version, reply)
+        except Exception as exc:
+            answer = server._failure(request, _as_given(exc, request.key))
+        pending = entry.pending
+        if pending is not None:
+            assert entry.key is not None
+            server._settle(entry.key, pending, answer)
+        self._answer(entry, server._encode_outcome(self.codec, request.id, answer))
+
+    async def _run_task(self, entry: _Entry) -> None:
+        """Run a request in a task of its own (not on the fast path), and answer it.
+
+        The watchdog cancels it when it runs too long (having answered
+        ``timeout``); the end of the grace period at shutdown cancels it too
+        (it answers ``shutting_down``).
+        """
+        assert entry.scope is not None
+        try:
+            with entry.scope:
+                line = await self.server._answer(self.codec, entry.request)
+                self._answer(entry, line)
+        except trio.Cancelled:
+            self._shutting_down(entry)
             raise
+
+    def _time_out(self, entry: _Entry) -> None:
+        """The watchdog: ``entry`` ran longer than ``request_timeout``."""
+        self._answer(entry, self._timed_out(entry.request))
+        self._withdraw(entry)
+
+    def _shutting_down(self, entry: _Entry) -> None:
+        """The grace period is over and ``entry`` is still running."""
+        line = self.server._encode_error(
+            self.codec, entry.request.id, ErrorCode.SHUTTING_DOWN, _SHUTTING_DOWN
+        )
+        self._answer(entry, line)
+        self._withdraw(entry)
+
+    def _withdraw(self, entry: _Entry) -> None:
+        """Stop ``entry`` (answered already): a call not yet taken never runs."""
+        if entry.call is not None:
+            entry.call._abandoned = True
+        if entry.scope is not None:
+            entry.scope.cancel()
+        if entry.pending is not None:
+            assert entry.key is not None
+            self.server._settle(entry.key, entry.pending, None)
+            entry.pending = None
 
     def _timed_out(self, request: Request) -> bytes:
         return self.server._encode_error(
@@ -956,12 +1085,30 @@ class _Connection:
 
     # -- sending ----------------------------------------------------------------------
 
-    async def _send(self, *, defer: bool = False) -> None:
-        """Send every answer ready, in batches, unless another task is sending.
+    def _answer(self, entry: _Entry, line: bytes) -> None:
+        """Queue ``entry``'s answer (the first one given: later ones are dropped)."""
+        if entry.answered:
+            return
+        entry.answered = True
+        del self.running[entry.token]
+        self.out.append(line)
+        if self.sender_parked and not self.sending:
+            self.sender_parked = False
+            self.send_lot.unpark()
+        if not self.running and self.reading_done:
+            self.drained_lot.unpark_all()
 
-        With ``defer``, first let every task runnable now run (one schedule
-        point): the answers they finish join the batch (one ``send_all`` for
-        many answers is much cheaper than one each).
+    async def _sender(self) -> None:
+        """Send the answers queued by callbacks and tasks (the reader sends its own)."""
+        while True:
+            if not self.out or self.sending:
+                self.sender_parked = True
+                await self.send_lot.park()
+                continue
+            await self._send()
+
+    async def _send(self) -> None:
+        """Send every answer queued, in batches, unless another task is sending.
 
         Each send is shielded from cancellation (a cut write would garble
         the stream) but bounded: the watchdog cancels a send stuck for
@@ -974,8 +1121,6 @@ class _Connection:
         stream = self.stream
         server = self.server
         try:
-            if defer:
-                await trio.lowlevel.cancel_shielded_checkpoint()
             while self.out:
                 batch = self.out
                 self.out = []
@@ -1006,6 +1151,15 @@ class _Connection:
                         self.last_activity = trio.current_time()
         finally:
             self.sending = False
+
+
+def _as_given(exc: BaseException, key: object) -> BaseException:
+    """``exc`` naming the key as the client gave it (the aggregate knows its canonical form)."""
+    if isinstance(exc, TrioAggregatesError) and type(key) is not str:
+        exc_key = getattr(exc, "key", None)
+        if exc_key is not None and exc_key == canonical_key(key):
+            exc.key = key  # type: ignore[attr-defined]
+    return exc
 
 
 def _check_options(
