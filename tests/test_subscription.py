@@ -102,10 +102,20 @@ async def test_no_gap_and_no_duplicate_while_writers_append(store: EventStore) -
             while await store.head_position() < 20:  # noqa: ASYNC110 - polls the store
                 await trio.sleep(0.001)
             async with open_subscription(store, buffer_size=8) as subscription:
-                async for event in subscription:
-                    got.append(event)
-                    if writers_done.is_set() and event.position == await store.head_position():
-                        break
+
+                async def collect() -> None:
+                    async for event in subscription:
+                        got.append(event)
+
+                async with trio.open_nursery() as reading:
+                    reading.start_soon(collect)
+                    # The last event may come before or after the writers are
+                    # seen done: wait for both, then for the head.
+                    await writers_done.wait()
+                    head = await store.head_position()
+                    while not got or got[-1].position < head:  # noqa: ASYNC110
+                        await trio.sleep(0.001)
+                    reading.cancel_scope.cancel()
     check_order(got)
     assert got == await store.read_all(limit=None)
 
