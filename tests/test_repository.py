@@ -3,9 +3,12 @@
 Most tests run on the in-memory store and on a real SQLite file. Time-based tests
 (idle passivation, call timeouts) and tests that count blocked tasks use the
 in-memory store only: the autojump clock jumps while a real SQLite thread works.
-Store "wrappers" below are subclasses of :class:`InMemoryEventStore`: real stores
-with a real interleaving (a slow append, a gate on reads, a second writer that
-always gets there first), not mocks.
+Failing, slow and gated stores are the testing kit's :class:`FaultyStore`
+(``trio_aggregates.testing``): a real in-memory store with a real interleaving
+(a slow append, a latch on reads, an append whose answer is lost), not a mock;
+so is the second writer that always gets there first, below. Tests that need
+nothing but an ``Account`` on a fresh in-memory store take the kit's
+``aggregates`` fixture.
 """
 
 import functools
@@ -37,7 +40,6 @@ from trio_aggregates import (
     InvalidArgument,
     InvalidKey,
     NewEvent,
-    RecordedEvent,
     RegistryClosed,
     Snapshot,
     StoreError,
@@ -51,6 +53,7 @@ from trio_aggregates import (
     open_aggregates,
 )
 from trio_aggregates._command import ANY, NEW
+from trio_aggregates.testing import FaultyStore, Repositories
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 if str(EXAMPLES) not in sys.path:
@@ -126,109 +129,17 @@ class SnappyV2(bank.Account):
 # -- stores ---------------------------------------------------------------------
 
 
-class CountingStore(InMemoryEventStore):
-    """Counts the events read and the appends made."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.events_read = 0
-        self.reads: list[tuple[str, int]] = []
-        self.appends = 0
-
-    async def read(
-        self, stream: str, *, from_version: int = 1, limit: int | None = None
-    ) -> list[RecordedEvent]:
-        page = await super().read(stream, from_version=from_version, limit=limit)
-        self.reads.append((stream, from_version))
-        self.events_read += len(page)
-        return page
-
-    async def append(
-        self, stream: str, events: Sequence[NewEvent], *, expected_version: int | None, **kw: Any
-    ) -> int:
-        self.appends += 1
-        return await super().append(stream, events, expected_version=expected_version, **kw)
+@pytest.fixture
+def aggregate_types() -> list[type[Any]]:
+    """What the kit's ``aggregates`` fixture runs: ``aggregates[Account]``."""
+    return [Account]
 
 
-class GatedStore(InMemoryEventStore):
-    """Reads of the streams in ``blocked`` wait for ``gate``; counts concurrent reads."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gate = trio.Event()
-        self.blocked: set[str] = set()
-        self.current = 0
-        self.most = 0
-
-    async def read(
-        self, stream: str, *, from_version: int = 1, limit: int | None = None
-    ) -> list[RecordedEvent]:
-        self.current += 1
-        self.most = max(self.most, self.current)
-        try:
-            if stream in self.blocked:
-                await self.gate.wait()
-            return await super().read(stream, from_version=from_version, limit=limit)
-        finally:
-            self.current -= 1
-
-
-class AppendGate(InMemoryEventStore):
-    """While ``hold`` is set, appends wait for ``gate``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.hold = False
-        self.gate = trio.Event()
-        self.waiting = 0
-
-    async def append(
-        self, stream: str, events: Sequence[NewEvent], *, expected_version: int | None, **kw: Any
-    ) -> int:
-        if self.hold:
-            self.waiting += 1
-            await self.gate.wait()
-            self.waiting -= 1
-        return await super().append(stream, events, expected_version=expected_version, **kw)
-
-
-class SlowStore(InMemoryEventStore):
-    """Every append takes ``delay`` seconds (of Trio's clock)."""
-
-    def __init__(self, delay: float) -> None:
-        super().__init__()
-        self.delay = delay
-
-    async def append(
-        self, stream: str, events: Sequence[NewEvent], *, expected_version: int | None, **kw: Any
-    ) -> int:
-        await trio.sleep(self.delay)
-        return await super().append(stream, events, expected_version=expected_version, **kw)
-
-
-class FailingStore(InMemoryEventStore):
-    """Appends (or reads) fail with StoreError while the flag is set."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fail_appends = False
-        self.fail_reads = False
-
-    async def append(
-        self, stream: str, events: Sequence[NewEvent], *, expected_version: int | None, **kw: Any
-    ) -> int:
-        if self.fail_appends:
-            await trio.lowlevel.checkpoint()
-            raise StoreError("disk full") from OSError(28, "No space left on device")
-        return await super().append(stream, events, expected_version=expected_version, **kw)
-
-    async def read(
-        self, stream: str, *, from_version: int = 1, limit: int | None = None
-    ) -> list[RecordedEvent]:
-        if self.fail_reads:
-            await trio.lowlevel.checkpoint()
-            raise StoreError("connection lost")
-        return await super().read(stream, from_version=from_version, limit=limit)
+def disk_full() -> StoreError:
+    """A store's error for a full disk, with the driver's error as its cause."""
+    error = StoreError("disk full")
+    error.__cause__ = OSError(28, "No space left on device")
+    return error
 
 
 class InterferingStore(InMemoryEventStore):
@@ -348,13 +259,13 @@ async def test_create_on_an_existing_key_already_exists(target: Any) -> None:
         assert await repo.version("a") == 1
 
 
-async def test_rejected_create_leaves_no_aggregate_behind() -> None:
-    async with open_aggregates(Account, InMemoryEventStore()) as repo:
-        with pytest.raises(bank.InvalidAmount):
-            await repo.create("a", OpenAccount("ann", -5))
-        with pytest.raises(AggregateNotFound):
-            await repo.load("a")
-        assert "a" not in repo.registry
+async def test_rejected_create_leaves_no_aggregate_behind(aggregates: Repositories) -> None:
+    repo = aggregates[Account]
+    with pytest.raises(bank.InvalidAmount):
+        await repo.create("a", OpenAccount("ann", -5))
+    with pytest.raises(AggregateNotFound):
+        await repo.load("a")
+    assert "a" not in repo.registry
 
 
 async def test_rejected_command_keeps_the_aggregate_alive_and_unchanged(target: Any) -> None:
@@ -416,11 +327,10 @@ async def test_handler_exception_crashes_only_that_aggregate_and_loses_nothing(
         assert await repo.history("a") == [*acknowledged, (await repo.history("a"))[-1]]
 
 
-async def crash_with_a_queue(repo: Any, store: AppendGate, key: str) -> dict[str, object]:
+async def crash_with_a_queue(repo: Any, store: FaultyStore, key: str) -> dict[str, object]:
     """Store "first" slowly, queue Boom and q0..q4 behind it, in that order; return answers."""
     await repo.create(key, OpenAccount("ann"))
-    store.hold = True
-    store.gate = trio.Event()
+    latch = store.hold("append")
     results: dict[str, object] = {}
 
     async def send(name: str, command: object) -> None:
@@ -433,19 +343,18 @@ async def crash_with_a_queue(repo: Any, store: AppendGate, key: str) -> dict[str
         async with trio.open_nursery() as nursery:
             nursery.start_soon(send, "first", Deposit(1, "first"))
             await trio.testing.wait_all_tasks_blocked()
-            assert store.waiting == 1  # the aggregate is busy storing "first"
+            assert latch.waiting == 1  # the aggregate is busy storing "first"
             nursery.start_soon(send, "boom", Boom())
             await trio.testing.wait_all_tasks_blocked()
             for i in range(5):
                 nursery.start_soon(send, f"q{i}", Deposit(1, f"q{i}"))
                 await trio.testing.wait_all_tasks_blocked()
-            store.hold = False
-            store.gate.set()
+            latch.release()
     return results
 
 
 async def test_commands_queued_behind_a_crash_are_answered_once_each() -> None:
-    store = AppendGate()
+    store = FaultyStore()
     async with open_aggregates(FragileAccount, store) as repo:
         results = await crash_with_a_queue(repo, store, "a")
         assert isinstance(results.pop("boom"), AggregateCrashed)
@@ -460,7 +369,7 @@ async def test_commands_queued_behind_a_crash_are_answered_once_each() -> None:
 
 
 async def test_commands_queued_behind_a_crash_keep_their_arrival_order() -> None:
-    store = AppendGate()
+    store = FaultyStore()
     async with open_aggregates(FragileAccount, store) as repo:
         for round_ in range(10):  # each round keeps the order by chance at most 1 time in 2
             key = f"a{round_}"
@@ -472,10 +381,10 @@ async def test_commands_queued_behind_a_crash_keep_their_arrival_order() -> None
 
 
 async def test_commands_run_one_at_a_time_in_arrival_order() -> None:
-    store = AppendGate()
+    store = FaultyStore()
     async with open_aggregates(Account, store) as repo:
         await repo.create("a", OpenAccount("ann"))
-        store.hold = True
+        latch = store.hold("append")
         versions: dict[int, int] = {}
 
         async def deposit(i: int) -> None:
@@ -487,8 +396,8 @@ async def test_commands_run_one_at_a_time_in_arrival_order() -> None:
                     nursery.start_soon(deposit, i)
                     # each command is in the mailbox before the next is sent
                     await trio.testing.wait_all_tasks_blocked()
-                    assert store.waiting == 1  # only ever one command in the store at once
-                store.gate.set()
+                    assert latch.waiting == 1  # only ever one command in the store at once
+                latch.release()
         assert versions == {i: i + 2 for i in range(20)}
         assert references(await repo.history("a"))[1:] == [f"r{i}" for i in range(20)]
 
@@ -668,11 +577,13 @@ async def test_caller_expected_version(target: Any) -> None:
 
 
 @pytest.mark.parametrize("bad", [-1, True, 1.0, "1"])
-async def test_expected_version_must_be_a_non_negative_int(bad: object) -> None:
-    async with open_aggregates(Account, InMemoryEventStore()) as repo:
-        await repo.create("a", OpenAccount("ann"))
-        with pytest.raises(ValueError, match="expected_version"):
-            await repo.execute("a", Deposit(5), expected_version=bad)  # type: ignore[arg-type]
+async def test_expected_version_must_be_a_non_negative_int(
+    bad: object, aggregates: Repositories
+) -> None:
+    repo = aggregates[Account]
+    await repo.create("a", OpenAccount("ann"))
+    with pytest.raises(ValueError, match="expected_version"):
+        await repo.execute("a", Deposit(5), expected_version=bad)  # type: ignore[arg-type]
 
 
 # -- dry run ------------------------------------------------------------------
@@ -704,10 +615,10 @@ async def test_dry_run_writes_nothing(target: Any) -> None:
 
 
 async def test_timeout_gives_call_timeout(autojump_clock: trio.testing.MockClock) -> None:
-    store = SlowStore(delay=0)
+    store = FaultyStore()
     async with open_aggregates(Account, store) as repo:
         await repo.create("a", OpenAccount("ann"))
-        store.delay = 10
+        store.delay("append", 10)
         results: list[object] = []
 
         async def queued() -> None:
@@ -728,27 +639,28 @@ async def test_timeout_gives_call_timeout(autojump_clock: trio.testing.MockClock
         await trio.sleep(20)
         assert references(await repo.history("a")) == [None, "slow"]
         assert await repo.version("a") == 2
-        store.delay = 0
+        store.heal("append")
         assert await repo.execute("a", Deposit(3), timeout=1) == 3
 
 
 async def test_idle_passivation_is_on_by_default_after_300_s(
+    aggregates: Repositories,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    async with open_aggregates(Account, InMemoryEventStore()) as repo:
-        await repo.create("a", OpenAccount("ann"))
-        await repo.execute("a", Deposit(10))
-        before = await repo.load("a")
-        start = trio.current_time()
-        await trio.sleep_until(start + 299.5)
-        assert "a" in repo.registry
-        await trio.sleep_until(start + 300.5)
-        assert "a" not in repo.registry
-        stats = repo.registry.statistics()
-        assert (stats.passivations, stats.live) == (1, 0)
-        assert await repo.load("a") == before
-        assert await repo.version("a") == 2
-        assert repo.registry.statistics().activations == 2
+    repo = aggregates[Account]
+    await repo.create("a", OpenAccount("ann"))
+    await repo.execute("a", Deposit(10))
+    before = await repo.load("a")
+    start = trio.current_time()
+    await trio.sleep_until(start + 299.5)
+    assert "a" in repo.registry
+    await trio.sleep_until(start + 300.5)
+    assert "a" not in repo.registry
+    stats = repo.registry.statistics()
+    assert (stats.passivations, stats.live) == (1, 0)
+    assert await repo.load("a") == before
+    assert await repo.version("a") == 2
+    assert repo.registry.statistics().activations == 2
 
 
 async def test_idle_timeout_is_configurable(autojump_clock: trio.testing.MockClock) -> None:
@@ -812,10 +724,10 @@ async def test_command_racing_idle_passivation_is_answered_and_stored_exactly_on
 
 
 async def test_a_slow_loading_stream_does_not_delay_other_keys() -> None:
-    store = GatedStore()
+    store = FaultyStore()
     await seed(store, Account, "slow", AccountOpened("s", 0), Deposited(5))
     await seed(store, Account, "fast", AccountOpened("f", 0))
-    store.blocked.add("Account-slow")
+    latch = store.hold("read", streams="Account-slow")
     async with open_aggregates(Account, store) as repo:
         results: list[int] = []
         with trio.fail_after(10):
@@ -833,28 +745,29 @@ async def test_a_slow_loading_stream_does_not_delay_other_keys() -> None:
                 assert await repo.execute("fast", Deposit(9)) == 2
                 assert (await repo.load("fast")).balance == 9
                 assert results == []
-                store.gate.set()
+                latch.release()
         assert sorted(results) == [3, 4]
         assert (await repo.load("slow")).balance == 8
         assert repo.registry.statistics().activations == 2
 
 
 async def test_max_concurrent_loads_bounds_concurrent_loads() -> None:
-    store = GatedStore()
+    store = FaultyStore()
     keys = [f"k{i}" for i in range(7)]
     for key in keys:
         await seed(store, Account, key, AccountOpened(key, 0))
-        store.blocked.add(Account.stream_name(key))
+    latch = store.hold("read", streams=[Account.stream_name(key) for key in keys])
     async with open_aggregates(Account, store, max_concurrent_loads=2) as repo:
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
                 for key in keys:
                     nursery.start_soon(repo.execute, key, Deposit(1))
                 await trio.testing.wait_all_tasks_blocked()
-                assert (store.current, store.most) == (2, 2)
+                assert (store.in_flight["read"], store.max_in_flight["read"]) == (2, 2)
+                assert latch.waiting == 2
                 assert repo.registry.statistics().starting == len(keys)
-                store.gate.set()
-        assert store.most == 2
+                latch.release()
+        assert store.max_in_flight["read"] == 2
         assert sorted(repo.registry.keys()) == keys
         for key in keys:
             assert await repo.version(key) == 2
@@ -904,18 +817,18 @@ async def test_metadata_is_stored_with_every_event(target: Any) -> None:
         assert json.loads(raw[0].metadata)["command_id"] == "cmd-1"
 
 
-async def test_transfer_carries_its_correlation_id() -> None:
-    async with open_aggregates(Account, InMemoryEventStore()) as repo:
-        await repo.create("s", OpenAccount("s"))
-        await repo.create("t", OpenAccount("t"))
-        await repo.execute("s", Deposit(100))
-        assert await bank.transfer(repo, "s", "t", 60)
-        assert not await bank.transfer(repo, "s", "t", 60)  # insufficient funds
-        withdrawn = (await repo.history("s"))[-1]
-        deposited = (await repo.history("t"))[-1]
-        assert withdrawn.metadata["correlation_id"] == deposited.metadata["correlation_id"]
-        assert withdrawn.event.reference == withdrawn.metadata["correlation_id"]
-        assert ((await repo.load("s")).balance, (await repo.load("t")).balance) == (40, 60)
+async def test_transfer_carries_its_correlation_id(aggregates: Repositories) -> None:
+    repo = aggregates[Account]
+    await repo.create("s", OpenAccount("s"))
+    await repo.create("t", OpenAccount("t"))
+    await repo.execute("s", Deposit(100))
+    assert await bank.transfer(repo, "s", "t", 60)
+    assert not await bank.transfer(repo, "s", "t", 60)  # insufficient funds
+    withdrawn = (await repo.history("s"))[-1]
+    deposited = (await repo.history("t"))[-1]
+    assert withdrawn.metadata["correlation_id"] == deposited.metadata["correlation_id"]
+    assert withdrawn.event.reference == withdrawn.metadata["correlation_id"]
+    assert ((await repo.load("s")).balance, (await repo.load("t")).balance) == (40, 60)
 
 
 # -- snapshots ----------------------------------------------------------------
@@ -935,28 +848,30 @@ async def test_snapshot_is_saved_every_n_events(target: Any) -> None:
         assert repo.registry.statistics().crashes == 0
 
 
-async def test_account_keeps_serving_concurrent_commands_past_its_snapshot_interval() -> None:
+async def test_account_keeps_serving_concurrent_commands_past_its_snapshot_interval(
+    aggregates: Repositories,
+) -> None:
     # bank.Account has snapshot_every = 50: snapshots are taken between queued commands.
-    async with open_aggregates(Account, InMemoryEventStore()) as repo:
-        await repo.create("a", OpenAccount("ann"))
-        failures: list[BaseException] = []
+    repo = aggregates[Account]
+    await repo.create("a", OpenAccount("ann"))
+    failures: list[BaseException] = []
 
-        async def deposit() -> None:
-            try:
-                await repo.execute("a", Deposit(1))
-            except Exception as exc:
-                failures.append(exc)
+    async def deposit() -> None:
+        try:
+            await repo.execute("a", Deposit(1))
+        except Exception as exc:
+            failures.append(exc)
 
-        async with trio.open_nursery() as nursery:
-            for _ in range(80):
-                nursery.start_soon(deposit)
-        assert failures == []
-        assert repo.registry.statistics().crashes == 0
-        assert await repo.version("a") == 81
+    async with trio.open_nursery() as nursery:
+        for _ in range(80):
+            nursery.start_soon(deposit)
+    assert failures == []
+    assert repo.registry.statistics().crashes == 0
+    assert await repo.version("a") == 81
 
 
 async def test_next_activation_uses_the_snapshot() -> None:
-    store = CountingStore()
+    store = FaultyStore()
     async with open_aggregates(Snappy, store) as repo:
         await repo.create("s", OpenAccount("ann"))
         for i in range(4):
@@ -971,7 +886,7 @@ async def test_next_activation_uses_the_snapshot() -> None:
 
 async def test_a_stored_snapshot_with_the_right_schema_is_used() -> None:
     # A snapshot that disagrees with the events (balance 999) shows that it was read.
-    store = CountingStore()
+    store = FaultyStore()
     await seed(store, Snappy, "s", AccountOpened("ann", 0), Deposited(1), Deposited(2))
     state = {"owner": "ann", "balance": 999, "overdraft_limit": 0, "closed": False}
     await store.save_snapshot(Snapshot("Snappy-s", 3, 1, "snappy", json.dumps(state).encode()))
@@ -981,7 +896,7 @@ async def test_a_stored_snapshot_with_the_right_schema_is_used() -> None:
 
 
 async def test_a_changed_snapshot_schema_ignores_the_old_snapshot() -> None:
-    store = CountingStore()
+    store = FaultyStore()
     await seed(store, Snappy, "s", AccountOpened("ann", 0), Deposited(1), Deposited(2))
     state = {"owner": "ann", "balance": 999, "overdraft_limit": 0, "closed": False}
     await store.save_snapshot(Snapshot("Snappy-s", 3, 1, "snappy", json.dumps(state).encode()))
@@ -992,7 +907,7 @@ async def test_a_changed_snapshot_schema_ignores_the_old_snapshot() -> None:
 
 
 async def test_a_snapshot_of_another_state_type_is_ignored() -> None:
-    store = CountingStore()
+    store = FaultyStore()
     await seed(store, Snappy, "s", AccountOpened("ann", 0), Deposited(4))
     await store.save_snapshot(Snapshot("Snappy-s", 2, 1, "something.else", b'{"balance": 999}'))
     async with open_aggregates(Snappy, store) as repo:
@@ -1068,53 +983,53 @@ async def test_unreadable_streams_fail_only_their_own_callers(target: Any) -> No
 
 
 async def test_store_failure_on_append_is_the_answer_and_the_aggregate_rebuilds() -> None:
-    store = FailingStore()
+    store = FaultyStore()
     async with open_aggregates(Account, store) as repo:
         await repo.create("a", OpenAccount("ann"))
         await repo.execute("a", Deposit(10))
-        store.fail_appends = True
+        store.fail("append", disk_full())
         with pytest.raises(StoreError, match="disk full") as info:
             await repo.execute("a", Deposit(5))
         assert isinstance(info.value.__cause__, OSError)
         assert "a" in repo.registry  # the aggregate stays; its state is rebuilt before use
         assert repo.registry.statistics().crashes == 0  # an answer, not a crash
         assert await stored(store, Account, "a") == 2
-        store.fail_appends = False
+        store.heal("append")
         assert await repo.execute("a", Deposit(5)) == 3
         assert (await repo.load("a")).balance == 15
         assert repo.registry.statistics().activations == 1
 
 
 async def test_store_failure_on_load_reaches_the_caller() -> None:
-    store = FailingStore()
+    store = FaultyStore()
     await seed(store, Account, "a", AccountOpened("ann", 0))
     async with open_aggregates(Account, store) as repo:
-        store.fail_reads = True
+        store.fail("read", StoreError("connection lost"))
         with pytest.raises(StoreError, match="connection lost"):
             await repo.execute("a", Deposit(1))
         assert "a" not in repo.registry
-        store.fail_reads = False
+        store.heal("read")
         assert await repo.execute("a", Deposit(1)) == 2
 
 
 @pytest.mark.parametrize("key", [[1], 3.5, None, True, b"bytes", ("t",)], ids=repr)
-async def test_invalid_keys_are_refused(key: Any) -> None:
-    async with open_aggregates(Account, InMemoryEventStore()) as repo:
-        with pytest.raises(InvalidKey) as info:
-            await repo.execute(key, Deposit(1))
-        assert isinstance(info.value, TypeError)
-        with pytest.raises(InvalidKey):
-            await repo.create(key, OpenAccount("x"))
-        with pytest.raises(InvalidKey):
-            await repo.load(key)
-        with pytest.raises(InvalidKey):
-            await repo.version(key)
-        with pytest.raises(InvalidKey):
-            await repo.replay(key)
-        with pytest.raises(InvalidKey):
-            await repo.history(key)
-        assert len(repo.registry) == 0
-        assert repo.registry.statistics().starting == 0
+async def test_invalid_keys_are_refused(key: Any, aggregates: Repositories) -> None:
+    repo = aggregates[Account]
+    with pytest.raises(InvalidKey) as info:
+        await repo.execute(key, Deposit(1))
+    assert isinstance(info.value, TypeError)
+    with pytest.raises(InvalidKey):
+        await repo.create(key, OpenAccount("x"))
+    with pytest.raises(InvalidKey):
+        await repo.load(key)
+    with pytest.raises(InvalidKey):
+        await repo.version(key)
+    with pytest.raises(InvalidKey):
+        await repo.replay(key)
+    with pytest.raises(InvalidKey):
+        await repo.history(key)
+    assert len(repo.registry) == 0
+    assert repo.registry.statistics().starting == 0
 
 
 # -- load, version, lifetime ----------------------------------------------------
@@ -1145,7 +1060,7 @@ async def test_leaving_the_block_ends_every_aggregate(target: Any) -> None:
 
 
 async def test_commands_still_queued_at_exit_get_an_answer() -> None:
-    store = AppendGate()
+    store = FaultyStore()
     results: dict[int, object] = {}
 
     async def send(repo: Any, i: int) -> None:
@@ -1157,12 +1072,12 @@ async def test_commands_still_queued_at_exit_get_an_answer() -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as outer, open_aggregates(Account, store) as repo:
             await repo.create("a", OpenAccount("ann"))
-            store.hold = True
+            latch = store.hold("append")
             for i in range(3):
                 outer.start_soon(send, repo, i)
                 await trio.testing.wait_all_tasks_blocked()
-            assert store.waiting == 1  # r0 is being stored, r1 and r2 are queued
-            store.gate.set()
+            assert latch.waiting == 1  # r0 is being stored, r1 and r2 are queued
+            latch.release()
     assert results[0] == 2, results  # the command in hand completes
     assert isinstance(results[1], RegistryClosed)
     assert isinstance(results[2], RegistryClosed)
@@ -1180,21 +1095,21 @@ async def test_cancelling_the_block_is_a_clean_cancellation(
     assert scope.cancelled_caught
 
 
-async def test_metadata_ids_with_quotes_and_unicode_round_trip() -> None:
+async def test_metadata_ids_with_quotes_and_unicode_round_trip(aggregates: Repositories) -> None:
     awkward = 'a"b\\c\n\u00e9\U0001f600'
-    async with open_aggregates(Account, InMemoryEventStore()) as repo:
-        await repo.create("q", OpenAccount("q"), correlation_id=awkward, causation_id="</x>")
-        (opened,) = await repo.history("q")
+    repo = aggregates[Account]
+    await repo.create("q", OpenAccount("q"), correlation_id=awkward, causation_id="</x>")
+    (opened,) = await repo.history("q")
     assert opened.metadata["correlation_id"] == awkward
     assert opened.metadata["causation_id"] == "</x>"
 
 
-async def test_default_command_ids_are_unique() -> None:
-    async with open_aggregates(Account, InMemoryEventStore()) as repo:
-        await repo.create("u", OpenAccount("u"))
-        for _ in range(20):
-            await repo.execute("u", Deposit(1))
-        history = await repo.history("u")
+async def test_default_command_ids_are_unique(aggregates: Repositories) -> None:
+    repo = aggregates[Account]
+    await repo.create("u", OpenAccount("u"))
+    for _ in range(20):
+        await repo.execute("u", Deposit(1))
+    history = await repo.history("u")
     ids = [e.metadata["command_id"] for e in history]
     assert len(set(ids)) == len(ids) == 21
 
@@ -1229,22 +1144,6 @@ class TouchyAccount(bank.Account):
     def poisoned(self, event: Poisoned) -> None:
         self.balance = -999
         raise ZeroDivisionError("applier bug")
-
-
-class LostCommitStore(InMemoryEventStore):
-    """While ``lose`` is set, an append commits, then raises StoreError (COMMIT's answer lost)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lose = False
-
-    async def append(
-        self, stream: str, events: Sequence[NewEvent], *, expected_version: int | None, **kw: Any
-    ) -> int:
-        version = await super().append(stream, events, expected_version=expected_version, **kw)
-        if self.lose:
-            raise StoreError("connection lost during COMMIT")
-        return version
 
 
 async def outcome_of(call: Any) -> object:
@@ -1291,7 +1190,7 @@ async def test_a_missing_key_leaves_no_task_behind(target: Any) -> None:
 
 
 async def test_keys_naming_one_stream_are_one_aggregate(target: Any) -> None:
-    store = CountingStore() if target == "memory" else target
+    store = FaultyStore() if target == "memory" else target
     ident = uuid.UUID(int=0xABC)
     async with open_aggregates(Account, store) as repo:
         assert await repo.create(1, OpenAccount("one")) == 1
@@ -1308,8 +1207,8 @@ async def test_keys_naming_one_stream_are_one_aggregate(target: Any) -> None:
         assert (await repo.load(str(ident))).balance == (await repo.load(ident)).balance == 10
         with pytest.raises(AlreadyExists):
             await repo.create("1", OpenAccount("again"))
-        if isinstance(store, CountingStore):
-            assert store.appends == 22  # no conflict between two live copies: no retries
+        if isinstance(store, FaultyStore):
+            assert store.calls["append"] == 22  # no conflict between two live copies: no retries
 
 
 async def test_a_category_with_a_dash_is_refused_when_used() -> None:
@@ -1390,7 +1289,8 @@ async def test_an_applier_that_raises_fails_the_command_and_stores_nothing(targe
 async def test_a_retry_after_a_timeout_is_applied_once(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    store = SlowStore(10.0)
+    store = FaultyStore()
+    store.delay("append", 10.0)
     async with open_aggregates(Account, store) as repo:
         await repo.create("a", OpenAccount("ann"))
         with pytest.raises(CallTimeout):
@@ -1406,7 +1306,8 @@ async def test_a_retry_after_a_timeout_is_applied_once(
 async def test_a_retry_after_a_cancellation_is_applied_once(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    store = SlowStore(10.0)
+    store = FaultyStore()
+    store.delay("append", 10.0)
     async with open_aggregates(Account, store) as repo:
         await repo.create("a", OpenAccount("ann"))
         async with trio.open_nursery() as nursery:
@@ -1425,13 +1326,14 @@ async def test_a_retry_after_a_cancellation_is_applied_once(
 
 
 async def test_a_retry_after_an_unknown_outcome_is_applied_once() -> None:
-    store = LostCommitStore()
+    store = FaultyStore()
     async with open_aggregates(Account, store) as repo:
         await repo.create("a", OpenAccount("ann"))
-        store.lose = True
+        # The append commits, then raises: COMMIT's answer is lost.
+        store.fail("append", StoreError("connection lost during COMMIT"), after_commit=True)
         with pytest.raises(StoreError, match="COMMIT"):
             await repo.execute("a", Deposit(5), command_id="c1")
-        store.lose = False
+        store.heal("append")
         assert await repo.execute("a", Deposit(5), command_id="c1") == 2
         assert (await repo.load("a")).balance == 5
         assert await stored(store, Account, "a") == 2
@@ -1467,10 +1369,10 @@ async def test_a_retry_from_another_runtime_is_applied_once(target: Any) -> None
 
 
 async def test_every_caller_gets_a_store_error_while_writes_fail() -> None:
-    store = FailingStore()
+    store = FaultyStore()
     async with open_aggregates(Account, store) as repo:
         await repo.create("a", OpenAccount("ann"))
-        store.fail_appends = True
+        store.fail("append", disk_full())
         errors: list[BaseException] = []
 
         async def deposit() -> None:
@@ -1485,20 +1387,20 @@ async def test_every_caller_gets_a_store_error_while_writes_fail() -> None:
                     nursery.start_soon(deposit)
         assert [type(e) for e in errors] == [StoreError] * 10
         # the state is rebuilt before each command; a failed rebuild fails that command
-        store.fail_reads = True
+        store.fail("read", StoreError("connection lost"))
         with pytest.raises(StoreError, match="connection lost"):
             await repo.execute("a", Deposit(1))
-        store.fail_appends = store.fail_reads = False
+        store.heal()
         assert await repo.execute("a", Deposit(1)) == 2
         assert repo.registry.statistics().activations == 1
 
 
-async def test_command_ids_must_be_non_empty_strings() -> None:
-    async with open_aggregates(Account, InMemoryEventStore()) as repo:
-        await repo.create("a", OpenAccount("ann"))
-        for bad in ["", 5]:
-            with pytest.raises(InvalidArgument):
-                await repo.execute("a", Deposit(1), command_id=bad)  # type: ignore[arg-type]
+async def test_command_ids_must_be_non_empty_strings(aggregates: Repositories) -> None:
+    repo = aggregates[Account]
+    await repo.create("a", OpenAccount("ann"))
+    for bad in ["", 5]:
+        with pytest.raises(InvalidArgument):
+            await repo.execute("a", Deposit(1), command_id=bad)  # type: ignore[arg-type]
 
 
 async def test_errors_name_the_key_as_the_caller_gave_it() -> None:
@@ -1573,14 +1475,16 @@ async def test_extra_metadata_is_merged_into_each_events_metadata(target: Any) -
         ["not", "a", "mapping"],
     ],
 )
-async def test_bad_extra_metadata_is_refused_before_anything_happens(metadata: Any) -> None:
-    async with open_aggregates(Account, InMemoryEventStore()) as repo:
-        with pytest.raises(InvalidArgument):
-            await repo.create("a", OpenAccount("ann"), metadata=metadata)
-        with pytest.raises(InvalidArgument):
-            await repo.execute("a", OpenAccount("ann"), metadata=metadata, create_if_missing=True)
-        assert len(repo.registry) == 0
-        assert await stored(repo.store, Account, "a") == 0
+async def test_bad_extra_metadata_is_refused_before_anything_happens(
+    metadata: Any, aggregates: Repositories
+) -> None:
+    repo = aggregates[Account]
+    with pytest.raises(InvalidArgument):
+        await repo.create("a", OpenAccount("ann"), metadata=metadata)
+    with pytest.raises(InvalidArgument):
+        await repo.execute("a", OpenAccount("ann"), metadata=metadata, create_if_missing=True)
+    assert len(repo.registry) == 0
+    assert await stored(repo.store, Account, "a") == 0
 
 
 @attrs.define
