@@ -52,6 +52,7 @@ from trio_aggregates.testing import (
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "docs" / "howto" / "testing_example.py"
+PAGE = ROOT / "docs" / "howto" / "testing.rst"
 
 # -- a small domain: a counter that refuses to go past its limit ------------------
 
@@ -659,6 +660,20 @@ def test_the_howto_example_passes_under_pytest(tmp_path: Path) -> None:
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert re.search(r"^8 passed in ", output, re.MULTILINE), output
+
+
+def test_the_howto_shows_the_message_a_wrong_expectation_gives() -> None:
+    shown = re.search(r"\n    AssertionError: (.*?)\n\n", PAGE.read_text(), re.DOTALL)
+    assert shown is not None
+    sys.path.insert(0, str(EXAMPLE.parent))
+    try:
+        example: Any = __import__("testing_example")
+    finally:
+        sys.path.remove(str(EXAMPLE.parent))
+    wrong = scenario(example.Room).given(example.RoomOpened(capacity=2)).when(example.Book("ann"))
+    with pytest.raises(AssertionError) as info:
+        wrong.then(example.Booked("bob"))
+    assert str(info.value) == textwrap.dedent("    " + shown.group(1))
 
 
 def test_the_plugin_asks_for_the_aggregate_types(tmp_path: Path) -> None:
