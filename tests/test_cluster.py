@@ -271,6 +271,32 @@ async def test_the_database_refuses_a_stale_token(postgres_database: PostgresDat
     assert_leases_never_overlapped(dsn)
 
 
+async def test_a_claim_waits_for_the_appends_in_flight_on_its_shard(
+    postgres_database: PostgresDatabase,
+) -> None:
+    """The fence's shard lock: while a transaction that passed the fence is
+    open, no other node can be granted the shard (even once the lease has
+    expired), so that write lands before the next grant or not at all."""
+    dsn = postgres_database.dsn
+    async with (
+        cluster_store(postgres_database) as store,
+        open_cluster(store, address="a", node_id="a", shards=4, lease_ttl=60) as a,
+    ):
+        token = a._held[0].token
+        with psycopg.connect(dsn) as writer, psycopg.connect(dsn, autocommit=True) as other:
+            writer.execute(
+                "SELECT trio_aggregates_fence('a', ARRAY[0], ARRAY[%s::bigint])", (token,)
+            )
+            expire_leases(dsn, "shard", 0)
+            other.execute("SET lock_timeout = '300ms'")
+            claim = "SELECT o_shard FROM trio_aggregates_claim('b', ARRAY[0], 10)"
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                other.execute(claim)
+            writer.commit()
+            assert other.execute(claim).fetchall() == [(0,)]
+    assert_leases_never_overlapped(dsn)
+
+
 async def test_a_node_stops_writing_when_its_renewal_is_late(
     postgres_database: PostgresDatabase, mock_clock: trio.testing.MockClock
 ) -> None:

@@ -596,19 +596,32 @@ _MIGRATIONS.append(
 # expiry); the token comes from a sequence, so it only grows; the grants table
 # keeps the history (one row per grant, its expiry moved on renewal, its
 # release time), from which a test checks that no two grants of one shard were
-# ever valid at once. Writers that change a lease row (claim, renew, release)
-# lock rows in shard order, and so does the fence check, so lease writers and
-# appends cannot deadlock.
+# ever valid at once.
 #
 # trio_aggregates_fence is the fencing check an append runs first in its own
-# transaction: it takes a FOR SHARE lock on each (shard, token) lease row the
-# append relies on, held by this node and not expired by the database's
-# clock, and raises SQLSTATE TAF01 (nothing of the transaction is written) if
-# any is missing. A claim or release of such a shard waits for the append's
-# transaction to end, so every append lands before the next grant of its
-# shard, and the next owner reads it when it activates.
+# transaction: it takes a shared transaction-scoped advisory lock per shard
+# the append writes to (key _SHARD_LOCK_KEY, shard), then checks, with a
+# fresh snapshot, that each (shard, token) lease is this node's and not
+# expired by the database's clock, and raises SQLSTATE TAF01 (nothing of the
+# transaction is written) if one is not. A claim or release takes the same
+# locks exclusively, so it waits for the appends in flight on its shards, and
+# they for it: every append lands before the next grant of its shard (the
+# next owner, which loads the stream after its grant, reads it), or sees that
+# grant and is refused. Advisory locks live in memory: the fence writes
+# nothing (a FOR SHARE row lock would dirty the lease row and write WAL on
+# every append). A renewal takes no advisory lock: an append that found the
+# lease valid stays right. Every function takes its locks in shard order,
+# advisory locks first, so lease writers and appends cannot deadlock.
 
 _FENCED = "TAF01"
+# pg_advisory_xact_lock(int, int) key of the shard locks: the bytes "trib".
+_SHARD_LOCK_KEY = 0x74726962
+# Take the shards' advisory locks (``lock``: shared or exclusive) in shard order.
+_LOCK_SHARDS = (
+    "FOR v_shard IN SELECT DISTINCT u.s FROM unnest(p_shards) AS u(s) ORDER BY 1 LOOP\n"
+    f"                PERFORM {{lock}}({_SHARD_LOCK_KEY}, v_shard);\n"
+    "            END LOOP;"
+)
 
 _MIGRATIONS.append(
     (
@@ -643,13 +656,17 @@ _MIGRATIONS.append(
         "CREATE INDEX trio_aggregates_lease_grants_shard ON trio_aggregates_lease_grants (shard)",
         # Claim the shards among p_shards that are free (released or expired):
         # a new token each; return what was granted.
-        """
+        f"""
         CREATE FUNCTION trio_aggregates_claim(p_node text, p_shards integer[], p_ttl float8)
         RETURNS TABLE (o_shard integer, o_token bigint) LANGUAGE plpgsql AS $$
         DECLARE
-            v_now timestamptz := clock_timestamp();
-            v_expires timestamptz := v_now + make_interval(secs => p_ttl);
+            v_now timestamptz;
+            v_expires timestamptz;
+            v_shard integer;
         BEGIN
+            {_LOCK_SHARDS.format(lock="pg_advisory_xact_lock")}
+            v_now := clock_timestamp();
+            v_expires := v_now + make_interval(secs => p_ttl);
             RETURN QUERY
             WITH granted AS (
                 INSERT INTO trio_aggregates_leases AS l (shard, node, token, expires_at)
@@ -700,14 +717,17 @@ _MIGRATIONS.append(
         $$
         """,
         # Release this node's leases (shard, token): free at once.
-        """
+        f"""
         CREATE FUNCTION trio_aggregates_release(
             p_node text, p_shards integer[], p_tokens bigint[]
         ) RETURNS integer LANGUAGE plpgsql AS $$
         DECLARE
-            v_now timestamptz := clock_timestamp();
+            v_now timestamptz;
             v_count integer;
+            v_shard integer;
         BEGIN
+            {_LOCK_SHARDS.format(lock="pg_advisory_xact_lock")}
+            v_now := clock_timestamp();
             WITH locked AS (
                 SELECT l.shard FROM trio_aggregates_leases l
                     JOIN unnest(p_shards, p_tokens) AS u(shard, token)
@@ -735,20 +755,52 @@ _MIGRATIONS.append(
         ) RETURNS integer LANGUAGE plpgsql AS $$
         DECLARE
             v_held integer[];
+            v_shard integer;
         BEGIN
-            SELECT coalesce(array_agg(x.shard), '{{}}') INTO v_held FROM (
-                SELECT l.shard FROM trio_aggregates_leases l
-                    JOIN unnest(p_shards, p_tokens) AS u(shard, token)
-                        ON l.shard = u.shard AND l.token = u.token
-                    WHERE l.node = p_node AND l.expires_at > clock_timestamp()
-                    ORDER BY l.shard FOR SHARE OF l
-            ) x;
+            {_LOCK_SHARDS.format(lock="pg_advisory_xact_lock_shared")}
+            SELECT coalesce(array_agg(l.shard), '{{}}') INTO v_held FROM trio_aggregates_leases l
+                JOIN unnest(p_shards, p_tokens) AS u(shard, token)
+                    ON l.shard = u.shard AND l.token = u.token
+                WHERE l.node = p_node AND l.expires_at > clock_timestamp();
             IF cardinality(v_held) < cardinality(p_shards) THEN
                 RAISE EXCEPTION 'fenced: node % holds no valid lease on shards %', p_node,
                     ARRAY(SELECT s FROM unnest(p_shards) s WHERE NOT s = ANY(v_held) ORDER BY s)
                     USING ERRCODE = '{_FENCED}';
             END IF;
             RETURN cardinality(v_held);
+        END
+        $$
+        """,
+        # A fenced append as one statement (one round trip, autocommit): the
+        # fence, then trio_aggregates_append, in the same transaction. Measured
+        # on a single append: a BEGIN/fence/append/COMMIT pipeline costs
+        # several times more than one function call doing both.
+        """
+        CREATE FUNCTION trio_aggregates_fenced_append(
+            p_node text, p_shards integer[], p_tokens bigint[],
+            p_name text, p_expected bigint, p_types text[], p_data bytea[], p_metadata bytea[],
+            OUT o_status integer, OUT o_version bigint
+        ) LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM trio_aggregates_fence(p_node, p_shards, p_tokens);
+            SELECT a.o_status, a.o_version INTO o_status, o_version
+                FROM trio_aggregates_append(p_name, p_expected, p_types, p_data, p_metadata) a;
+        END
+        $$
+        """,
+        """
+        CREATE FUNCTION trio_aggregates_fenced_write_appends(
+            p_node text, p_shards integer[], p_tokens bigint[],
+            p_streams text[], p_expected bigint[], p_counts integer[], p_commands text[],
+            p_types text[], p_data bytea[], p_metadata bytea[],
+            OUT o_status integer[], OUT o_version bigint[]
+        ) LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM trio_aggregates_fence(p_node, p_shards, p_tokens);
+            SELECT a.o_status, a.o_version INTO o_status, o_version
+                FROM trio_aggregates_write_appends(
+                    p_streams, p_expected, p_counts, p_commands, p_types, p_data, p_metadata
+                ) a;
         END
         $$
         """,
@@ -1235,17 +1287,36 @@ class _Fencing:
     node: str
     grants: list[tuple[int, int]]
 
-    def statement(self, ops: Sequence[int] | None = None) -> _Statement:
-        """The fence check for the ops at indexes ``ops`` (all if ``None``)."""
+    def params(self, ops: Sequence[int] | None = None) -> tuple[Any, ...]:
+        """The fence's parameters for the ops at indexes ``ops`` (all if ``None``)."""
         grants = self.grants if ops is None else [self.grants[i] for i in ops]
         pairs = sorted(set(grants))
-        return _FENCE, (self.node, [s for s, _ in pairs], [t for _, t in pairs])
+        return self.node, [s for s, _ in pairs], [t for _, t in pairs]
+
+    def fenced(self, statements: list[_Statement], ops: Sequence[int] | None = None) -> None:
+        """Make ``statements`` (one transaction) check the fence first.
+
+        One append statement becomes its fenced twin (one function call, one
+        statement: still autocommit); otherwise the fence check goes first.
+        """
+        if len(statements) == 1 and statements[0][0] in _FENCED_TWIN:
+            sql, params = statements[0]
+            statements[0] = _FENCED_TWIN[sql], (*self.params(ops), *params)
+        else:
+            statements.insert(0, (_FENCE, self.params(ops)))
 
     def refused(self, op: _WriteOp, index: int) -> NotOwner:
         return NotOwner(_op_stream(op), self.grants[index][0], self.node, by_database=True)
 
 
 _FENCE = "SELECT trio_aggregates_fence(%s, %s::integer[], %s::bigint[])"
+_FENCED_TWIN = {
+    _APPEND_ONE: "SELECT o_status, o_version FROM trio_aggregates_fenced_append("
+    "%s, %s::integer[], %s::bigint[], %s, %s, %s, %b, %b)",
+    _WRITE_APPENDS: "SELECT o_status, o_version FROM trio_aggregates_fenced_write_appends("
+    "%s, %s::integer[], %s::bigint[], %s::text[], %s::bigint[], %s::integer[], %s::text[], "
+    "%s::text[], %b::bytea[], %b::bytea[])",
+}
 
 
 def _is_fenced(exc: BaseException) -> bool:
@@ -1258,7 +1329,7 @@ def _write_alone(
     """Write ``op`` in a transaction of its own: if it fails, it fails alone."""
     statements = [_statement([op])]
     if fencing is not None:
-        statements.insert(0, fencing.statement([index]))
+        fencing.fenced(statements, [index])
     try:
         row = _run_statements(conn, statements)[-1]
     except psycopg.Error as exc:
@@ -1304,7 +1375,7 @@ def _write_batch(conn: Conn, ops: list[_WriteOp], fencing: _Fencing | None = Non
         names = sorted({_op_stream(op) for op in ops})
         statements.insert(0, (_LOCK_STREAMS, (names,)))
     if fencing is not None:
-        statements.insert(0, fencing.statement())
+        fencing.fenced(statements)
     try:
         try:
             rows = _run_statements(conn, statements)
