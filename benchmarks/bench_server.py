@@ -61,10 +61,12 @@ processes), ``--client-impl epoll|trio`` (the client's timed loop: raw
 sockets on ``select.epoll``, the default, or Trio streams), ``--pin`` (pin the
 server to CPU 0 and the clients to CPU 1), ``--stores memory,sqlite``,
 ``--depths 1,16``, ``--connections 100``, ``--duration S``,
-``--server-gc-threshold N`` (``gc.set_threshold(N, ...)`` in the library's
-server, for experiments), ``--profile py-spy|cprofile`` (after the figures,
-profile the memory server under ``deposit`` during the measured window and
-print its top functions).
+``--server-gc-threshold N`` (the library's server applies
+``trio-aggregates serve``'s garbage-collector setting once listening:
+``gc.freeze()`` and a young-generation threshold of 50,000; ``N`` replaces
+the threshold, ``0`` keeps Python's default and does not freeze),
+``--profile py-spy|cprofile`` (after the figures, profile the memory server
+under ``deposit`` during the measured window and print its top functions).
 """
 
 from __future__ import annotations
@@ -128,8 +130,6 @@ def serve_main(argv: Sequence[str]) -> None:
     parser.add_argument("--gc-log", metavar="PATH")
     parser.add_argument("--gc-threshold", type=int, default=None)
     args = parser.parse_args(argv)
-    if args.gc_threshold:
-        gc.set_threshold(args.gc_threshold, *gc.get_threshold()[1:])
 
     # Every garbage collection's start (time.monotonic_ns) and duration (ns):
     # on SIGUSR2 the list so far goes to --gc-log (and is emptied), so that the
@@ -170,8 +170,12 @@ def serve_main(argv: Sequence[str]) -> None:
         except ImportError:  # not exported yet
             from trio_aggregates._server import open_aggregate_server
 
+        from trio_aggregates._cli import SERVE_GC_THRESHOLD, tune_gc
+
         app, wire = load_bank_app()
         async with open_aggregate_server(app, args.store, host="127.0.0.1", port=0) as server:
+            # As `trio-aggregates serve` does once listening.
+            tune_gc(SERVE_GC_THRESHOLD if args.gc_threshold is None else args.gc_threshold)
             announce(server.port, wire)
             await until_signalled()
 
@@ -224,6 +228,7 @@ def floor_main(argv: Sequence[str]) -> None:
     import trio
 
     from trio_aggregates import open_aggregates
+    from trio_aggregates._cli import SERVE_GC_THRESHOLD, tune_gc
 
     callers, total = int(argv[0]), int(argv[1])
     load_bank_app()
@@ -234,6 +239,7 @@ def floor_main(argv: Sequence[str]) -> None:
             keys = [f"acct-{i}" for i in range(ACCOUNTS)]
             for key in keys:
                 await repo.create(key, bank.OpenAccount("bench"))
+            tune_gc(SERVE_GC_THRESHOLD)  # as the server it is the floor of
             execute = repo._execute_detailed
             Deposit = bank.Deposit
 
@@ -327,7 +333,7 @@ class Server:
         self.gc_log = workdir / f"gc-{kind}-{time.monotonic_ns()}.json"
         command = [sys.executable, str(Path(__file__).resolve()), "_serve", serve_kind, store]
         command += ["--gc-log", str(self.gc_log)]
-        if gc_threshold and kind != "echo":
+        if gc_threshold is not None and kind != "echo":
             command += ["--gc-threshold", str(gc_threshold)]
         if profile == "cprofile":
             command += ["--cprofile", str(profile_path)]

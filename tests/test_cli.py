@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import re
@@ -20,7 +21,7 @@ import click
 import pytest
 import trio
 
-from trio_aggregates._cli import load_app, percentile
+from trio_aggregates._cli import SERVE_GC_THRESHOLD, load_app, percentile, tune_gc
 
 ROOT = Path(__file__).resolve().parent.parent
 BANK = ROOT / "examples" / "bank.py"
@@ -726,3 +727,19 @@ def test_the_main_job_is_what_ci_runs() -> None:
         '(cd "$(mktemp -d)" && "$OLDPWD/.venv/bin/trio-aggregates" load --serve '
         '"$OLDPWD/examples/bank.py:app")'
     ) in ci
+
+
+def test_serve_tunes_the_garbage_collector_once_listening() -> None:
+    """``tune_gc`` (what ``serve`` runs once listening) freezes and raises gen 0; 0 does nothing."""
+    before = gc.get_threshold()
+    try:
+        gc.unfreeze()
+        tune_gc(0)
+        assert gc.get_threshold() == before
+        assert gc.get_freeze_count() == 0
+        tune_gc(SERVE_GC_THRESHOLD)
+        assert gc.get_threshold() == (SERVE_GC_THRESHOLD, *before[1:])
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
