@@ -25,8 +25,10 @@ run. The events are ``examples/bank.py``'s ``Deposited`` (``Account`` streams,
    writer subprocess appends one event every 5 ms; ``LISTEN/NOTIFY``
    wake-up; timestamps from ``time.monotonic_ns``, one clock for the whole
    machine). Targets (absolute): p50 at most 2 ms in-process, at most 10 ms
-   across processes. Context: the same in one process on PostgreSQL, and the
-   append (commit) time alone.
+   across processes. Context: p99; the same in one process on memory and on
+   PostgreSQL; and, in one process, the append (commit) alone and the
+   subscriber's delay after the append returned (the wake-up and delivery,
+   0 when the subscriber got the event before the writer got its answer).
 3. ``projection``: events/s applied by a projection (``Balances``-like: an
    ``INSERT ... ON CONFLICT DO UPDATE`` per event into a table of the store's
    SQLite file, checkpoint in the same transaction, batches of 500) from
