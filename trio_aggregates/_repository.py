@@ -331,11 +331,9 @@ class AggregateRepository(Generic[A]):
         of events that would be stored. Errors and cancellation as
         :meth:`execute`.
         """
-        if mode == NEW:
-            expected_version = 0
-        request = self._request(
-            command, mode, expected_version, dry_run, dry_run,
-            command_id, correlation_id, causation_id, metadata, detailed=True,
+        request = self._detailed_request(
+            command, mode, expected_version, dry_run, command_id, correlation_id, causation_id,
+            metadata,
         )  # fmt: skip
         return await self._send(key, request, timeout)  # type: ignore[no-any-return]
 
@@ -365,13 +363,29 @@ class AggregateRepository(Generic[A]):
         Raises:
             InvalidKey, InvalidArgument: as :meth:`execute`, at once.
         """
+        request = self._detailed_request(
+            command, mode, expected_version, dry_run, command_id, correlation_id, causation_id,
+            metadata,
+        )  # fmt: skip
+        return self.registry._call_soon(canonical_key(key), request, callback)
+
+    def _detailed_request(
+        self,
+        command: object,
+        mode: int,
+        expected_version: int | None,
+        dry_run: bool,
+        command_id: str | None,
+        correlation_id: str | None,
+        causation_id: str | None,
+        metadata: Mapping[str, Any] | None,
+    ) -> Command:
         if mode == NEW:
             expected_version = 0
-        request = self._request(
+        return self._request(
             command, mode, expected_version, dry_run, dry_run,
             command_id, correlation_id, causation_id, metadata, detailed=True,
         )  # fmt: skip
-        return self.registry._call_soon(canonical_key(key), request, callback)
 
     async def load(
         self, key: str | int | uuid.UUID, *, timeout: float | None = None, fresh: bool = True
