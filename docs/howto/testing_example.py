@@ -127,9 +127,7 @@ def test_cancelling_frees_the_place() -> None:
     room = OPENED.given(Booked("ann")).when(CancelBooking("ann")).then(BookingCancelled("ann"))
     assert room.guests == []  # then() returns the state after the new events
     OPENED.when(CancelBooking("ann")).then_rejects(NotBooked)
-
-
-# [/scenarios]
+    # [/scenarios] (the end of the part the how-to page shows)
 
 
 # -- the running aggregates, on the in-memory store ---------------------------------
@@ -151,9 +149,7 @@ async def test_bookings_are_stored(
         await rooms.execute("r1", Book("bob"))
     assert (await rooms.load("r1")).guests == ["ann"]
     assert await rooms.version("r1") == 2
-
-
-# [/fixtures]
+    # [/fixtures] (the end of the part the how-to page shows)
 
 
 # -- a store that fails, or takes its time ----------------------------------------
@@ -198,6 +194,4 @@ async def test_a_caller_that_gives_up_mid_append(
             nursery.cancel_scope.cancel()  # and her caller gives up
     # A command already being stored completes all the same.
     assert (await rooms.load("r1")).guests == ["ann"]
-
-
-# [/faults]
+    # [/faults] (the end of the part the how-to page shows)
