@@ -543,9 +543,13 @@ async def open_cluster(
         bool(self_fencing),
         renew_interval,
     )
-    body_error: BaseException | None = None
     try:
         await node._join()
+    except BaseException:
+        await pool.aclose()
+        raise
+    body_error: BaseException | None = None
+    try:
         store._fence = node
         async with node._lock:
             await node._tick()

@@ -614,6 +614,12 @@ _MIGRATIONS.append(
 # advisory locks first, so lease writers and appends cannot deadlock.
 
 _FENCED = "TAF01"
+# In the lease functions: the rows of this node's leases (p_node) among the
+# (shard, token) pairs given (p_shards, p_tokens), as ``l``.
+_OWN_LEASES = (
+    "trio_aggregates_leases l JOIN unnest(p_shards, p_tokens) AS u(shard, token)"
+    " ON l.shard = u.shard AND l.token = u.token WHERE l.node = p_node"
+)
 # pg_advisory_xact_lock(int, int) key of the shard locks: the bytes "trib".
 _SHARD_LOCK_KEY = 0x74726962
 # Take the shards' advisory locks (``lock``: shared or exclusive) in shard order.
@@ -689,7 +695,7 @@ _MIGRATIONS.append(
         """,
         # Renew this node's leases (shard, token) that have not expired;
         # return those renewed (the others are lost).
-        """
+        f"""
         CREATE FUNCTION trio_aggregates_renew(
             p_node text, p_shards integer[], p_tokens bigint[], p_ttl float8
         ) RETURNS TABLE (o_shard integer, o_token bigint) LANGUAGE plpgsql AS $$
@@ -698,10 +704,7 @@ _MIGRATIONS.append(
         BEGIN
             RETURN QUERY
             WITH locked AS (
-                SELECT l.shard FROM trio_aggregates_leases l
-                    JOIN unnest(p_shards, p_tokens) AS u(shard, token)
-                        ON l.shard = u.shard AND l.token = u.token
-                    WHERE l.node = p_node AND l.expires_at > clock_timestamp()
+                SELECT l.shard FROM {_OWN_LEASES} AND l.expires_at > clock_timestamp()
                     ORDER BY l.shard FOR UPDATE OF l
             ), renewed AS (
                 UPDATE trio_aggregates_leases l SET expires_at = v_expires
@@ -729,10 +732,7 @@ _MIGRATIONS.append(
             {_LOCK_SHARDS.format(lock="pg_advisory_xact_lock")}
             v_now := clock_timestamp();
             WITH locked AS (
-                SELECT l.shard FROM trio_aggregates_leases l
-                    JOIN unnest(p_shards, p_tokens) AS u(shard, token)
-                        ON l.shard = u.shard AND l.token = u.token
-                    WHERE l.node = p_node
+                SELECT l.shard FROM {_OWN_LEASES}
                     ORDER BY l.shard FOR UPDATE OF l
             ), released AS (
                 UPDATE trio_aggregates_leases l
@@ -758,10 +758,8 @@ _MIGRATIONS.append(
             v_shard integer;
         BEGIN
             {_LOCK_SHARDS.format(lock="pg_advisory_xact_lock_shared")}
-            SELECT coalesce(array_agg(l.shard), '{{}}') INTO v_held FROM trio_aggregates_leases l
-                JOIN unnest(p_shards, p_tokens) AS u(shard, token)
-                    ON l.shard = u.shard AND l.token = u.token
-                WHERE l.node = p_node AND l.expires_at > clock_timestamp();
+            SELECT coalesce(array_agg(l.shard), '{{}}') INTO v_held
+                FROM {_OWN_LEASES} AND l.expires_at > clock_timestamp();
             IF cardinality(v_held) < cardinality(p_shards) THEN
                 RAISE EXCEPTION 'fenced: node % holds no valid lease on shards %', p_node,
                     ARRAY(SELECT s FROM unnest(p_shards) s WHERE NOT s = ANY(v_held) ORDER BY s)
