@@ -206,6 +206,10 @@ def test_bad_arguments_are_refused() -> None:
         scenario(Start)  # type: ignore[type-var]
     with pytest.raises(InvalidArgument, match="exception class"):
         STARTED.when(Add(9)).then_rejects(OverLimit("x"))  # type: ignore[call-overload]
+    with pytest.raises(InvalidArgument, match=r"given\(\*events\), not given\(\[Added"):
+        STARTED.given([Added(1), Added(1)])
+    with pytest.raises(InvalidArgument, match=r"then\(\*events\)"):
+        STARTED.when(Add(1)).then((Added(1),))
 
 
 # -- scenario: what fails, and how it says so -------------------------------------------

@@ -76,7 +76,12 @@ class Scenario(Generic[A]):
     history: tuple[object, ...] = ()
 
     def given(self, *events: object) -> Scenario[A]:
-        """A scenario whose past also holds ``events`` (after those already given)."""
+        """A scenario whose past also holds ``events`` (after those already given).
+
+        Raises:
+            InvalidArgument: the events were given as one list or tuple.
+        """
+        _check_unpacked("given", events)
         return Scenario(self.aggregate_type, (*self.history, *events))
 
     def when(self, command: object) -> Expectation[A]:
@@ -134,6 +139,7 @@ class Expectation(Generic[A]):
             The state after the command's events: assert on it further.
 
         Raises:
+            InvalidArgument: the events were given as one list or tuple.
             AssertionError: the handler raised (a rejection included), decided
                 other events or another reply, changed the state it decided
                 on, or an applier raised. The message shows the expected and
@@ -141,6 +147,7 @@ class Expectation(Generic[A]):
                 ``__cause__``.
         """
         __tracebackhide__ = True  # pytest shows the test's line, not this helper's
+        _check_unpacked("then", events)
         state, decision = self._decide()
         if not isinstance(decision, Decision):
             raise AssertionError(
@@ -255,6 +262,15 @@ class Expectation(Generic[A]):
             lines += [f"  {n}. {e!r}" for n, e in enumerate(shown, skipped + 1)]
             given = "\n".join(lines)
         return f"{name} {given}\nwhen {self.command!r}:"
+
+
+def _check_unpacked(method: str, events: tuple[object, ...]) -> None:
+    """Refuse ``given([e1, e2])`` and ``then([e1])``: events are separate arguments."""
+    if len(events) == 1 and isinstance(events[0], list | tuple):
+        raise InvalidArgument(
+            f"{method}() takes the events as separate arguments: {method}(*events), "
+            f"not {method}({events[0]!r})"
+        )
 
 
 def _count(n: int) -> str:
