@@ -314,6 +314,32 @@ async def test_a_failing_handler_stops_its_projection_only(store_url: str) -> No
         assert await read_model(store, good) == expected(35)
 
 
+class Sleepy(Totals):
+    """On PostgreSQL, the handler of amount 3 runs a statement of 30 s."""
+
+    @projects
+    def added(self, event: Added, ctx: EventContext) -> None:
+        if event.amount == 3:
+            ctx.db.execute("SELECT pg_sleep(30)")
+        super().added(event, ctx)
+
+
+async def test_a_projection_statement_is_bounded_by_the_store_timeout(
+    postgres_database: Any,
+) -> None:
+    """The runner's own PostgreSQL connection gets the store's statement_timeout
+    (nine tenths of ``timeout``): a stuck statement fails the projection, it does
+    not hold it for ever."""
+    async with opened(f"{postgres_database.url}&timeout=1") as store:
+        await add_many(store, 5)
+        sleepy = Sleepy("sleepy", batch_size=1)
+        async with open_projections(store, [sleepy]) as runner:
+            await wait_for(lambda: runner.statistics()["sleepy"].state == "failed", 15)
+            error = runner.statistics()["sleepy"].error
+            assert isinstance(error, ProjectionFailed) and error.position == 5, error
+            assert "statement timeout" in repr(error.__cause__), repr(error.__cause__)
+
+
 async def test_a_failed_batch_leaves_nothing_of_it_visible(durable_url: str) -> None:
     """The checkpoint and the read model are one transaction: the failing batch
     (the Added events of Add(9)..Add(16), the failing Add(13) in its middle) is

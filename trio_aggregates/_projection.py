@@ -689,6 +689,13 @@ class _PostgresCheckpoints(_Checkpoints):
         if self._conn is None:
             conn = psycopg.connect(self._conninfo, autocommit=True)
             try:
+                statement_timeout = _statement_timeout(self._conninfo)
+                if statement_timeout is not None:
+                    # The store's own bound (its pool sets the same): a batch
+                    # stuck on a lock fails with StoreError, the runner goes on.
+                    conn.execute(
+                        "SELECT set_config('statement_timeout', %s, false)", (statement_timeout,)
+                    )
                 # Two processes creating the table at once: one waits for the other.
                 with conn.transaction():
                     conn.execute("SELECT pg_advisory_xact_lock(7391118002)")
@@ -775,6 +782,25 @@ class _PostgresCheckpoints(_Checkpoints):
             if self._conn is not None:
                 conn, self._conn = self._conn, None
                 await trio.to_thread.run_sync(conn.close)
+
+
+def _statement_timeout(conninfo: str) -> str | None:
+    """The ``statement_timeout`` the PostgreSQL store's own connections get.
+
+    Nine tenths of the store's ``timeout``, which its conninfo carries as
+    ``tcp_user_timeout`` (milliseconds); ``None`` when the DSN's ``options``
+    set a statement_timeout themselves (theirs stands) or there is no bound.
+    """
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = conninfo_to_dict(conninfo)
+    if "statement_timeout" in str(params.get("options", "")):
+        return None
+    try:
+        milliseconds = int(str(params["tcp_user_timeout"]))
+    except (KeyError, ValueError):
+        return None
+    return f"{max(1, milliseconds * 9 // 10)}ms" if milliseconds > 0 else None
 
 
 def _checkpoints_for(store: EventStore, flow: _Flow) -> _Checkpoints:
