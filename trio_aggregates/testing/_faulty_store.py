@@ -198,7 +198,10 @@ class FaultyStore(InMemoryEventStore):
     streams (``read_all`` and ``head_position`` name no stream: only faults
     for every stream touch them). A call meets its delays first, then its
     latches, then its failure; whether a call fails is decided when it
-    starts. Faults apply to the calls made after they are set.
+    starts, by the earliest failure set that matches it. Faults apply to the
+    calls made after they are set. A failing, held or delayed call is a
+    schedule point, and honours cancellation while it waits (a call
+    cancelled before its work does nothing).
 
     ::
 
