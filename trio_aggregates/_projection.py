@@ -547,6 +547,65 @@ class _MemoryCheckpoints(_Checkpoints):
         flow._trio_aggregates_position = 0
 
 
+class _SQLCheckpoints(_Checkpoints):
+    """The checkpoint in the store's SQL database, written with the read model's batch.
+
+    A subclass gives its SQL (``_select``, ``_save``) and ``_run``: run a
+    function on its connection in a transaction (in a worker thread, one at
+    a time), its driver's errors as :class:`StoreError`.
+    """
+
+    transactional = True
+    _select: ClassVar[str]
+    _save: ClassVar[str]
+    #: apply's batch in pipeline mode (fewer round trips), where the driver has one
+    _pipeline: ClassVar[bool] = False
+
+    async def _run(self, fn: Callable[[Any], Any], action: str, *, pipeline: bool = False) -> Any:
+        raise NotImplementedError
+
+    async def load(self, flow: _Flow) -> int:
+        name = flow.flow_name
+
+        def read(db: Any) -> int:
+            row = db.execute(self._select, (name,)).fetchone()
+            return 0 if row is None else int(row[0])
+
+        return int(await self._run(read, f"read the checkpoint of {name!r}"))
+
+    async def setup(self, flow: Projection) -> None:
+        await self._run(flow.setup, f"set up {flow.flow_name!r}")
+
+    async def apply(self, flow: Projection, records: list[RecordedEvent]) -> tuple[int, int]:
+        name = flow.flow_name
+        position = records[-1].position
+
+        def batch(db: Any) -> int:
+            handled = _apply_batch(flow, records, db)
+            db.execute(self._save, (name, position, time.time()))
+            return handled
+
+        handled = await self._run(batch, f"apply a batch of {name!r}", pipeline=self._pipeline)
+        return position, int(handled)
+
+    async def save(self, flow: _Flow, position: int) -> None:
+        name = flow.flow_name
+        await self._run(
+            lambda db: db.execute(self._save, (name, position, time.time())),
+            f"save the checkpoint of {name!r}",
+        )
+
+    async def reset(self, flow: _Flow) -> None:
+        name = flow.flow_name
+
+        def reset(db: Any) -> None:
+            if isinstance(flow, Projection):
+                flow.clear(db)
+            db.execute(self._save, (name, 0, time.time()))
+
+        await self._run(reset, f"reset {name!r}")
+
+
 _SQLITE_SCHEMA: Final = (
     f"CREATE TABLE IF NOT EXISTS {CHECKPOINTS_TABLE} ("
     "name TEXT PRIMARY KEY, position INTEGER NOT NULL, updated_at REAL NOT NULL)"
@@ -559,10 +618,11 @@ _SQLITE_SAVE: Final = (
 
 
 @final
-class _SQLiteCheckpoints(_Checkpoints):
+class _SQLiteCheckpoints(_SQLCheckpoints):
     """The checkpoint in the store's SQLite file, written with the read model's batch."""
 
-    transactional = True
+    _select = f"SELECT position FROM {CHECKPOINTS_TABLE} WHERE name = ?"
+    _save = _SQLITE_SAVE
 
     def __init__(self, path: str, busy_timeout: float = 30.0) -> None:
         self._path = path
@@ -590,7 +650,7 @@ class _SQLiteCheckpoints(_Checkpoints):
             self._db = db
         return self._db
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], Any], action: str) -> Any:
+    async def _run(self, fn: Callable[[Any], Any], action: str, *, pipeline: bool = False) -> Any:
         def work() -> Any:
             db = self._connect()
             db.execute("BEGIN IMMEDIATE")
@@ -607,49 +667,6 @@ class _SQLiteCheckpoints(_Checkpoints):
                 return await trio.to_thread.run_sync(work, abandon_on_cancel=False)
             except sqlite3.Error as exc:
                 raise StoreError(f"SQLite failed to {action}: {exc!r}") from exc
-
-    async def load(self, flow: _Flow) -> int:
-        name = flow.flow_name
-
-        def read(db: sqlite3.Connection) -> int:
-            row = db.execute(
-                f"SELECT position FROM {CHECKPOINTS_TABLE} WHERE name = ?", (name,)
-            ).fetchone()
-            return 0 if row is None else int(row[0])
-
-        return int(await self._run(read, f"read the checkpoint of {name!r}"))
-
-    async def setup(self, flow: Projection) -> None:
-        await self._run(flow.setup, f"set up {flow.flow_name!r}")
-
-    async def apply(self, flow: Projection, records: list[RecordedEvent]) -> tuple[int, int]:
-        name = flow.flow_name
-        position = records[-1].position
-
-        def batch(db: sqlite3.Connection) -> int:
-            handled = _apply_batch(flow, records, db)
-            db.execute(_SQLITE_SAVE, (name, position, time.time()))
-            return handled
-
-        handled = await self._run(batch, f"apply a batch of {name!r}")
-        return position, int(handled)
-
-    async def save(self, flow: _Flow, position: int) -> None:
-        name = flow.flow_name
-        await self._run(
-            lambda db: db.execute(_SQLITE_SAVE, (name, position, time.time())),
-            f"save the checkpoint of {name!r}",
-        )
-
-    async def reset(self, flow: _Flow) -> None:
-        name = flow.flow_name
-
-        def reset(db: sqlite3.Connection) -> None:
-            if isinstance(flow, Projection):
-                flow.clear(db)
-            db.execute(_SQLITE_SAVE, (name, 0, time.time()))
-
-        await self._run(reset, f"reset {name!r}")
 
     async def aclose(self) -> None:
         async with self._lock:
@@ -670,10 +687,12 @@ _PG_SAVE: Final = (
 
 
 @final
-class _PostgresCheckpoints(_Checkpoints):
+class _PostgresCheckpoints(_SQLCheckpoints):
     """The checkpoint in the store's PostgreSQL database, written with the read model's batch."""
 
-    transactional = True
+    _select = f"SELECT position FROM {CHECKPOINTS_TABLE} WHERE name = %s"
+    _save = _PG_SAVE
+    _pipeline = True
 
     def __init__(self, conninfo: str) -> None:
         self._conninfo = conninfo
@@ -733,49 +752,6 @@ class _PostgresCheckpoints(_Checkpoints):
                 return await trio.to_thread.run_sync(work, abandon_on_cancel=False)
             except psycopg.Error as exc:
                 raise StoreError(f"PostgreSQL failed to {action}: {exc!r}") from exc
-
-    async def load(self, flow: _Flow) -> int:
-        name = flow.flow_name
-
-        def read(conn: Any) -> int:
-            row = conn.execute(
-                f"SELECT position FROM {CHECKPOINTS_TABLE} WHERE name = %s", (name,)
-            ).fetchone()
-            return 0 if row is None else int(row[0])
-
-        return int(await self._run(read, f"read the checkpoint of {name!r}"))
-
-    async def setup(self, flow: Projection) -> None:
-        await self._run(flow.setup, f"set up {flow.flow_name!r}")
-
-    async def apply(self, flow: Projection, records: list[RecordedEvent]) -> tuple[int, int]:
-        name = flow.flow_name
-        position = records[-1].position
-
-        def batch(conn: Any) -> int:
-            handled = _apply_batch(flow, records, conn)
-            conn.execute(_PG_SAVE, (name, position, time.time()))
-            return handled
-
-        handled = await self._run(batch, f"apply a batch of {name!r}", pipeline=True)
-        return position, int(handled)
-
-    async def save(self, flow: _Flow, position: int) -> None:
-        name = flow.flow_name
-        await self._run(
-            lambda conn: conn.execute(_PG_SAVE, (name, position, time.time())),
-            f"save the checkpoint of {name!r}",
-        )
-
-    async def reset(self, flow: _Flow) -> None:
-        name = flow.flow_name
-
-        def reset(conn: Any) -> None:
-            if isinstance(flow, Projection):
-                flow.clear(conn)
-            conn.execute(_PG_SAVE, (name, 0, time.time()))
-
-        await self._run(reset, f"reset {name!r}")
 
     async def aclose(self) -> None:
         async with self._lock:
