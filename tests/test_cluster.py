@@ -11,6 +11,7 @@ no two grants of one shard were ever valid at the same time.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -481,6 +482,87 @@ async def test_node_processes_claiming_at_once_never_share_a_lease(
             "SELECT count(DISTINCT node) FROM trio_aggregates_lease_grants"
         ).fetchone()
     assert row is not None and row[0] == 4
+
+
+def events_by_position(dsn: str) -> list[tuple[str, int, int, dict[str, Any]]]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT s.name, e.version, e.position, e.metadata FROM trio_aggregates_events e"
+            " JOIN trio_aggregates_streams s ON s.id = e.stream_id ORDER BY e.position"
+        ).fetchall()
+    return [
+        (name, version, position, json.loads(bytes(meta))) for name, version, position, meta in rows
+    ]
+
+
+async def test_writes_under_membership_changes_follow_the_grants(
+    postgres_database: PostgresDatabase, tmp_path: Path
+) -> None:
+    """Node processes write all the time to the streams they own while the
+    membership changes: a third node joins (shards move to it by release and
+    claim), one is killed with SIGKILL (its shards are claimed once its leases
+    expire), the others leave gracefully. Every write carries its token in its
+    metadata; the nodes also go on writing, knowingly, to the shards they lost,
+    with their old tokens. Afterwards: every acknowledged write is stored, once; each write's
+    token is a grant of its shard to its node; and, positions being commit order
+    (the global order), on each shard the tokens never go down in commit order:
+    no write of an older grant committed after the first write of a newer one."""
+    dsn = postgres_database.dsn
+    shards = 16
+    common = ["--ttl", "1.5", "--renew", "0.3", "--load", "24"]
+
+    def load(name: str) -> list[str]:
+        return [*common, "--ack-file", str(tmp_path / f"{name}.acks")]
+
+    async with (
+        node_processes(dsn, ["n1"], *load("n1"), shards=shards) as (n1,),
+        node_processes(dsn, ["n2"], *load("n2"), shards=shards) as (n2,),
+    ):
+        with trio.fail_after(60):
+            await wait_placement([n1, n2], shards)
+        await trio.sleep(1.0)  # load on two nodes
+        async with node_processes(dsn, ["n3"], *load("n3"), shards=shards) as (n3,):
+            with trio.fail_after(60):
+                await wait_placement([n1, n2, n3], shards)
+            await trio.sleep(1.0)
+            n1.proc.kill()
+            with trio.fail_after(60):
+                await wait_placement([n2, n3], shards)
+            await trio.sleep(1.0)
+            with trio.fail_after(30):
+                assert await n3.ask("LEAVE") == "LEFT"
+        with trio.fail_after(60):
+            await wait_placement([n2], shards)
+        await trio.sleep(0.5)
+        with trio.fail_after(30):
+            assert await n2.ask("LEAVE") == "LEFT"
+
+    events = events_by_position(dsn)
+    stored = {(name, version): meta["token"] for name, version, _, meta in events}
+    acked = refused = 0
+    for name in ("n1", "n2", "n3"):
+        for line in (tmp_path / f"{name}.acks").read_text().splitlines():
+            if line.startswith("REFUSED"):
+                refused += 1
+                continue
+            stream, version, token = line.split()
+            assert stored[stream, int(version)] == int(token), line
+            acked += 1
+    assert acked > 50
+    granted = {row[2]: row for row in grants(dsn)}
+    last_token: dict[int, int] = {}
+    tokens_per_shard: dict[int, set[int]] = {}
+    for name, _, position, meta in events:
+        shard = shard_of(name, shards)
+        token = meta["token"]
+        assert granted[token][0] == shard and granted[token][1] == meta["node"]
+        assert token >= last_token.get(shard, 0), f"{name}@{position}: token {token} after newer"
+        last_token[shard] = token
+        tokens_per_shard.setdefault(shard, set()).add(token)
+    assert {meta["node"] for *_, meta in events} == {"n1", "n2", "n3"}
+    assert any(len(tokens) >= 3 for tokens in tokens_per_shard.values())
+    assert_leases_never_overlapped(dsn)
+    assert refused > 0  # stale writes were tried, and refused
 
 
 async def test_a_paused_owner_is_fenced_when_it_wakes(postgres_database: PostgresDatabase) -> None:
