@@ -50,7 +50,7 @@ from __future__ import annotations
 import typing
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar, Final, TypeVar, final, overload
+from typing import Any, ClassVar, Final, Protocol, TypeVar, final, overload
 
 import attrs
 
@@ -99,18 +99,39 @@ class Decision:
         return self.reply is not NO_REPLY
 
 
-def _mark(attr: str, what: str) -> Any:
+class Marker(Protocol):
+    """The type of ``@handles``, ``@applies``, ``@projects`` and ``@reacts``.
+
+    Used bare (``@handles``), it returns the method unchanged; with types
+    (``@handles(Deposit, Withdraw)``), a decorator that does.
+    """
+
     @overload
-    def decorator(fn: F, /) -> F: ...
+    def __call__(self, *types: type[Any]) -> Callable[[F], F]: ...
+    @overload
+    def __call__(self, fn: F, /) -> F: ...
+
+
+def _mark(
+    attr: str, what: str, *, doc: str | None = None, takes: str = "classes", example: str = "MyType"
+) -> Marker:
+    """A marking decorator: ``@what`` or ``@what(SomeType, ...)`` sets ``attr`` on a method.
+
+    The marked methods are collected by their class (``_types_of`` here,
+    ``_projection.py`` for projections and process managers).
+    """
+
     @overload
     def decorator(*types: type[Any]) -> Callable[[F], F]: ...
+    @overload
+    def decorator(fn: F, /) -> F: ...
 
     def decorator(*args: Any) -> Any:
         if len(args) == 1 and callable(args[0]) and not isinstance(args[0], type):
             setattr(args[0], attr, None)  # read the type from the annotation
             return args[0]
         if not args or not all(isinstance(a, type) for a in args):
-            raise TypeError(f"@{what} takes classes, e.g. @{what}(MyType), not {args!r}")
+            raise TypeError(f"@{what} takes {takes}, e.g. @{what}({example}), not {args!r}")
 
         def mark(fn: F) -> F:
             setattr(fn, attr, args)
@@ -118,13 +139,15 @@ def _mark(attr: str, what: str) -> Any:
 
         return mark
 
-    role = {"handles": "command handler", "applies": "event applier"}[what]
     decorator.__name__ = what
-    decorator.__doc__ = (
-        f"Mark a method of an :class:`Aggregate` as the {role} for a type.\n\n"
-        f"Use ``@{what}`` (the type is the annotation of the method's parameter)\n"
-        f"or ``@{what}(SomeType, OtherType)``."
-    )
+    if doc is None:
+        role = {"handles": "command handler", "applies": "event applier"}[what]
+        doc = (
+            f"Mark a method of an :class:`Aggregate` as the {role} for a type.\n\n"
+            f"Use ``@{what}`` (the type is the annotation of the method's parameter)\n"
+            f"or ``@{what}(SomeType, OtherType)``."
+        )
+    decorator.__doc__ = doc
     return decorator
 
 

@@ -84,12 +84,12 @@ import time
 import typing
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, ClassVar, Final, Literal, TypeVar, final, overload
+from typing import Any, ClassVar, Final, Literal, TypeVar, final
 
 import attrs
 import trio
 
-from ._aggregate import Aggregate
+from ._aggregate import Aggregate, Marker, _mark
 from ._codec import EventCodec
 from ._exceptions import InvalidArgument, StoreError, TrioAggregatesError
 from ._store import EventStore, RecordedEvent
@@ -152,34 +152,21 @@ class ProjectionFailed(TrioAggregatesError):
         self.reason = reason
 
 
-def _marker(attr: str, what: str, role: str) -> Any:
-    @overload
-    def decorator(fn: F, /) -> F: ...
-    @overload
-    def decorator(*types: type[Any]) -> Callable[[F], F]: ...
-
-    def decorator(*args: Any) -> Any:
-        if len(args) == 1 and callable(args[0]) and not isinstance(args[0], type):
-            setattr(args[0], attr, None)  # read the type from the annotation
-            return args[0]
-        if not args or not all(isinstance(a, type) for a in args):
-            raise TypeError(f"@{what} takes event classes, e.g. @{what}(Deposited), not {args!r}")
-
-        def mark(fn: F) -> F:
-            setattr(fn, attr, args)
-            return fn
-
-        return mark
-
-    decorator.__name__ = what
-    decorator.__doc__ = (
-        f"Mark a method as the {role} for an event class.\n\n"
-        f"Use ``@{what}`` (the class is the annotation of the method's first\n"
-        f"parameter after ``self``) or ``@{what}(SomeEvent, OtherEvent)``. The\n"
-        f"method takes ``(self, event)`` or ``(self, event, ctx)`` (an\n"
-        f":class:`EventContext`)."
+def _marker(attr: str, what: str, role: str) -> Marker:
+    """``@projects`` and ``@reacts``: the aggregate's marking decorator, for event classes."""
+    return _mark(
+        attr,
+        what,
+        takes="event classes",
+        example="Deposited",
+        doc=(
+            f"Mark a method as the {role} for an event class.\n\n"
+            f"Use ``@{what}`` (the class is the annotation of the method's first\n"
+            f"parameter after ``self``) or ``@{what}(SomeEvent, OtherEvent)``. The\n"
+            f"method takes ``(self, event)`` or ``(self, event, ctx)`` (an\n"
+            f":class:`EventContext`)."
+        ),
     )
-    return decorator
 
 
 #: Mark a :class:`Projection` method as the handler of an event class.
