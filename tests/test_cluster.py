@@ -29,7 +29,7 @@ from conftest import PostgresDatabase
 from hypothesis import given, strategies as st
 
 from trio_aggregates import NewEvent, open_postgres_store
-from trio_aggregates._cluster import ClusterNode, open_cluster
+from trio_aggregates._cluster import ClusterNode, NodeInfo, open_cluster
 from trio_aggregates._exceptions import InvalidArgument, NotOwner
 from trio_aggregates._placement import owned_shards, rendezvous_owner, shard_of
 from trio_aggregates._postgres import PostgresEventStore
@@ -268,6 +268,11 @@ async def test_the_database_refuses_a_stale_token(postgres_database: PostgresDat
             assert caught.value.by_database
             assert "holds no valid lease" in str(caught.value)
             assert await sb.append(stream, [EVENT], expected_version=1) == 2
+            # a's next tick: its renewals fail, it counts the leases lost.
+            await a.refresh()
+            assert a.held_shards() == frozenset()
+            assert a.statistics().lost == shards
+            assert a.owner_of(stream) == b.owner_of(stream) == NodeInfo("b", "b")
     assert stream_length(dsn, stream) == 2
     assert_leases_never_overlapped(dsn)
 

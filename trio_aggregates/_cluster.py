@@ -246,8 +246,9 @@ class ClusterNode:
     _on_release: Callable[[frozenset[int]], Awaitable[None]] | None
     _self_fencing: bool
     _margin: float
-    # Invariant: a shard is in _held only while this node holds a lease on it
-    # in the database (granted, not yet released) with that token.
+    # Invariant: a shard is in _held only if the database granted this node a
+    # lease on it with that token, and this node has not released it (the
+    # lease may have expired since: the fence in the database has the last word).
     _held: dict[int, _Lease] = attrs.field(factory=dict, init=False)
     _nodes: dict[str, str] = attrs.field(factory=dict, init=False)
     _owners: dict[int, str] = attrs.field(factory=dict, init=False)
@@ -326,8 +327,8 @@ class ClusterNode:
 
         Raises:
             StoreError: the database failed (the leases not renewed stay
-                trusted until their local deadline).
-            Exception: what ``on_release`` raised.
+                trusted until their local deadline). ``on_release``'s
+                exceptions are logged, not raised.
         """
         async with self._lock:
             await self._tick()
