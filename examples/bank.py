@@ -48,6 +48,7 @@ The accounts served over TCP, loaded, and checked from outside::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sqlite3
 import time
@@ -692,20 +693,20 @@ class Balances(Projection):
         conninfo = getattr(store, "conninfo", None)
         query = "SELECT account, cents FROM bank_balances"
 
-        def from_sqlite() -> list[Any]:
-            with sqlite3.connect(path) as db:
+        def from_sqlite(path: str) -> list[Any]:
+            with contextlib.closing(sqlite3.connect(path)) as db:
                 return db.execute(query).fetchall()
 
-        def from_postgres() -> list[Any]:
+        def from_postgres(conninfo: str) -> list[Any]:
             import psycopg
 
             with psycopg.connect(conninfo) as conn:
                 return conn.execute(query).fetchall()
 
-        if path is not None and path != ":memory:":
-            rows = await trio.to_thread.run_sync(from_sqlite)
-        elif conninfo is not None:
-            rows = await trio.to_thread.run_sync(from_postgres)
+        if isinstance(path, str) and path != ":memory:":
+            rows = await trio.to_thread.run_sync(from_sqlite, path)
+        elif isinstance(conninfo, str):
+            rows = await trio.to_thread.run_sync(from_postgres, conninfo)
         else:
             return dict(self.memory)
         return {key: int(cents) for key, cents in rows}
