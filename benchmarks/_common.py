@@ -49,6 +49,7 @@ __all__ = [
     "metadata",
     "parse_args",
     "rotate",
+    "run_json_process",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,6 +144,26 @@ def gc_disabled() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+def run_json_process(script: str, *args: str, timeout: float = 3600) -> dict[str, Any]:
+    """Run ``script`` with ``args`` in a fresh Python process; return its last line as JSON.
+
+    For measurements that must not inherit the parent's memory (a point of a
+    scaling curve, say): the script prints one JSON object as its last line.
+    A failure raises ``RuntimeError`` with the child's stderr.
+    """
+    result = subprocess.run(
+        [sys.executable, os.path.abspath(script), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{Path(script).name} {' '.join(args)} failed:\n{result.stderr}")
+    figures: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return figures
 
 
 # -- formatting -------------------------------------------------------------

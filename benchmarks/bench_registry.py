@@ -42,7 +42,6 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
 import time
 import tracemalloc
@@ -51,7 +50,15 @@ from typing import Any
 
 import outcome
 import trio
-from _common import Report, apply_reps, gc_disabled, interleaved, interleaved_async, parse_args
+from _common import (
+    Report,
+    apply_reps,
+    gc_disabled,
+    interleaved,
+    interleaved_async,
+    parse_args,
+    run_json_process,
+)
 
 import trio_aggregates
 from trio_aggregates import Mailbox
@@ -653,17 +660,7 @@ async def _scale_point(side: str, n: int) -> dict[str, Any]:
 
 def run_scale_point(side: str, n: int) -> dict[str, Any]:
     """:func:`_scale_point` in a fresh process (``--scale-point SIDE N``)."""
-    result = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--scale-point", side, str(n)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=3600,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"scale point {side} {n} failed:\n{result.stderr}")
-    figures: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
-    return figures
+    return run_json_process(__file__, "--scale-point", side, str(n))
 
 
 def bench_scale(report: Report, p: dict[str, Any]) -> list[dict[str, Any]]:
