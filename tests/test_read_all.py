@@ -152,7 +152,7 @@ async def test_postgres_version_3_upgrades_in_place(postgres_database: Any) -> N
             assert [e.position for e in await store.read("a-1")] == [3, 4]
     with pg_connect(postgres_database) as conn:
         (version,) = conn.execute("SELECT max(version) FROM trio_aggregates_schema").fetchone()
-        assert version == SCHEMA_VERSION == 4
+        assert version == SCHEMA_VERSION == len(_MIGRATIONS) >= 4
         # Every function that inserts events takes the position lock now,
         # including the one only an older library calls.
         for name in (

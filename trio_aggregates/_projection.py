@@ -1045,7 +1045,10 @@ class RunningProjection:
                     ) as subscription:
                         async for record in subscription:
                             self._head = max(self._head, record.position)
-                            await send.send(record)
+                            try:
+                                send.send_nowait(record)
+                            except trio.WouldBlock:
+                                await send.send(record)
                 except StoreError as exc:
                     read_error = exc
                 except trio.BrokenResourceError:
