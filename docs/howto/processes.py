@@ -10,47 +10,15 @@ import subprocess
 import sys
 import uuid
 
-import attrs
 import trio
+from accounts import Account, Deposit  # the domain: a deposit-only account
 
-from trio_aggregates import (
-    Aggregate,
-    ConcurrencyConflict,
-    StoreError,
-    applies,
-    event_type,
-    handles,
-    open_aggregates,
-)
+from trio_aggregates import ConcurrencyConflict, StoreError, open_aggregates
 
 STORE = "sqlite:///processes.db"  # this program's own database file
 WORKERS = 2
 DEPOSITS = 100  # per worker
 ACCOUNTS = [f"acc-{n}" for n in range(5)]
-
-
-@attrs.frozen
-class Deposit:
-    amount: int
-
-
-@event_type("howto.processes.deposited")
-@attrs.frozen
-class Deposited:
-    amount: int
-
-
-@attrs.define
-class Account(Aggregate):
-    balance: int = 0
-
-    @handles
-    def deposit(self, command: Deposit) -> Deposited:
-        return Deposited(command.amount)
-
-    @applies
-    def deposited(self, event: Deposited) -> None:
-        self.balance += event.amount
 
 
 async def execute_with_retry(accounts, key, command, command_id):

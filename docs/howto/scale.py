@@ -8,36 +8,12 @@ collector's reach with ``gc.freeze()``. Run it: ``python docs/howto/scale.py``
 import gc
 import time
 
-import attrs
 import trio
+from accounts import Account, Deposit  # the domain: a deposit-only account
 
-from trio_aggregates import Aggregate, applies, event_type, handles, open_aggregates
+from trio_aggregates import open_aggregates
 
 WARM = 10_000
-
-
-@attrs.frozen
-class Deposit:
-    amount: int
-
-
-@event_type("howto.scale.deposited")
-@attrs.frozen
-class Deposited:
-    amount: int
-
-
-@attrs.define
-class Account(Aggregate):
-    balance: int = 0
-
-    @handles
-    def deposit(self, command: Deposit) -> Deposited:
-        return Deposited(command.amount)
-
-    @applies
-    def deposited(self, event: Deposited) -> None:
-        self.balance += event.amount
 
 
 def full_collection():
