@@ -33,6 +33,7 @@ from ._exceptions import (
     InvalidArgument as InvalidArgument,
     InvalidKey as InvalidKey,
     KeyAlreadyRegistered as KeyAlreadyRegistered,
+    NotOwner as NotOwner,
     RegistryClosed as RegistryClosed,
     StoreError as StoreError,
     StreamDeleted as StreamDeleted,
@@ -115,18 +116,36 @@ from ._subscription import (
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from ._cluster import (
+        ClusterNode as ClusterNode,
+        ClusterStatistics as ClusterStatistics,
+        NodeInfo as NodeInfo,
+        open_cluster as open_cluster,
+    )
     from ._postgres import (
         PostgresEventStore as PostgresEventStore,
         open_postgres_store as open_postgres_store,
     )
 
+# What needs psycopg (the `postgres` extra), imported on first use: name -> module.
+_LAZY = {
+    "PostgresEventStore": "_postgres",
+    "open_postgres_store": "_postgres",
+    "ClusterNode": "_cluster",
+    "ClusterStatistics": "_cluster",
+    "NodeInfo": "_cluster",
+    "open_cluster": "_cluster",
+}
+
 
 def __getattr__(name: str) -> Any:
-    # The PostgreSQL store needs psycopg (the `postgres` extra): import it on first use.
-    if name in ("PostgresEventStore", "open_postgres_store"):
-        from . import _postgres
+    module_name = _LAZY.get(name)
+    if module_name is not None:
+        import importlib
 
-        value = getattr(_postgres, name)
+        value = getattr(importlib.import_module(f".{module_name}", __name__), name)
+        if inspect.isfunction(value):
+            value.__module__ = __name__  # as _fix_module_names does for the others
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
