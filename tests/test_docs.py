@@ -2,15 +2,20 @@
 
 The build runs in a subprocess (Sphinx keeps global state, and autodoc imports
 the package afresh) into a temporary directory, and needs no network: the docs
-use no intersphinx. Without Sphinx or sphinxcontrib-trio installed (the
-``docs`` extra), the test skips with the reason shown; when the ``CI``
-environment variable is set it fails instead, because CI must build the docs.
+use no intersphinx and no remote assets. The pictures are drawn at build time
+by Graphviz's ``dot``. Without Sphinx, sphinxcontrib-trio or furo installed
+(the ``docs`` extra), or without ``dot`` on the PATH (Debian's ``graphviz``
+package, which ``.ci/run`` installs), the test skips with the reason shown;
+when the ``CI`` environment variable is set it fails instead, because CI must
+build the docs.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -26,15 +31,20 @@ BUILD_TIMEOUT = 300
 
 
 def _missing_docs_tools() -> list[str]:
-    return [
-        name for name in ("sphinx", "sphinxcontrib_trio") if importlib.util.find_spec(name) is None
+    missing = [
+        f"{name} (pip install -e '.[docs]')"
+        for name in ("sphinx", "sphinxcontrib_trio", "furo")
+        if importlib.util.find_spec(name) is None
     ]
+    if shutil.which("dot") is None:
+        missing.append("Graphviz's dot (apt-get install graphviz)")
+    return missing
 
 
 def test_docs_build_without_warnings(tmp_path: Path) -> None:
     missing = _missing_docs_tools()
     if missing:
-        reason = f"not installed: {', '.join(missing)} (pip install -e '.[docs]')"
+        reason = f"not installed: {', '.join(missing)}"
         if os.environ.get("CI"):
             pytest.fail(f"CI is set, so the docs must build, but {reason}")
         pytest.skip(reason)
@@ -72,3 +82,14 @@ def test_docs_build_without_warnings(tmp_path: Path) -> None:
         f"{result.stderr}\n{result.stdout}"
     )
     assert (tmp_path / "html" / "index.html").is_file()
+
+    # The pictures were drawn (SVG files from dot).
+    html = tmp_path / "html"
+    design = (html / "design.html").read_text(encoding="utf-8")
+    drawn = re.findall(r'<object data="(_images/graphviz-[0-9a-f]+\.svg)"', design)
+    assert len(drawn) >= 3, (
+        "design.html should show the task tree, a command's path and the lifecycle"
+    )
+    for name in drawn:
+        svg = (html / name).read_text(encoding="utf-8")
+        assert "<svg" in svg and "</svg>" in svg, name
