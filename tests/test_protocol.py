@@ -82,6 +82,7 @@ def test_constants() -> None:
         "unauthorized",
         "overloaded",
         "shutting_down",
+        "not_owner",
         "internal",
     ]
     assert ErrorCode.BAD_REQUEST == "bad_request"  # type: ignore[comparison-overlap]
@@ -104,6 +105,7 @@ def test_request_fields_in_spec_order() -> None:
         "metadata",
         "create",
         "token",
+        "forwarded",
     ]
 
 
@@ -738,6 +740,7 @@ EXCEPTIONS: list[tuple[BaseException, ErrorCode]] = [
     (exc_mod.RegistryClosed(), ErrorCode.SHUTTING_DOWN),
     (exc_mod.EventDecodeError("s@3: bad"), ErrorCode.INTERNAL),
     (exc_mod.UnknownEventType("s@3: Gone"), ErrorCode.INTERNAL),
+    (exc_mod.NotOwner("s", 3, "n", by_database=True), ErrorCode.NOT_OWNER),
     (exc_mod.StoreError("disk"), ErrorCode.STORE_UNAVAILABLE),
     (exc_mod.StreamDeleted("s"), ErrorCode.STORE_UNAVAILABLE),
     (exc_mod.AggregateCrashed("k", ValueError()), ErrorCode.INTERNAL),

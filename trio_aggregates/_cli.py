@@ -58,7 +58,7 @@ from rich.text import Text
 from ._aggregate import Aggregate
 from ._exceptions import InvalidArgument, StoreError
 from ._protocol import ClientCodec, ProtocolError, Response
-from ._server import DEFAULT_PORT, open_aggregate_server
+from ._server import DEFAULT_PORT, ClusterOptions, open_aggregate_server
 
 DEFAULT_STORE = "sqlite:///aggregates.db"
 DEFAULT_HOST = "127.0.0.1"
@@ -401,6 +401,31 @@ def main(argv: Sequence[str] | None = None, *, prog_name: str = "trio-aggregates
     help="the garbage collector's young-generation threshold once serving (0: Python's own, "
     "and no gc.freeze)",
 )
+@click.option(
+    "--cluster",
+    is_flag=True,
+    help="serve as a node of the cluster of servers sharing the PostgreSQL --store",
+)
+@click.option(
+    "--advertise",
+    metavar="HOST:PORT",
+    help="with --cluster: where the other nodes reach this one (default: --host and the port)",
+)
+@click.option("--node-id", help="with --cluster: this node's id (default: a random one)")
+@click.option(
+    "--lease-ttl",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="with --cluster: seconds a shard lease lasts without renewal",
+)
+@click.option(
+    "--shards",
+    type=click.IntRange(1, 65536),
+    default=256,
+    show_default=True,
+    help="with --cluster: the number of shards (the same on every node)",
+)
 def serve(
     target: str,
     store: str,
@@ -412,6 +437,11 @@ def serve(
     grace_period: float,
     log_level: str,
     gc_threshold: int,
+    cluster: bool,
+    advertise: str | None,
+    node_id: str | None,
+    lease_ttl: float,
+    shards: int,
 ) -> None:
     """Serve TARGET (module:attr or path/to/file.py:attr, an app) until SIGINT or SIGTERM.
 
@@ -422,7 +452,24 @@ def serve(
     Once listening, the process freezes what it loaded (gc.freeze) and raises the garbage
     collector's young-generation threshold (--gc-threshold): with thousands of requests in
     flight, Python's default collects so often that it takes a fifth to a third of the CPU.
+
+    With --cluster (the store must be PostgreSQL) the server is one node of a cluster: the nodes
+    sharing the store split the keys by shard leases; a request for a key another node owns is
+    forwarded to it (see the docs' "Scale-out" page).
     """
+    options = None
+    if cluster:
+        if not store.startswith(("postgresql://", "postgres://")):
+            raise click.UsageError(
+                f"--cluster needs a PostgreSQL --store (postgresql://...), not {store!r}"
+            )
+        if tls_cert is not None:
+            raise click.UsageError("--cluster does not support --tls-cert yet")
+        options = ClusterOptions(
+            advertise=advertise, node_id=node_id, shards=shards, lease_ttl=lease_ttl
+        )
+    elif advertise is not None or node_id is not None:
+        raise click.UsageError("--advertise and --node-id go with --cluster")
     app = load_app(target)
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("--tls-cert and --tls-key go together")
@@ -439,7 +486,9 @@ def serve(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        trio.run(_serve, app, store, host, port, token, ssl_context, grace_period, gc_threshold)
+        trio.run(
+            _serve, app, store, host, port, token, ssl_context, grace_period, gc_threshold, options
+        )
     except (InvalidArgument, StoreError, OSError) as exc:  # a bad store URL, a port in use...
         raise click.ClickException(f"cannot serve: {exc}") from None
 
@@ -453,6 +502,7 @@ async def _serve(
     ssl_context: ssl.SSLContext | None,
     grace_period: float,
     gc_threshold: int = 0,
+    cluster: ClusterOptions | None = None,
 ) -> None:
     log = logging.getLogger("trio_aggregates.cli")
     # The receiver is in place before the address is printed: a signal right after it is ours.
@@ -465,6 +515,7 @@ async def _serve(
             token=token,
             ssl_context=ssl_context,
             grace_period=grace_period,
+            cluster=cluster,
         ) as server:
             tune_gc(gc_threshold)
             sys.stdout.write(f"listening on {server.address}\n")
@@ -670,7 +721,8 @@ def stats(
     timeout: float,
 ) -> None:
     """Print a running server's statistics: connections and requests, live aggregates per type,
-    the store. Exit codes as for `call`."""
+    the store, and for a cluster node the cluster (nodes, shards per node, moves, forwards).
+    Exit codes as for `call`."""
     line = b'{"id":1,"op":"stats"}\n'
     address = _target(connect, host, port)
     code, answer, response = trio.run(

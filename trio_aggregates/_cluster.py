@@ -150,6 +150,8 @@ class ClusterStatistics:
         lost: leases this node failed to renew in time.
         ticks: ticks done (heartbeat, renewal, placement).
         tick_failures: ticks that failed (the database could not be reached).
+        shards_by_node: the number of shards each node held a valid lease on
+            at the last tick (by node id).
     """
 
     node_id: str
@@ -161,6 +163,7 @@ class ClusterStatistics:
     lost: int
     ticks: int
     tick_failures: int
+    shards_by_node: dict[str, int] = attrs.field(factory=dict)
 
 
 @final
@@ -259,6 +262,10 @@ class ClusterNode:
     _lost: int = attrs.field(default=0, init=False)
     _ticks: int = attrs.field(default=0, init=False)
     _tick_failures: int = attrs.field(default=0, init=False)
+    # More on_release hooks (the server's passivation), awaited after _on_release.
+    _release_hooks: list[Callable[[frozenset[int]], Awaitable[None]]] = attrs.field(
+        factory=list, init=False
+    )
 
     # -- the fence (called by the store for each write) ----------------------
 
@@ -307,6 +314,10 @@ class ClusterNode:
 
     def statistics(self) -> ClusterStatistics:
         """Return this node's counters and view. Not a checkpoint."""
+        by_node: dict[str, int] = {}
+        for node in self._owners.values():
+            by_node[node] = by_node.get(node, 0) + 1
+        by_node[self.node_id] = len(self._held)
         return ClusterStatistics(
             self.node_id,
             self.shards,
@@ -317,6 +328,7 @@ class ClusterNode:
             self._lost,
             self._ticks,
             self._tick_failures,
+            dict(sorted(by_node.items())),
         )
 
     # -- ticks ---------------------------------------------------------------
@@ -352,6 +364,7 @@ class ClusterNode:
         view: _View = await self._db(lambda conn: _tick_queries(conn, params), "tick")
         self._ticks += 1
         trusted_until = started + self.lease_ttl - self._margin
+        lost = set()
         for shard, lease in held:
             if self._held.get(shard) is not lease:
                 continue
@@ -360,7 +373,11 @@ class ClusterNode:
             else:
                 del self._held[shard]
                 self._lost += 1
+                lost.add(shard)
                 logger.warning("node %s lost its lease on shard %d", self.node_id, shard)
+        if lost:
+            # Their live state may be stale by now (another node may have written).
+            await self._run_hooks(frozenset(lost))
         for node in view.declared_dead:
             logger.warning("node %s declared node %s dead (no heartbeat)", self.node_id, node)
         if view.state in (None, "left"):
@@ -399,11 +416,7 @@ class ClusterNode:
 
     async def _release(self, shards: frozenset[int]) -> None:
         """Passivate (``on_release``), stop writing, then free the leases."""
-        if self._on_release is not None:
-            try:
-                await self._on_release(shards)
-            except Exception:
-                logger.exception("on_release failed for shards %s; releasing them anyway", shards)
+        await self._run_hooks(shards)
         leases = {s: self._held.pop(s) for s in sorted(shards) if s in self._held}
         if not leases:
             return
@@ -415,6 +428,15 @@ class ClusterNode:
         self._releases += len(leases)
         for shard in leases:
             self._owners.pop(shard, None)
+
+    async def _run_hooks(self, shards: frozenset[int]) -> None:
+        """Await ``on_release`` and the other release hooks; log their exceptions."""
+        hooks = [] if self._on_release is None else [self._on_release]
+        for hook in [*hooks, *self._release_hooks]:
+            try:
+                await hook(shards)
+            except Exception:
+                logger.exception("on_release failed for shards %s; releasing them anyway", shards)
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -495,6 +517,9 @@ async def open_cluster(
             (placement moved them, or the node leaves), before it stops
             writing to them and releases their leases: passivate their keys
             here. Its exceptions are logged, the shards released anyway.
+            It is also awaited with the shards whose leases this node
+            failed to renew in time (lost), once it notices: their live
+            state may be stale.
         self_fencing: stop writing to a shard by the local clock when its
             renewal is late (``lease_ttl - renew_interval`` after the last
             renewal began). Off, only the database fences (for tests).

@@ -55,6 +55,10 @@ the op, and ignored by the ops that do not use it):
 ``create``             a boolean (execute): create the aggregate if it does not
                        exist (one request, no execute / create / execute dance).
 ``token``              a string (hello): the shared secret, when the server has one.
+``forwarded``          a boolean (execute, create, load, version, history): the request
+                       was forwarded by another node of a cluster. A node that does
+                       not own the key's shard answers it ``not_owner`` instead of
+                       forwarding it again (one hop at most). Clients leave it out.
 =====================  ================================================================
 
 **Replies.** One line per request. Success::
@@ -97,6 +101,7 @@ from ._exceptions import (
     EventDecodeError,
     InvalidArgument,
     InvalidKey,
+    NotOwner,
     RegistryClosed,
     StoreError,
     TrioAggregatesError,
@@ -184,6 +189,9 @@ class ErrorCode(str, enum.Enum):
     OVERLOADED = "overloaded"
     #: The server is shutting down and did not run the request.
     SHUTTING_DOWN = "shutting_down"
+    #: A cluster node does not own the key's shard (a forwarded request, or a
+    #: shard moving): send it again, with the same ``command_id``, to the owner.
+    NOT_OWNER = "not_owner"
     #: A bug or an unexpected failure in the server (its log has the details).
     INTERNAL = "internal"
 
@@ -221,6 +229,8 @@ class Request:
             :attr:`correlation_id`, :attr:`causation_id` and :attr:`extra_metadata`.
         create: create the aggregate if it does not exist (execute).
         token: the shared secret given with ``hello``, or ``None``.
+        forwarded: the request comes from another cluster node (answer
+            ``not_owner`` rather than forward it again).
     """
 
     id: str | int | None = None
@@ -235,6 +245,7 @@ class Request:
     metadata: dict[str, Any] | None = None
     create: bool = False
     token: str | None = attrs.field(default=None, repr=False)
+    forwarded: bool = False
 
     @property
     def correlation_id(self) -> str | None:
@@ -539,6 +550,11 @@ def _request_from(obj: dict[str, Any]) -> Request | BadLine:
     token = get("token")
     if token is not None and type(token) is not str:
         return BadLine(id_, ErrorCode.BAD_REQUEST, "'token' must be a string")
+    forwarded = get("forwarded")
+    if forwarded is None:
+        forwarded = False
+    elif type(forwarded) is not bool:
+        return BadLine(id_, ErrorCode.BAD_REQUEST, _wrong("forwarded", forwarded, "a boolean"))
     return Request(  # positional: faster than keywords
         id_,
         op,
@@ -552,6 +568,7 @@ def _request_from(obj: dict[str, Any]) -> Request | BadLine:
         metadata,
         create,
         token,
+        forwarded,
     )
 
 
@@ -681,6 +698,7 @@ _CODES: Final[tuple[tuple[type[BaseException], ErrorCode], ...]] = (
     (CallTimeout, ErrorCode.TIMEOUT),
     (RegistryClosed, ErrorCode.SHUTTING_DOWN),
     (EventDecodeError, ErrorCode.INTERNAL),
+    (NotOwner, ErrorCode.NOT_OWNER),
     (StoreError, ErrorCode.STORE_UNAVAILABLE),
 )
 
@@ -694,7 +712,7 @@ def error_code_for(exc: BaseException) -> ErrorCode:
     subclasses): ``rejected``; ``WrongExpectedVersion``:
     ``wrong_expected_version``; ``ConcurrencyConflict``: ``conflict``;
     ``CallTimeout``: ``timeout``; ``RegistryClosed``: ``shutting_down``;
-    ``EventDecodeError``: ``internal``; any other ``StoreError``:
+    ``EventDecodeError``: ``internal``; ``NotOwner``: ``not_owner``; any other ``StoreError``:
     ``store_unavailable``; anything else: ``internal``.
     """
     for cls, code in _CODES:

@@ -872,6 +872,21 @@ class Registry:
         return True
 
     @enable_ki_protection
+    def _passivate_where(self, predicate: Callable[[Any], bool]) -> int:
+        """Passivate every live aggregate whose key satisfies ``predicate``; how many.
+
+        Internal (a cluster node handing shards off). Not a checkpoint. As an
+        idle passivation: the message in hand is finished, queued ones wait
+        for the key's next activation.
+        """
+        keys = [key for key in self._live if predicate(key)]
+        for key in keys:
+            mailbox = self._tasks.get(key)
+            if mailbox is not None and mailbox._state is _LIVE:
+                self._close_mailbox(mailbox, _PASSIVATED)
+        return len(keys)
+
+    @enable_ki_protection
     def _close_mailbox(self, mailbox: Mailbox, why: str) -> None:
         """live -> closing: the key leaves, the mailbox takes no more; leftovers wait.
 

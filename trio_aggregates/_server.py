@@ -62,9 +62,10 @@ import logging
 import math
 import ssl
 import sys
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
-from typing import Any, Final, NoReturn, TypeAlias, final
+from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeAlias, final
 
 import attrs
 import cattrs
@@ -79,14 +80,19 @@ from ._command import ANY, EXISTING, NEW, Inspect
 from ._exceptions import (
     AggregateNotFound,
     InvalidArgument,
+    NotOwner,
+    StoreError,
     TrioAggregatesError,
 )
 from ._options import check_count, check_seconds
 from ._protocol import (
     PROTOCOL_VERSION,
     BadLine,
+    ClientCodec,
     ErrorCode,
+    ProtocolError,
     Request,
+    Response,
     ServerCodec,
     error_details,
 )
@@ -94,10 +100,14 @@ from ._registry import Call
 from ._repository import AggregateRepository, open_aggregates
 from ._store import EventStore
 
+if TYPE_CHECKING:  # _cluster needs psycopg, an optional dependency: imported when used
+    from ._cluster import ClusterNode
+
 __all__ = [
     "DEFAULT_PORT",
     "AggregateServer",
     "App",
+    "ClusterOptions",
     "ServerStatistics",
     "open_aggregate_server",
     "serve_aggregates",
@@ -130,6 +140,43 @@ _Outcome: TypeAlias = tuple[Any, ...]
 #: A connection's failure: the client reset, TLS failed, the socket is gone.
 _CONNECTION_ERRORS: Final = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
+#: Cluster: the first wait before a request whose shard is moving is tried
+#: again, and the longest (it doubles in between).
+_RETRY_FIRST: Final = 0.01
+_RETRY_MAX: Final = 0.25
+#: Cluster: the least time between two refreshes asked for by retrying requests.
+_REFRESH_EVERY: Final = 0.05
+#: Cluster: how long connecting to a peer may take.
+_PEER_CONNECT_TIMEOUT: Final = 2.0
+
+
+@attrs.frozen
+class ClusterOptions:
+    """Options of the cluster a server opens itself (``cluster=`` of :func:`open_aggregate_server`).
+
+    The server joins the cluster of the nodes sharing its PostgreSQL store
+    once it listens (see :func:`~trio_aggregates.open_cluster` for the
+    options' meaning) and leaves it when it shuts down.
+
+    Attributes:
+        advertise: ``HOST:PORT`` where the other nodes reach this one
+            (default: the address the server listens on, which must then not
+            be a wildcard such as ``0.0.0.0``).
+        node_id: this node's id (default: a random one).
+        shards: the cluster's number of shards (the same on every node).
+        lease_ttl: a shard lease's life, in seconds.
+        renew_interval: seconds between ticks (default ``lease_ttl / 4``).
+        node_timeout: a node without heartbeat for this long is dead
+            (default ``lease_ttl``).
+    """
+
+    advertise: str | None = None
+    node_id: str | None = None
+    shards: int = 256
+    lease_ttl: float = 10.0
+    renew_interval: float | None = None
+    node_timeout: float | None = None
+
 
 @attrs.frozen
 class ServerStatistics:
@@ -145,6 +192,10 @@ class ServerStatistics:
         replayed: requests answered from the finished answers (a retry).
         errors_by_code: error answers, by code.
         closing: whether the server is shutting down.
+        forwarded: requests answered by another cluster node (forwarded to
+            the owner of their key's shard).
+        retried: times a request was tried again because its key's shard
+            was moving (or its owner could not be reached).
     """
 
     connections: int
@@ -156,6 +207,8 @@ class ServerStatistics:
     replayed: int
     errors_by_code: dict[str, int]
     closing: bool
+    forwarded: int = 0
+    retried: int = 0
 
 
 @final
@@ -269,8 +322,16 @@ class AggregateServer:
         idle_timeout: float,
         request_timeout: float,
         grace_period: float,
+        cluster: ClusterNode | None = None,
     ) -> None:
         self._routes = routes
+        # Invariant: None when the server is not a cluster node (the hot path
+        # then pays one ``is None`` test for clustering).
+        self._cluster = cluster
+        self._peers: dict[str, _Peer] = {}
+        self._peer_nursery: trio.Nursery | None = None
+        self._refreshing: trio.Event | None = None
+        self._last_refresh = -math.inf
         self._store = store
         self.listeners = listeners
         self.repositories: Mapping[str, AggregateRepository[Any]] = {
@@ -307,6 +368,8 @@ class AggregateServer:
         self._coalesced = 0
         self._replayed = 0
         self._errors: dict[str, int] = {}
+        self._forwarded = 0
+        self._retried = 0
 
     # -- public --------------------------------------------------------------------
 
@@ -341,6 +404,8 @@ class AggregateServer:
             replayed=self._replayed,
             errors_by_code=dict(self._errors),
             closing=self._closing,
+            forwarded=self._forwarded,
+            retried=self._retried,
         )
 
     async def aclose(self) -> None:
@@ -455,6 +520,12 @@ class AggregateServer:
 
     async def _answer(self, codec: ServerCodec, request: Request) -> bytes:
         """Run one request that needs the aggregates; return its answer line."""
+        if self._cluster is not None:
+            return await self._cluster_answer(codec, request, self._cluster)
+        return await self._answer_here(codec, request)
+
+    async def _answer_here(self, codec: ServerCodec, request: Request) -> bytes:
+        """Run one request on this node's aggregates; return its answer line."""
         try:
             route = self._routes.get(request.type)  # type: ignore[arg-type]
             if route is None:
@@ -463,20 +534,140 @@ class AggregateServer:
                 return self._encode_error(
                     codec, request.id, ErrorCode.BAD_REQUEST, f"{request.op} needs a key"
                 )
-            op = request.op
-            if op == "execute" or op == "create":
-                outcome = await self._command(route, request)
-            elif op == "load":
-                state, version = await route.repository._send(request.key, Inspect(True), None)
-                outcome = ("ok", version, route.converter.unstructure(state))
-            elif op == "version":
-                version = await route.repository.version(request.key)
-                outcome = ("ok", version, version)
-            else:  # history
-                outcome = await self._history(route, request)
+            outcome = await self._outcome(route, request)
         except Exception as exc:
             outcome = self._failure(request, exc)
         return self._encode_outcome(codec, request.id, outcome)
+
+    async def _outcome(self, route: _Route, request: Request) -> _Outcome:
+        """Run a request with a type and a key here. Raises what the request failed with."""
+        assert request.key is not None
+        op = request.op
+        if op == "execute" or op == "create":
+            return await self._command(route, request)
+        if op == "load":
+            state, version = await route.repository._send(request.key, Inspect(True), None)
+            return ("ok", version, route.converter.unstructure(state))
+        if op == "version":
+            version = await route.repository.version(request.key)
+            return ("ok", version, version)
+        return await self._history(route, request)  # history
+
+    # -- the cluster ---------------------------------------------------------------
+
+    def _stream_of(self, request: Request) -> str | None:
+        """The stream of ``request``'s key, or ``None`` (no such type, no key: answered here)."""
+        route = self._routes.get(request.type)  # type: ignore[arg-type]
+        if route is None or request.key is None:
+            return None
+        try:
+            return str(route.repository.aggregate_type.stream_name(request.key))
+        except Exception:
+            return None
+
+    def _is_local(self, cluster: ClusterNode, request: Request) -> bool:
+        """Whether this node runs ``request`` itself (it owns the key's shard, or
+        the request fails anyway)."""
+        stream = self._stream_of(request)
+        return stream is None or cluster.owns(stream)
+
+    async def _cluster_answer(
+        self, codec: ServerCodec, request: Request, cluster: ClusterNode
+    ) -> bytes:
+        """A request on a cluster node: run here if this node owns the key's shard,
+        else forward it to the owner; while the shard moves, try again.
+
+        A request gets a ``command_id`` before it is forwarded or tried again,
+        so that it is applied once whatever happens. The watchdog's
+        ``request_timeout`` bounds the retries (it answers ``timeout``).
+        """
+        stream = self._stream_of(request)
+        if stream is None:
+            return await self._answer_here(codec, request)
+        route = self._routes[request.type]  # type: ignore[index]
+        delay = _RETRY_FIRST
+        while True:
+            if cluster.owns(stream):
+                try:
+                    outcome = await self._outcome(route, request)
+                except Exception as exc:
+                    outcome = self._failure(request, exc)
+                if request.forwarded or not (
+                    outcome[0] == "error" and outcome[1] is ErrorCode.NOT_OWNER
+                ):
+                    return self._encode_outcome(codec, request.id, outcome)
+            elif request.forwarded:
+                return self._encode_error(
+                    codec,
+                    request.id,
+                    ErrorCode.NOT_OWNER,
+                    f"node {cluster.node_id!r} does not own stream {stream!r} "
+                    f"(shard {cluster.shard_of(stream)})",
+                )
+            else:
+                owner = cluster.owner_of(stream)
+                if owner is not None and owner.node_id != cluster.node_id:
+                    request = _with_command_id(request)
+                    response = await self._forward(owner.address, request)
+                    if response is not None and response.error_code != ErrorCode.NOT_OWNER:
+                        self._forwarded += 1
+                        return self._relay(codec, request.id, response)
+            request = _with_command_id(request)
+            self._retried += 1
+            await self._refresh(cluster)
+            await trio.sleep(delay)
+            delay = min(delay * 2, _RETRY_MAX)
+
+    def _relay(self, codec: ServerCodec, id: Any, response: Response) -> bytes:
+        """The owner's answer, with this request's ``id``."""
+        if response.ok:
+            return codec.encode_ok(id, response.result, response.version)
+        code = response.error_code or ErrorCode.INTERNAL.value
+        self._count_error(code)
+        return codec.encode_error(id, code, response.error_message or "", response.error_reason)
+
+    async def _refresh(self, cluster: ClusterNode) -> None:
+        """A tick of the node now, unless one ran lately (retrying requests share it).
+
+        Shielded: a tick cut short could lose a lease it was granted.
+        """
+        waiting = self._refreshing
+        if waiting is not None:
+            await waiting.wait()
+            return
+        if trio.current_time() - self._last_refresh < _REFRESH_EVERY:
+            return
+        done = self._refreshing = trio.Event()
+        try:
+            with trio.CancelScope(shield=True):
+                await cluster.refresh()
+        except StoreError as exc:
+            logger.warning("cluster refresh failed: %s", exc)
+        finally:
+            self._last_refresh = trio.current_time()
+            self._refreshing = None
+            done.set()
+
+    async def _forward(self, address: str, request: Request) -> Response | None:
+        """Send ``request`` to the node at ``address``; its answer, or ``None`` if
+        the connection failed (the request may or may not have run there)."""
+        peer = self._peers.get(address)
+        if peer is None or peer.lost is not None:
+            assert self._peer_nursery is not None
+            peer = self._peers[address] = _Peer(
+                address, None if self._token is None else self._token.decode(), self._peer_nursery
+            )
+        return await peer.request(request)
+
+    async def _passivate_shards(self, shards: frozenset[int]) -> None:
+        """The cluster's release hook: passivate the live aggregates of ``shards``."""
+        cluster = self._cluster
+        assert cluster is not None
+        for route in self._routes.values():
+            stream_name = route.repository.aggregate_type.stream_name
+            route.repository.registry._passivate_where(
+                lambda key, name=stream_name: cluster.shard_of(name(key)) in shards  # type: ignore[misc]
+            )
 
     def _unknown_type(self, codec: ServerCodec, request: Request) -> bytes:
         if request.type is None:
@@ -627,7 +818,7 @@ class AggregateServer:
                 store_stats = attrs.asdict(value) if attrs.has(type(value)) else value
             except Exception as exc:  # pragma: no cover (a store's statistics failing)
                 store_stats = {"error": repr(exc)}
-        return {
+        stats = {
             "server": attrs.asdict(self.statistics()),
             "registries": {
                 name: attrs.asdict(route.repository.registry.statistics())
@@ -635,9 +826,170 @@ class AggregateServer:
             },
             "store": store_stats,
         }
+        if self._cluster is not None:
+            cluster = self._cluster.statistics()
+            stats["cluster"] = {
+                "node_id": cluster.node_id,
+                "shards": cluster.shards,
+                "held": len(cluster.held),
+                "live_nodes": list(cluster.live_nodes),
+                "shards_by_node": cluster.shards_by_node,
+                "moves_in": cluster.claims,
+                "moves_out": cluster.releases,
+                "lost": cluster.lost,
+                "forwarded": self._forwarded,
+                "retried": self._retried,
+                "ticks": cluster.ticks,
+                "tick_failures": cluster.tick_failures,
+            }
+        return stats
 
 
 _JSON_SCALARS: Final = frozenset({int, str, float, bool})
+
+
+def _with_command_id(request: Request) -> Request:
+    """``request`` with a ``command_id`` (a new one if it has none) if it runs a command,
+    so that forwarding it, or trying it again, applies it once."""
+    if request.command_id is not None or request.dry_run or request.op not in ("execute", "create"):
+        return request
+    return attrs.evolve(request, command_id=f"cluster-{uuid.uuid4().hex}")
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (or ``tcp://HOST:PORT``, ``[v6]:PORT``) as ``(host, port)``.
+
+    Raises:
+        InvalidArgument: not such an address.
+    """
+    rest = address.removeprefix("tcp://")
+    host, sep, port = rest.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgument(f"a node address is HOST:PORT, not {address!r}")
+    return host, int(port)
+
+
+@final
+class _PeerSlot:
+    __slots__ = ("event", "response")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.response: Response | None = None
+
+
+@final
+class _Peer:
+    """One pipelined connection to another node: requests matched to answers by id.
+
+    Opened on first use; when it fails, every request waiting on it gets
+    ``None`` and the server makes a new one for the next request.
+    """
+
+    def __init__(self, address: str, token: str | None, nursery: trio.Nursery) -> None:
+        self.address = address
+        self.token = token
+        self.nursery = nursery
+        self.codec = ClientCodec()
+        self.pending: dict[int, _PeerSlot] = {}
+        self.next_id = 0
+        self.lost: str | None = None
+        self.stream: trio.abc.Stream | None = None
+        self.connecting = trio.Lock()
+        self.out: list[bytes] = []
+        self.send_lot = trio.lowlevel.ParkingLot()
+
+    async def request(self, request: Request) -> Response | None:
+        if self.stream is None:
+            async with self.connecting:
+                if self.stream is None and self.lost is None:
+                    await self._connect()
+        if self.lost is not None or self.stream is None:
+            return None
+        self.next_id += 1
+        rid = self.next_id
+        slot = self.pending[rid] = _PeerSlot()
+        self._queue(
+            self.codec.encode_request(
+                id=rid, op=request.op, type=request.type, key=request.key,
+                command=request.command, data=request.data or None,
+                expected_version=request.expected_version, dry_run=request.dry_run or None,
+                command_id=request.command_id, metadata=request.metadata,
+                create=request.create or None, forwarded=True,
+            )
+        )  # fmt: skip
+        try:
+            await slot.event.wait()
+        finally:
+            self.pending.pop(rid, None)
+        return slot.response
+
+    def _queue(self, line: bytes) -> None:
+        self.out.append(line)
+        self.send_lot.unpark()
+
+    async def _connect(self) -> None:
+        try:
+            host, port = _split_address(self.address)
+            with trio.fail_after(_PEER_CONNECT_TIMEOUT):
+                stream = await trio.open_tcp_stream(host, port)
+        except (OSError, trio.TooSlowError, InvalidArgument) as exc:
+            self._fail(f"cannot connect: {exc!r}")
+            return
+        self.stream = stream
+        if self.token is not None:
+            self._queue(self.codec.encode_request(id=0, op="hello", token=self.token))
+        self.nursery.start_soon(self._run, stream)
+
+    def _fail(self, why: str) -> None:
+        if self.lost is None:
+            self.lost = why
+            logger.info("connection to node %s lost: %s", self.address, why)
+        for slot in self.pending.values():
+            slot.event.set()
+        self.pending.clear()
+
+    async def _run(self, stream: trio.abc.Stream) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write, stream)
+                await self._read(stream)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._fail("closed")
+            await trio.aclose_forcefully(stream)
+
+    async def _write(self, stream: trio.abc.Stream) -> None:
+        try:
+            while True:
+                if not self.out:
+                    await self.send_lot.park()
+                    continue
+                batch, self.out = self.out, []
+                await stream.send_all(b"".join(batch))
+        except _CONNECTION_ERRORS as exc:
+            self._fail(f"sending failed: {exc!r}")
+            await stream.aclose()
+
+    async def _read(self, stream: trio.abc.Stream) -> None:
+        pending = self.pending
+        try:
+            while self.lost is None:
+                data = await stream.receive_some(_RECEIVE_SIZE)
+                if not data:
+                    return
+                for response in self.codec.receive_data(data):
+                    slot = pending.pop(response.id, None) if type(response.id) is int else None
+                    if slot is not None:
+                        slot.response = response
+                        slot.event.set()
+        except _CONNECTION_ERRORS as exc:
+            self._fail(f"receiving failed: {exc!r}")
+        except ProtocolError as exc:
+            self._fail(f"not a valid answer: {exc}")
+
+
 _HELLO_FIRST: Final = 'the first request must be {"op": "hello", "token": ...}'
 _SHUTTING_DOWN: Final = "the server is shutting down"
 
@@ -937,7 +1289,11 @@ class _Connection:
             token = self.next_token
             self.next_token = token + 1
             entry = self.running[token] = _Entry(item, self.last_activity, token)
-            if (op == "execute" or op == "create") and self._start_fast(entry):
+            if (
+                (op == "execute" or op == "create")
+                and (server._cluster is None or server._is_local(server._cluster, item))
+                and self._start_fast(entry)
+            ):
                 return
             entry.scope = trio.CancelScope()
             self.tasks.start_soon(self._run_task, entry)
@@ -1026,6 +1382,10 @@ class _Connection:
             version, reply = result.unwrap()
             assert entry.route is not None
             answer = server._executed(entry.route, request, version, reply)
+        except NotOwner as exc:
+            if self._retry_as_task(entry):
+                return
+            answer = server._failure(request, exc)
         except Exception as exc:
             answer = server._failure(request, _as_given(exc, request.key))
         pending = entry.pending
@@ -1033,6 +1393,27 @@ class _Connection:
             assert entry.key is not None
             server._settle(entry.key, pending, answer)
         self._answer(entry, server._encode_outcome(self.codec, request.id, answer))
+
+    def _retry_as_task(self, entry: _Entry) -> bool:
+        """A fast-path request of a cluster node met NotOwner (nothing was written):
+        run it again in a task, which forwards it or waits for the shard."""
+        server = self.server
+        if server._cluster is None or entry.request.forwarded:
+            return False
+        entry.scope = trio.CancelScope()
+        try:
+            self.tasks.start_soon(self._run_task, entry)
+        except RuntimeError:  # the connection's tasks are done: answer not_owner
+            entry.scope = None
+            return False
+        pending = entry.pending
+        if pending is not None:
+            assert entry.key is not None
+            server._settle(entry.key, pending, None)
+        entry.call = None
+        entry.pending = None
+        entry.key = None
+        return True
 
     async def _run_task(self, entry: _Entry) -> None:
         """Run a request in a task of its own (not on the fast path), and answer it.
@@ -1207,6 +1588,7 @@ async def open_aggregate_server(
     passivate_after: float | None = 300.0,
     mailbox_size: int = 64,
     handler_nursery: trio.Nursery | None = None,
+    cluster: ClusterNode | ClusterOptions | None = None,
 ) -> AsyncIterator[AggregateServer]:
     """Serve ``app``'s aggregates on ``store`` over TCP for the block's duration.
 
@@ -1234,6 +1616,17 @@ async def open_aggregate_server(
         mailbox_size: each aggregate's mailbox buffer.
         handler_nursery: run the connection tasks here instead of the
             server's own nursery.
+        cluster: serve as a node of a cluster (see :doc:`cluster`): a
+            :class:`ClusterNode` of ``store`` (opened by the caller with
+            :func:`~trio_aggregates.open_cluster`), or :class:`ClusterOptions`
+            to open one once listening and leave it at shutdown (``store``
+            must then be PostgreSQL). A request for a key whose shard another
+            node owns is forwarded to it (one pooled, pipelined connection
+            per peer; the client gets the owner's answer), and while a shard
+            moves the request is tried again, with a ``command_id`` (one is
+            given to a command without), until ``request_timeout``. The live
+            aggregates of shards the node gives up or loses are passivated.
+            TLS (``ssl_context``) between nodes is not supported.
 
     Leaving the block shuts down gracefully (see :meth:`AggregateServer.aclose`).
 
@@ -1259,7 +1652,7 @@ async def open_aggregate_server(
                     max_connections=max_connections, idle_timeout=idle_timeout,
                     request_timeout=request_timeout, grace_period=grace_period,
                     passivate_after=passivate_after, mailbox_size=mailbox_size,
-                    handler_nursery=handler_nursery,
+                    handler_nursery=handler_nursery, cluster=cluster,
                 ) as server:  # fmt: skip
                     with body:
                         yield server
@@ -1297,8 +1690,18 @@ async def _open_server(
     passivate_after: float | None,
     mailbox_size: int,
     handler_nursery: trio.Nursery | None,
+    cluster: ClusterNode | ClusterOptions | None,
 ) -> AsyncIterator[AggregateServer]:
     """:func:`open_aggregate_server`, but for the cancellation relay."""
+    if cluster is not None:
+        from ._cluster import ClusterNode
+
+        if not isinstance(cluster, ClusterNode | ClusterOptions):
+            raise InvalidArgument(
+                f"cluster must be a ClusterNode or ClusterOptions, not {type(cluster).__name__}"
+            )
+        if ssl_context is not None:
+            raise InvalidArgument("a cluster node cannot serve TLS (not supported yet)")
     _check_options(
         max_line_bytes, max_in_flight, max_connections, idle_timeout, request_timeout,
         grace_period, passivate_after, mailbox_size, token, ssl_context,
@@ -1330,6 +1733,17 @@ async def _open_server(
                 trio.SSLListener(listener, ssl_context, https_compatible=False)
                 for listener in listeners
             ]
+        node: ClusterNode | None = None
+        try:
+            if isinstance(cluster, ClusterOptions):
+                node = await stack.enter_async_context(_open_cluster_for(store, cluster, listeners))
+            elif cluster is not None:
+                node = cluster
+        except BaseException:
+            for listener in listeners:
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(listener)
+            raise
         server = AggregateServer(
             routes,
             store,
@@ -1341,9 +1755,14 @@ async def _open_server(
             idle_timeout=idle_timeout,
             request_timeout=request_timeout,
             grace_period=grace_period,
+            cluster=node,
         )
+        if node is not None:
+            node._release_hooks.append(server._passivate_shards)
+            stack.callback(node._release_hooks.remove, server._passivate_shards)
         try:
             async with trio.open_nursery() as nursery:
+                server._peer_nursery = nursery
                 await nursery.start(
                     server._serve, nursery if handler_nursery is None else handler_nursery
                 )
@@ -1375,6 +1794,31 @@ async def _open_server(
         raise body_error
 
 
+def _open_cluster_for(store: EventStore, options: ClusterOptions, listeners: list[Any]) -> Any:
+    """``open_cluster`` for a server that listens on ``listeners``, by ``options``."""
+    from ._cluster import open_cluster
+
+    address = options.advertise
+    if address is None:
+        listener: Any = listeners[0]
+        host, port = listener.socket.getsockname()[:2]
+        if host in ("0.0.0.0", "::"):
+            raise InvalidArgument(
+                "a cluster node listening on a wildcard address needs an advertised address"
+            )
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    _split_address(address)
+    return open_cluster(
+        store,  # type: ignore[arg-type]
+        address=address,
+        node_id=options.node_id,
+        shards=options.shards,
+        lease_ttl=options.lease_ttl,
+        renew_interval=options.renew_interval,
+        node_timeout=options.node_timeout,
+    )
+
+
 async def serve_aggregates(
     app: App,
     store: EventStore | str,
@@ -1393,6 +1837,7 @@ async def serve_aggregates(
     grace_period: float = 5.0,
     passivate_after: float | None = 300.0,
     mailbox_size: int = 64,
+    cluster: ClusterNode | ClusterOptions | None = None,
 ) -> NoReturn:
     """Serve ``app``'s aggregates on ``store`` until cancelled; ``nursery.start``-able.
 
@@ -1416,7 +1861,7 @@ async def serve_aggregates(
         ssl_context=ssl_context, max_line_bytes=max_line_bytes, max_in_flight=max_in_flight,
         max_connections=max_connections, idle_timeout=idle_timeout,
         request_timeout=request_timeout, grace_period=grace_period,
-        passivate_after=passivate_after, mailbox_size=mailbox_size,
+        passivate_after=passivate_after, mailbox_size=mailbox_size, cluster=cluster,
     ) as server:  # fmt: skip
         task_status.started(server.listeners)
         await trio.sleep_forever()
