@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import subprocess
 import sys
 import textwrap
@@ -141,9 +142,8 @@ def _baseline_of(title: str, default: str) -> tuple[str, str]:
 
 
 def _strip_unit(title: str) -> str:
-    for suffix in (" (commands/s)", " (events/s)", " (requests/s)", " (round trips/s)"):
-        title = title.replace(suffix, "")
-    return title.strip()
+    """A row title without its unit (``"... (round trips/s)"`` -> ``"..."``)."""
+    return re.sub(r"\s*\([^()]*/s\)", "", title).strip()
 
 
 def throughput_rows(data: Mapping[str, Any]) -> list[tuple[str, float, str, str]]:
@@ -155,8 +155,11 @@ def throughput_rows(data: Mapping[str, Any]) -> list[tuple[str, float, str, str]
             continue
         baseline, what = _baseline_of(c["title"], default)
         what = _strip_unit(what)
-        rows.append((f"{what}: trio_aggregates", c["library"], OURS, f"{c['ratio']:.2f}x"))
-        rows.append((f"{what}: {baseline}", c["bare"], BASELINE, ""))
+        ours = f"{what}: trio_aggregates"
+        if not (rows and rows[-2][0] == ours and rows[-2][1] == c["library"]):
+            rows.append((ours, c["library"], OURS, ""))
+        # The ratio goes beside the baseline it is a ratio to.
+        rows.append((baseline, c["bare"], BASELINE, f"ours {c['ratio']:.2f}x this"))
     for x in data["context"]:
         if x["unit"] != "ops/s":
             continue
@@ -170,19 +173,19 @@ def plot_throughput(plt: Any, name: str, data: Mapping[str, Any], out: Path) -> 
     rows = throughput_rows(data)
     if not rows:
         return
-    height = 0.28 * len(rows) + 1.0
-    fig, ax = plt.subplots(figsize=(9.0, height))
-    labels = [_wrap(r[0], 60) for r in rows]
+    labels = [_wrap(r[0], 64) for r in rows]
+    lines = sum(label.count("\n") + 1 for label in labels)
+    fig, ax = plt.subplots(figsize=(9.0, 0.2 * lines + 0.12 * len(rows) + 1.0))
     ys = list(range(len(rows)))[::-1]
     ax.barh(ys, [r[1] for r in rows], color=[r[2] for r in rows], height=0.7)
-    ax.set_yticks(ys, labels, fontsize=8)
+    ax.set_yticks(ys, labels, fontsize=9)
     ax.set_xscale("log")
     ax.grid(axis="y", visible=False)
     top = max(r[1] for r in rows)
     ax.set_xlim(right=top * 6)
     for y, (_, value, _, note) in zip(ys, rows, strict=True):
         text = _rate(value) + (f"   {note}" if note else "")
-        ax.text(value * 1.08, y, text, va="center", fontsize=8)
+        ax.text(value * 1.08, y, text, va="center", fontsize=9)
     ax.set_xlabel("operations per second (log scale; blue: trio_aggregates; grey: its baseline;"
                   " light: context)", fontsize=8)  # fmt: skip
     ax.set_title(f"bench_{name}.py: throughput", loc="left", fontsize=10)
@@ -194,27 +197,37 @@ def plot_scaling(plt: Any, data: Mapping[str, Any], out: Path) -> None:
     points = data.get("scaling") or []
     if not points:
         return
-    fig, axes = plt.subplots(1, 3, figsize=(11.0, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.4))
     panels = (
         ("rss_bytes_per_aggregate", "resident memory per aggregate (KiB)", 1 / 1024, False),
         ("gc_objects_per_aggregate", "GC-tracked objects per aggregate", 1, False),
         ("gc_full_s", "full gc.collect() pause (s)", 1, True),
     )
     for ax, (key, title, scale, loglog) in zip(axes, panels, strict=True):
+        pauses: list[str] = []
         for side, (label, colour) in SIDES.items():
             mine = sorted((p for p in points if p["side"] == side), key=lambda p: p["n"])
             if not mine:
                 continue
             xs = [p["n"] for p in mine]
-            ax.plot(xs, [p[key] * scale for p in mine], "o-", color=colour, label=label)
-            if key == "gc_full_s":
-                ax.plot(
-                    xs,
-                    [max(p["gc_full_frozen_s"], 1e-6) for p in mine],
-                    "x:",
-                    color=colour,
-                    label=f"{label}, after gc.freeze()",
-                )
+            ys = [p[key] * scale for p in mine]
+            ax.plot(xs, ys, "o-", color=colour, label=label)
+            last = mine[-1]
+            if key == "rss_bytes_per_aggregate":
+                note = f"{last['rss_total_bytes'] / 2**30:.1f} GiB in all"
+            elif key == "gc_full_s":
+                pauses.append(f"{side}: {last[key]:.1f} s")
+                continue
+            else:
+                note = f"{last[key]:.0f}"
+            ax.annotate(note, (xs[-1], ys[-1]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8, color=colour)  # fmt: skip
+        if pauses:
+            biggest = max(p["n"] for p in points)
+            frozen = max(p["gc_full_frozen_s"] for p in points)
+            ax.text(0.03, 0.97, f"at {biggest:,}:\n" + "\n".join(pauses)
+                    + f"\nafter gc.freeze(): at most {frozen * 1e6:.0f} µs",
+                    transform=ax.transAxes, va="top", fontsize=8)  # fmt: skip
         ax.set_xscale("log")
         if loglog:
             ax.set_yscale("log")
@@ -236,25 +249,38 @@ def plot_latency(plt: Any, data: Mapping[str, Any], out: Path) -> None:
         return
     depths = sorted({int(name.rsplit("_d", 1)[1]) for name in best})
     fig, axes = plt.subplots(1, len(depths), figsize=(5.2 * len(depths), 3.8), squeeze=False)
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    # Percentiles light to dark; the echo server (the baseline) in greys.
     shades = {"p50_us": "#a5b4fc", "p90_us": "#5c7cfa", "p99_us": "#364fc7"}
+    greys = {"p50_us": "#dee2e6", "p90_us": "#adb5bd", "p99_us": "#6c757d"}
     for ax, depth in zip(axes[0], depths, strict=True):
         names = [n for n in best if n.endswith(f"_d{depth}")]
         width = 0.26
-        for i, (key, colour) in enumerate(shades.items()):
+        for i, key in enumerate(shades):
             xs = [j + (i - 1) * width for j in range(len(names))]
             values = [best[n][key] / 1000 for n in names]
-            ax.bar(xs, values, width=width, color=colour, label=key.split("_")[0])
+            colours = [greys[key] if n.startswith("echo_") else shades[key] for n in names]
+            ax.bar(xs, values, width=width, color=colours, label=key.split("_")[0])
+
         ax.set_xticks(
             range(len(names)),
             [n.rsplit("_d", 1)[0].replace("_", "\n") for n in names],
             fontsize=8,
         )
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.grid(axis="x", visible=False)
         conns = data.get("parameters", {}).get("connections", 100)
         ax.set_title(f"{conns} connections x {depth} in flight", loc="left", fontsize=10)
         ax.set_ylabel("latency (ms, log scale)")
-    axes[0][0].legend(fontsize=8, frameon=False)
+    handles = [Patch(color=c, label=k.split("_")[0]) for k, c in shades.items()]
+    handles.append(Patch(color=greys["p90_us"], label="the same for the echo server"))
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, -0.06))  # fmt: skip
     fig.tight_layout()
     _save(fig, out / "latency.svg")
     plt.close(fig)
