@@ -7,9 +7,11 @@ the load client runs in this process (Trio, the CLI's pipelined client).
 Sections:
 
 * ``scale``: a store-bound workload (``Deposit`` with a ``command_id`` on
-  500 accounts, every request to a node picked at random, so that with N
-  nodes (N-1)/N of them are forwarded to their key's owner), with 1, 2 and
-  3 nodes: commands/s acknowledged in a fixed window, as ratios to 1 node,
+  500 accounts) with 1, 2 and 3 nodes, twice: every request to a node
+  picked at random (``random``: with N nodes (N-1)/N of them are forwarded
+  to their key's owner), and every request to its key's owner (``owner``:
+  a client that knows the placement, nothing forwarded): commands/s
+  acknowledged in a fixed window, as ratios to 1 node,
   and the nodes' CPU per command (their user+system time over the window,
   from ``/proc/PID/stat``, PostgreSQL's not counted). The machine has 2
   cores shared by the nodes, PostgreSQL and the client: throughput cannot
@@ -183,7 +185,7 @@ async def open_accounts(client: _Client, keys: Sequence[str]) -> None:
 
 
 async def scale_point(
-    url: str, n: int, accounts: int, workers: int, window: float
+    url: str, n: int, accounts: int, workers: int, window: float, routing: str
 ) -> dict[str, Any]:
     names = [f"n{i}" for i in range(n)]
     keys = [f"acct-{n}-{i}" for i in range(accounts)]
@@ -193,6 +195,8 @@ async def scale_point(
         async with contextlib.AsyncExitStack() as stack:
             clients = [await stack.enter_async_context(client_of(node)) for node in nodes]
             await open_accounts(clients[0], keys)
+            by_name = dict(zip(names, clients, strict=True))
+            owner_client = {key: by_name[owner_of(key, names)] for key in keys}
             acked = 0
             failed = 0
             measuring = False
@@ -204,11 +208,12 @@ async def scale_point(
                 count = 0
                 while not stop:
                     count += 1
-                    client = rng.choice(clients)
+                    key = rng.choice(keys)
+                    client = owner_client[key] if routing == "owner" else rng.choice(clients)
                     try:
                         response, _ = await client.request(
                             type="Account",
-                            key=rng.choice(keys),
+                            key=key,
                             command="Deposit",
                             data={"amount": 1},
                             command_id=f"w{number}-{count}",
@@ -237,6 +242,7 @@ async def scale_point(
         cpu = sum(cpu1) - sum(cpu0)
     return {
         "nodes": n,
+        "routing": routing,
         "commands_per_s": acked / elapsed,
         "acked": acked,
         "failed": failed,
@@ -343,18 +349,19 @@ async def run(args: argparse.Namespace, server: Any) -> dict[str, Any]:
     results: dict[str, Any] = {}
     if "scale" in args.only:
         points = []
-        for n in (1, 2, 3):
-            url = database(server, f"bench_scale_{n}")
-            point = await scale_point(url, n, args.accounts, args.workers, args.window)
-            print(
-                f"scale: {n} node(s): {point['commands_per_s']:,.0f} commands/s, "
-                f"{point['cpu_us_per_command'] or 0:,.0f} us node CPU per command",
-                flush=True,
-            )
-            points.append(point)
-        base = points[0]["commands_per_s"]
-        for point in points:
-            point["ratio_to_1"] = point["commands_per_s"] / base if base else None
+        for routing in ("random", "owner"):
+            for n in (1, 2, 3):
+                url = database(server, f"bench_scale_{routing}_{n}")
+                point = await scale_point(url, n, args.accounts, args.workers, args.window, routing)
+                points.append(point)
+                base = points[-n]["commands_per_s"]
+                point["ratio_to_1"] = point["commands_per_s"] / base if base else None
+                print(
+                    f"scale ({routing} node): {n} node(s): "
+                    f"{point['commands_per_s']:,.0f} commands/s ({point['ratio_to_1']:.2f}x), "
+                    f"{point['cpu_us_per_command'] or 0:,.0f} us node CPU per command",
+                    flush=True,
+                )
         results["scale"] = points
     if "forward" in args.only:
         results["forward"] = await forward_cost(database(server, "bench_forward"), args.count)
