@@ -27,9 +27,13 @@ import trio
 from conftest import PostgresDatabase
 from test_cluster import assert_leases_never_overlapped
 
-from trio_aggregates._cli import ConnectionLost, _Client
+from trio_aggregates import open_postgres_store
+from trio_aggregates._cli import ConnectionLost, _Client, load_app
+from trio_aggregates._cluster import open_cluster
+from trio_aggregates._exceptions import InvalidArgument
 from trio_aggregates._placement import owned_shards, rendezvous_owner, shard_of
 from trio_aggregates._protocol import Response
+from trio_aggregates._server import AggregateServer, ClusterOptions, open_aggregate_server
 
 psycopg = pytest.importorskip("psycopg")
 
@@ -384,11 +388,25 @@ async def test_a_forwarded_request_gets_the_same_answer_as_a_local_one(
                 b, type="Account", key=key, command="Deposit", data={"amount": 1}, forwarded=True
             )
             assert (hop.ok, hop.error_code, hop.id) == (False, "not_owner", 1)
+            # A command without a command_id is given one before it is forwarded.
+            plain = await ask(b, type="Account", key=key, command="Deposit", data={"amount": 2})
+            assert plain.ok and plain.version == 4, plain
             b_stats = await cluster_stats(b)
-            assert b_stats["forwarded"] >= 5
+            assert b_stats["forwarded"] >= 6
             assert (await cluster_stats(a))["forwarded"] == 0
             final = await ask(a, op="version", type="Account", key=key)
-            assert final.version == 3
+            assert final.version == 4
+            # `trio-aggregates stats` shows the cluster.
+            shown = await trio.run_process(
+                [sys.executable, "-m", "trio_aggregates", "stats", "--connect",
+                 f"tcp://127.0.0.1:{b.port}"],
+                capture_stdout=True,
+            )  # fmt: skip
+            text = shown.stdout.decode()
+            assert "cluster" in text and "shards_by_node" in text and "forwarded" in text, text
+    ids = {c for (stream, c) in command_ids(postgres_database.dsn) if stream == f"Account-{key}"}
+    # The create and the plain deposit forwarded by b; the refused withdrawal stored nothing.
+    assert len([c for c in ids if c.startswith("cluster-")]) == 2, ids
 
 
 # -- a paused owner ------------------------------------------------------------------------------
@@ -452,3 +470,124 @@ async def test_a_paused_owner_is_fenced_and_its_callers_are_served_by_the_new_ow
     assert versions(postgres_database.dsn)[f"Account-{key}"] == [1, 2, 3]
     assert command_ids(postgres_database.dsn)[(f"Account-{key}", "late")] == 1
     assert_leases_never_overlapped(postgres_database.dsn)
+
+
+# -- in one process ------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def in_process_client(server: AggregateServer) -> AsyncIterator[_Client]:
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with stream:
+        client = _Client(stream)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client._run)
+            try:
+                yield client
+            finally:
+                nursery.cancel_scope.cancel()
+
+
+async def test_a_single_node_with_clustering_serves_as_before(
+    postgres_database: PostgresDatabase,
+) -> None:
+    options = ClusterOptions(node_id="solo", shards=SHARDS, lease_ttl=2.0)
+    with trio.fail_after(60):
+        async with open_aggregate_server(
+            load_app(BANK_APP), postgres_database.url, port=0, cluster=options
+        ) as server:
+            async with in_process_client(server) as client:
+                opened, _ = await client.request(
+                    op="create", type="Account", key="x", command="OpenAccount",
+                    data={"owner": "o"},
+                )  # fmt: skip
+                assert opened.ok, opened
+                for version in (2, 3):
+                    deposit, _ = await client.request(
+                        type="Account", key="x", command="Deposit", data={"amount": 1}
+                    )
+                    assert (deposit.ok, deposit.version) == (True, version), deposit
+                state, _ = await client.request(op="load", type="Account", key="x")
+                assert state.result["balance"] == 2
+                stats, _ = await client.request(op="stats")
+            cluster = stats.result["cluster"]
+            assert (cluster["node_id"], cluster["held"], cluster["live_nodes"]) == (
+                "solo",
+                SHARDS,
+                ["solo"],
+            )
+            assert (cluster["forwarded"], cluster["retried"]) == (0, 0)
+            with psycopg.connect(postgres_database.dsn) as conn:
+                row = conn.execute("SELECT address, state FROM trio_aggregates_nodes").fetchone()
+            assert row == (f"127.0.0.1:{server.port}", "alive")
+    # Nothing but the acknowledged commands, no command id added on the local path.
+    assert versions(postgres_database.dsn) == {"Account-x": [1, 2, 3]}
+    assert command_ids(postgres_database.dsn) == Counter()
+    with psycopg.connect(postgres_database.dsn) as conn:
+        assert conn.execute("SELECT state FROM trio_aggregates_nodes").fetchone() == ("left",)
+
+
+async def test_a_write_the_fence_refuses_is_tried_again_once_the_node_holds_the_shard(
+    postgres_database: PostgresDatabase,
+) -> None:
+    with trio.fail_after(60):
+        async with (
+            open_postgres_store(postgres_database.dsn) as store,
+            open_cluster(store, address="127.0.0.1:1", shards=SHARDS, lease_ttl=2.0) as node,
+            open_aggregate_server(load_app(BANK_APP), store, port=0, cluster=node) as server,
+            in_process_client(server) as client,
+        ):
+            opened, _ = await client.request(
+                op="create", type="Account", key="f", command="OpenAccount", data={"owner": "o"}
+            )
+            assert opened.ok, opened
+            # The node believes in a token the database does not know: the live
+            # aggregate's next write (on the fast path) is refused by the fence.
+            node._held[node.shard_of("Account-f")].token += 1000
+            deposit, _ = await client.request(
+                type="Account", key="f", command="Deposit", data={"amount": 3}
+            )
+            assert (deposit.ok, deposit.version) == (True, 2), deposit
+            stats, _ = await client.request(op="stats")
+    assert stats.result["cluster"]["retried"] >= 1
+    assert stats.result["cluster"]["lost"] == 1
+    assert stats.result["registries"]["Account"]["passivations"] >= 1
+    assert versions(postgres_database.dsn) == {"Account-f": [1, 2]}
+    # Tried again with a command id given at the first refusal: applied once.
+    (((_, command_id), count),) = command_ids(postgres_database.dsn).items()
+    assert command_id.startswith("cluster-") and count == 1
+
+
+async def test_the_cluster_option_is_checked(postgres_database: PostgresDatabase) -> None:
+    app = load_app(BANK_APP)
+    with pytest.raises(InvalidArgument, match="ClusterNode or ClusterOptions"):
+        async with open_aggregate_server(app, "memory://", port=0, cluster="yes"):  # type: ignore[arg-type]
+            pass  # pragma: no cover
+    with pytest.raises(InvalidArgument, match="PostgreSQL"):
+        async with open_aggregate_server(app, "memory://", port=0, cluster=ClusterOptions()):
+            pass  # pragma: no cover
+    with pytest.raises(InvalidArgument, match="HOST:PORT"):
+        async with open_aggregate_server(
+            app, postgres_database.url, port=0, cluster=ClusterOptions(advertise="nowhere")
+        ):
+            pass  # pragma: no cover
+    with pytest.raises(InvalidArgument, match="wildcard"):
+        async with open_aggregate_server(
+            app, postgres_database.url, host="0.0.0.0", port=0, cluster=ClusterOptions()
+        ):
+            pass  # pragma: no cover
+
+
+async def test_serve_cluster_needs_a_postgresql_store(tmp_path: Path) -> None:
+    for args, error in [
+        (["--cluster"], "--cluster needs a PostgreSQL --store"),
+        (["--node-id", "x"], "--advertise and --node-id go with --cluster"),
+    ]:
+        with trio.fail_after(60):
+            done = await trio.run_process(
+                [sys.executable, "-m", "trio_aggregates", "serve", BANK_APP, "--port", "0",
+                 "--store", f"sqlite:///{tmp_path}/x.db", *args],
+                capture_stdout=True, capture_stderr=True, check=False,
+            )  # fmt: skip
+        assert done.returncode == 2, done
+        assert error in done.stderr.decode(), done.stderr
