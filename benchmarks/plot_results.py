@@ -118,7 +118,13 @@ def _pyplot() -> Any:
 def _save(fig: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="svg", bbox_inches="tight", metadata={"Date": None})
-    print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+    print(f"wrote {_shown(path)}")
+
+
+def _shown(path: Path) -> Path:
+    """``path`` relative to the project root, when it is inside it."""
+    path = path.resolve()
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
 def _wrap(text: str, width: int = 48) -> str:
@@ -173,9 +179,11 @@ def plot_throughput(plt: Any, name: str, data: Mapping[str, Any], out: Path) -> 
     rows = throughput_rows(data)
     if not rows:
         return
-    labels = [_wrap(r[0], 64) for r in rows]
+    labels = [_wrap(r[0], 50) for r in rows]
     lines = sum(label.count("\n") + 1 for label in labels)
-    fig, ax = plt.subplots(figsize=(9.0, 0.2 * lines + 0.12 * len(rows) + 1.0))
+    fig, ax = plt.subplots(
+        figsize=(9.0, 0.2 * lines + 0.12 * len(rows) + 1.0), layout="constrained"
+    )
     ys = list(range(len(rows)))[::-1]
     ax.barh(ys, [r[1] for r in rows], color=[r[2] for r in rows], height=0.7)
     ax.set_yticks(ys, labels, fontsize=9)
@@ -204,7 +212,7 @@ def plot_scaling(plt: Any, data: Mapping[str, Any], out: Path) -> None:
         ("gc_full_s", "full gc.collect() pause (s)", 1, True),
     )
     for ax, (key, title, scale, loglog) in zip(axes, panels, strict=True):
-        pauses: list[str] = []
+        notes: list[str] = []  # the figures at the largest size
         for side, (label, colour) in SIDES.items():
             mine = sorted((p for p in points if p["side"] == side), key=lambda p: p["n"])
             if not mine:
@@ -214,20 +222,17 @@ def plot_scaling(plt: Any, data: Mapping[str, Any], out: Path) -> None:
             ax.plot(xs, ys, "o-", color=colour, label=label)
             last = mine[-1]
             if key == "rss_bytes_per_aggregate":
-                note = f"{last['rss_total_bytes'] / 2**30:.1f} GiB in all"
+                notes.append(f"{side}: {last['rss_total_bytes'] / 2**30:.1f} GiB")
             elif key == "gc_full_s":
-                pauses.append(f"{side}: {last[key]:.1f} s")
-                continue
-            else:
-                note = f"{last[key]:.0f}"
-            ax.annotate(note, (xs[-1], ys[-1]), textcoords="offset points", xytext=(4, 4),
-                        fontsize=8, color=colour)  # fmt: skip
-        if pauses:
-            biggest = max(p["n"] for p in points)
+                notes.append(f"{side}: {last[key]:.1f} s")
+        biggest = max(p["n"] for p in points)
+        if key == "gc_full_s":
             frozen = max(p["gc_full_frozen_s"] for p in points)
-            ax.text(0.03, 0.97, f"at {biggest:,}:\n" + "\n".join(pauses)
-                    + f"\nafter gc.freeze(): at most {frozen * 1e6:.0f} µs",
-                    transform=ax.transAxes, va="top", fontsize=8)  # fmt: skip
+            notes.append(f"after gc.freeze(): at most {frozen * 1e6:.0f} µs")
+        if notes:
+            heading = "in all" if key == "rss_bytes_per_aggregate" else "pause"
+            ax.text(0.97, 0.03, f"{heading} at {biggest:,}:\n" + "\n".join(notes),
+                    transform=ax.transAxes, ha="right", va="bottom", fontsize=8)  # fmt: skip
         ax.set_xscale("log")
         if loglog:
             ax.set_yscale("log")
@@ -384,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "server" in found:
         plot_latency(plt, found["server"], args.out)
     (args.out / "results.inc").write_text(results_rst(found) + "\n")
-    print(f"wrote {args.out / 'results.inc'}")
+    print(f"wrote {_shown(args.out / 'results.inc')}")
     return 0
 
 

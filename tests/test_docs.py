@@ -83,7 +83,8 @@ def test_docs_build_without_warnings(tmp_path: Path) -> None:
     )
     assert (tmp_path / "html" / "index.html").is_file()
 
-    # The pictures were drawn (SVG files from dot).
+    # The pictures were drawn (SVG files from dot), and every plot the
+    # performance page shows exists.
     html = tmp_path / "html"
     design = (html / "design.html").read_text(encoding="utf-8")
     drawn = re.findall(r'<object data="(_images/graphviz-[0-9a-f]+\.svg)"', design)
@@ -93,3 +94,8 @@ def test_docs_build_without_warnings(tmp_path: Path) -> None:
     for name in drawn:
         svg = (html / name).read_text(encoding="utf-8")
         assert "<svg" in svg and "</svg>" in svg, name
+    benchmarks = (html / "benchmarks.html").read_text(encoding="utf-8")
+    plots = re.findall(r'src="(_images/[^"]+\.svg)"', benchmarks)
+    assert len(plots) >= 4, plots
+    for name in plots:
+        assert (html / name).stat().st_size > 1000, name
