@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _common import metadata  # noqa: E402
 
-from trio_aggregates._cli import ConnectionLost, _Client  # noqa: E402
+from trio_aggregates._cli import ConnectionLost, _Client, _connected  # noqa: E402
 from trio_aggregates._placement import rendezvous_owner, shard_of  # noqa: E402
 
 BANK_APP = f"{ROOT / 'examples' / 'bank.py'}:app"
@@ -92,19 +92,10 @@ async def nodes_of(url: str, names: Sequence[str], ttl: float) -> AsyncIterator[
                     BANK_APP,
                     "--store",
                     url,
-                    "--port",
-                    "0",
-                    "--cluster",
-                    "--node-id",
-                    name,
-                    "--lease-ttl",
-                    str(ttl),
-                    "--shards",
-                    str(SHARDS),
-                    "--log-level",
-                    "ERROR",
-                    "--grace-period",
-                    "1",
+                    *(
+                        f"--port 0 --cluster --node-id {name} --lease-ttl {ttl} --shards {SHARDS}"
+                        " --log-level ERROR --grace-period 1"
+                    ).split(),
                 ],
                 stdout=subprocess.PIPE,
             )
@@ -135,17 +126,8 @@ async def nodes_of(url: str, names: Sequence[str], ttl: float) -> AsyncIterator[
                 await node.process.stdout.aclose()
 
 
-@contextlib.asynccontextmanager
-async def client_of(node: Node) -> AsyncIterator[_Client]:
-    stream = await trio.open_tcp_stream("127.0.0.1", node.port)
-    async with stream:
-        client = _Client(stream)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client._run)
-            try:
-                yield client
-            finally:
-                nursery.cancel_scope.cancel()
+def client_of(node: Node) -> contextlib.AbstractAsyncContextManager[_Client]:
+    return _connected("127.0.0.1", node.port)
 
 
 async def wait_placement(nodes: list[Node]) -> None:

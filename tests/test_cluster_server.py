@@ -28,7 +28,7 @@ from conftest import PostgresDatabase
 from test_cluster import assert_leases_never_overlapped
 
 from trio_aggregates import open_postgres_store
-from trio_aggregates._cli import ConnectionLost, _Client, load_app
+from trio_aggregates._cli import ConnectionLost, _Client, _connected, load_app
 from trio_aggregates._cluster import open_cluster
 from trio_aggregates._exceptions import InvalidArgument
 from trio_aggregates._placement import owned_shards, rendezvous_owner, shard_of
@@ -75,19 +75,10 @@ async def _start(db: PostgresDatabase, name: str, ttl: float, tmp_path: Path) ->
                 BANK_APP,
                 "--store",
                 db.url,
-                "--port",
-                "0",
-                "--cluster",
-                "--node-id",
-                name,
-                "--lease-ttl",
-                str(ttl),
-                "--shards",
-                str(SHARDS),
-                "--grace-period",
-                "1",
-                "--log-level",
-                "WARNING",
+                *(
+                    f"--port 0 --cluster --node-id {name} --lease-ttl {ttl} --shards {SHARDS}"
+                    " --grace-period 1 --log-level WARNING"
+                ).split(),
             ],
             stdout=subprocess.PIPE,
             stderr=stderr,
@@ -128,18 +119,9 @@ async def cluster_nodes(
                 await node.process.stdout.aclose()
 
 
-@contextlib.asynccontextmanager
-async def connect(node: Node) -> AsyncIterator[_Client]:
+def connect(node: Node) -> contextlib.AbstractAsyncContextManager[_Client]:
     """A pipelined client connection to ``node``."""
-    stream = await trio.open_tcp_stream("127.0.0.1", node.port)
-    async with stream:
-        client = _Client(stream)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client._run)
-            try:
-                yield client
-            finally:
-                nursery.cancel_scope.cancel()
+    return _connected("127.0.0.1", node.port)
 
 
 async def ask(node: Node, **fields: Any) -> Response:
@@ -475,17 +457,8 @@ async def test_a_paused_owner_is_fenced_and_its_callers_are_served_by_the_new_ow
 # -- in one process ------------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def in_process_client(server: AggregateServer) -> AsyncIterator[_Client]:
-    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
-    async with stream:
-        client = _Client(stream)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client._run)
-            try:
-                yield client
-            finally:
-                nursery.cancel_scope.cancel()
+def in_process_client(server: AggregateServer) -> contextlib.AbstractAsyncContextManager[_Client]:
+    return _connected("127.0.0.1", server.port)
 
 
 async def test_a_single_node_with_clustering_serves_as_before(

@@ -337,6 +337,23 @@ class _Client:
             nursery.cancel_scope.cancel()
 
 
+@contextlib.asynccontextmanager
+async def _connected(host: str, port: int) -> AsyncIterator[_Client]:
+    """A pipelined client on a new plain TCP connection to ``host:port``, for the block.
+
+    (The cluster's tests and benchmark talk to nodes through it.)
+    """
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        client = _Client(stream)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client._run)
+            try:
+                yield client
+            finally:
+                nursery.cancel_scope.cancel()
+
+
 async def _hello(client: _Client, token: str | None) -> Response:
     """Say hello (with ``token`` if any); the answer.
 
