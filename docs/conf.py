@@ -130,6 +130,8 @@ def markdown_to_rst(text: str) -> str:
     i = 0
     while i < len(lines):
         line = lines[i]
+        if out and out[-1] and re.match(r"```|#{1,4} |\|", line):
+            out.append("")  # a block starts: reStructuredText wants a blank line first
         if line.startswith("```"):
             language = {"sh": "shell", "": "text"}.get(line[3:].strip(), line[3:].strip())
             out += [f".. code-block:: {language}", ""]
