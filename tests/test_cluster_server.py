@@ -564,3 +564,31 @@ async def test_serve_cluster_needs_a_postgresql_store(tmp_path: Path) -> None:
             )  # fmt: skip
         assert done.returncode == 2, done
         assert error in done.stderr.decode(), done.stderr
+
+
+async def test_a_node_stopped_by_sigterm_hands_its_shards_over_at_once(
+    postgres_database: PostgresDatabase, tmp_path: Path
+) -> None:
+    names = ["a", "b"]
+    # Leases of 30 s: the hand-over must not wait for them to expire.
+    async with cluster_nodes(postgres_database, names, tmp_path, ttl=30.0) as nodes:
+        a, b = nodes
+        with trio.fail_after(60):
+            await wait_placement(nodes)
+            key = key_owned_by("b", names, "g")
+            opened = await ask(
+                a, type="Account", key=key, op="create", command="OpenAccount", data={"owner": "x"}
+            )
+            assert opened.ok, opened
+        b.process.send_signal(signal.SIGTERM)
+        # At a's next tick (every 7.5 s); an expiry would take at least 22.5 s.
+        with trio.fail_after(20):
+            await b.process.wait()
+            assert b.process.returncode == 0, b.log()
+            await wait_placement([a])
+            deposit = await ask(a, type="Account", key=key, command="Deposit", data={"amount": 4})
+            assert (deposit.ok, deposit.version) == (True, 2), deposit
+        assert "Traceback" not in b.log(), b.log()
+    with psycopg.connect(postgres_database.dsn) as conn:
+        states = dict(conn.execute("SELECT node, state FROM trio_aggregates_nodes").fetchall())
+    assert states["b"] == "left"
