@@ -1,6 +1,6 @@
 """Tutorial, step 4: what a cancelled or timed-out call does.
 
-Run it: ``python docs/tutorial/cancellation.py`` (about 1.5 s: the aggregate is slow on purpose).
+Run it: ``python docs/tutorial/cancellation.py`` (about 3 s: the aggregate is slow on purpose).
 """
 
 import trio
@@ -14,7 +14,7 @@ async def slow_counter(key, mailbox, *, task_status=trio.TASK_STATUS_IGNORED):
     task_status.started()
     async for message in mailbox:
         if isinstance(message, Call):
-            await trio.sleep(0.5)  # slow work: half a second per message
+            await trio.sleep(1)  # slow work: a second per message
             total += message.message
             message.reply(total)
 
@@ -24,9 +24,9 @@ async def main():
         print("apples:", await registry.call("apples", 1))  # 1
 
         # The aggregate is idle, so it takes this call at once; the caller
-        # gives up after 0.1 s, but the aggregate finishes what it took.
+        # gives up after 0.25 s, but the aggregate finishes what it took.
         try:
-            await registry.call("apples", 5, timeout=0.1)
+            await registry.call("apples", 5, timeout=0.25)
         except CallTimeout:
             print("+5 timed out (the aggregate had already taken it)")
 
