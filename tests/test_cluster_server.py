@@ -14,6 +14,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -25,7 +26,7 @@ import attrs
 import pytest
 import trio
 from conftest import PostgresDatabase
-from test_cluster import assert_leases_never_overlapped
+from test_cluster import assert_leases_never_overlapped, expire_leases, settle as settle_nodes
 
 from trio_aggregates import open_postgres_store
 from trio_aggregates._cli import ConnectionLost, _Client, _connected, load_app
@@ -592,3 +593,66 @@ async def test_a_node_stopped_by_sigterm_hands_its_shards_over_at_once(
     with psycopg.connect(postgres_database.dsn) as conn:
         states = dict(conn.execute("SELECT node, state FROM trio_aggregates_nodes").fetchall())
     assert states["b"] == "left"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_a_write_of_a_deposed_owner_is_refused_by_the_database_and_served_by_the_new_owner(
+    postgres_database: PostgresDatabase,
+) -> None:
+    app = load_app(BANK_APP)
+    ports = {"a": free_port(), "b": free_port()}
+    dsn = postgres_database.dsn
+    with trio.fail_after(60):
+        async with contextlib.AsyncExitStack() as stack:
+            servers = {}
+            nodes = {}
+            for name, port in ports.items():
+                store = await stack.enter_async_context(open_postgres_store(dsn))
+                # Long leases and ticks: only the test's refreshes move anything.
+                nodes[name] = node = await stack.enter_async_context(
+                    open_cluster(
+                        store, address=f"127.0.0.1:{port}", node_id=name, shards=SHARDS,
+                        lease_ttl=60.0,
+                    )
+                )  # fmt: skip
+                servers[name] = await stack.enter_async_context(
+                    open_aggregate_server(app, store, port=port, cluster=node)
+                )
+            await settle_nodes(nodes["a"], nodes["b"], shards=SHARDS)
+            key = key_owned_by("a", ["a", "b"], "z")
+            stream = f"Account-{key}"
+            async with _connected("127.0.0.1", ports["a"]) as to_a:
+                opened, _ = await to_a.request(
+                    op="create", type="Account", key=key, command="OpenAccount",
+                    data={"owner": "o"},
+                )  # fmt: skip
+                assert opened.ok, opened
+                # a is deposed without knowing it (as if paused): its heartbeat and
+                # its leases run out in the database, and b takes its shards over.
+                with psycopg.connect(dsn) as conn:
+                    conn.execute(
+                        "UPDATE trio_aggregates_nodes SET heartbeat_at = clock_timestamp()"
+                        " - interval '1 hour' WHERE node = 'a'"
+                    )
+                expire_leases(dsn, "node", "a")
+                await nodes["b"].refresh()
+                assert nodes["b"].owns(stream)
+                assert nodes["a"].owns(stream)  # a still trusts its lease: no self-fencing
+                deposit, _ = await to_a.request(
+                    type="Account", key=key, command="Deposit", data={"amount": 9}
+                )
+                assert (deposit.ok, deposit.version) == (True, 2), deposit
+                stats, _ = await to_a.request(op="stats")
+    # a's write was refused (by the database: a trusted its lease), a noticed it had
+    # lost its leases, and forwarded the command to b, which applied it once.
+    cluster = stats.result["cluster"]
+    assert cluster["retried"] >= 1 and cluster["lost"] >= 1 and cluster["forwarded"] == 1
+    assert versions(dsn)[stream] == [1, 2]
+    assert next(c for (s, c) in command_ids(dsn) if s == stream).startswith("cluster-")
+    assert_leases_never_overlapped(dsn)
