@@ -622,12 +622,15 @@ async def test_a_write_of_a_deposed_owner_is_refused_by_the_database_and_served_
                     )
                 )  # fmt: skip
                 servers[name] = await stack.enter_async_context(
-                    open_aggregate_server(app, store, port=port, cluster=node)
+                    open_aggregate_server(app, store, port=port, cluster=node, token="s3cret")
                 )
             await settle_nodes(nodes["a"], nodes["b"], shards=SHARDS)
             key = key_owned_by("a", ["a", "b"], "z")
             stream = f"Account-{key}"
             async with _connected("127.0.0.1", ports["a"]) as to_a:
+                # With a token, nodes say hello to each other with it too.
+                hello, _ = await to_a.request(op="hello", token="s3cret")
+                assert hello.ok, hello
                 opened, _ = await to_a.request(
                     op="create", type="Account", key=key, command="OpenAccount",
                     data={"owner": "o"},
