@@ -47,6 +47,15 @@ Shutdown (:meth:`AggregateServer.aclose`, leaving the block, or cancelling
 meanwhile) are answered ``shutting_down``; connections are closed; then the
 aggregates, and the store if the server opened it from a URL.
 
+Cluster (``cluster=``, see ``_cluster.py``): a node runs a request itself
+when it owns its key's shard (the fast path included), else forwards it to
+the owner over one pipelined connection per peer (``_Peer``), marked
+``forwarded`` so that it makes one hop at most; while the shard moves
+(``NotOwner``, ``not_owner``, an owner unknown or unreachable) the request
+is tried again after a refresh of the node's view, with a ``command_id``
+given at the first node, until the watchdog's ``request_timeout``. Without
+a cluster, the hot path pays one ``is None`` test.
+
 Security: only the app's aggregate classes and their commands can be named;
 a request can make the server run nothing else. With a ``token``, the first
 line of a connection must be ``{"op": "hello", "token": ...}`` (compared in
