@@ -314,6 +314,30 @@ async def test_a_failing_handler_stops_its_projection_only(store_url: str) -> No
         assert await read_model(store, good) == expected(35)
 
 
+async def test_two_runners_of_one_projection_apply_each_event_once(durable_url: str) -> None:
+    """Two runners of one name on one database (as two processes would be, each
+    with its own store and connection): the checkpoint is compared and set in the
+    batch's transaction, so every event is applied once, whichever runner wins."""
+    async with opened(durable_url) as store, opened(durable_url) as other:
+        await add_many(store, 40)
+        first, second = Totals("shared", batch_size=3), Totals("shared", batch_size=5)
+        async with (
+            open_projections(store, [first], poll_interval=0.05) as one,
+            open_projections(other, [second], poll_interval=0.05) as two,
+        ):
+            await add_many(store, 40, start=40)  # live, while both run
+            head = await store.head_position()
+            await one.wait_caught_up(head)
+            await two.wait_caught_up(head)
+            handled = (
+                one.statistics()["shared"].events_handled
+                + two.statistics()["shared"].events_handled
+            )
+        assert await read_model(store, first) == expected(80)
+        assert handled == 80
+        assert await trio.to_thread.run_sync(_checkpoint_sync, store, "shared") == head - 1
+
+
 class Sleepy(Totals):
     """On PostgreSQL, the handler of amount 3 runs a statement of 30 s."""
 

@@ -534,31 +534,67 @@ class _MemoryCheckpoints(_Checkpoints):
         flow._trio_aggregates_position = 0
 
 
+class _Superseded(Exception):
+    """Another runner of the projection moved its checkpoint (to ``position``)."""
+
+    def __init__(self, position: int) -> None:
+        super().__init__(position)
+        self.position = position
+
+
+def _upsert(mark: str, where: str = "") -> str:
+    """Write a checkpoint row (``name, position, updated_at``), if ``where`` holds."""
+    return (
+        f"INSERT INTO {CHECKPOINTS_TABLE} (name, position, updated_at) "
+        f"VALUES ({mark}, {mark}, {mark}) "
+        "ON CONFLICT (name) DO UPDATE SET position = excluded.position, "
+        f"updated_at = excluded.updated_at{where}"
+    )
+
+
 class _SQLCheckpoints(_Checkpoints):
     """The checkpoint in the store's SQL database, written with the read model's batch.
 
-    A subclass gives its SQL (``_select``, ``_save``) and ``_run``: run a
-    function on its connection in a transaction (in a worker thread, one at
-    a time), its driver's errors as :class:`StoreError`.
+    A subclass gives its parameter mark and ``_run``: run a function on its
+    connection in a transaction (in a worker thread, one at a time), its
+    driver's errors as :class:`StoreError`.
+
+    Two runners of one name (two processes, say) never both apply an event:
+    a batch's checkpoint is written only if the row still holds the position
+    this runner last read or wrote (compare and set, in the batch's
+    transaction); else the batch rolls back, and the runner takes the row's
+    position and skips what the other one applied.
     """
 
     transactional = True
-    _select: ClassVar[str]
-    _save: ClassVar[str]
+    _mark: ClassVar[str]
     #: apply's batch in pipeline mode (fewer round trips), where the driver has one
     _pipeline: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        m = self._mark
+        self._select = f"SELECT position FROM {CHECKPOINTS_TABLE} WHERE name = {m}"
+        self._save = _upsert(m)  # unconditional: a reset
+        self._advance = _upsert(m, f" WHERE {CHECKPOINTS_TABLE}.position = {m} RETURNING position")
+        self._raise = _upsert(m, f" WHERE {CHECKPOINTS_TABLE}.position < excluded.position")
+        #: per name: the position this runner last read or wrote
+        self._known: dict[str, int] = {}
 
     async def _run(self, fn: Callable[[Any], Any], action: str, *, pipeline: bool = False) -> Any:
         raise NotImplementedError
 
     async def load(self, flow: _Flow) -> int:
         name = flow.flow_name
+        position = int(await self._run(self._reader(name), f"read the checkpoint of {name!r}"))
+        self._known[name] = position
+        return position
 
+    def _reader(self, name: str) -> Callable[[Any], int]:
         def read(db: Any) -> int:
             row = db.execute(self._select, (name,)).fetchone()
             return 0 if row is None else int(row[0])
 
-        return int(await self._run(read, f"read the checkpoint of {name!r}"))
+        return read
 
     async def setup(self, flow: Projection) -> None:
         await self._run(flow.setup, f"set up {flow.flow_name!r}")
@@ -566,21 +602,44 @@ class _SQLCheckpoints(_Checkpoints):
     async def apply(self, flow: Projection, records: list[RecordedEvent]) -> tuple[int, int]:
         name = flow.flow_name
         position = records[-1].position
+        read = self._reader(name)
+        while True:
+            known = self._known.get(name, 0)
+            if position <= known:
+                return known, 0  # another runner of this name applied them
+            todo = records if records[0].position > known else [
+                r for r in records if r.position > known
+            ]  # fmt: skip
 
-        def batch(db: Any) -> int:
-            handled = _apply_batch(flow, records, db)
-            db.execute(self._save, (name, position, time.time()))
-            return handled
+            def batch(db: Any, todo: list[RecordedEvent] = todo, known: int = known) -> int:
+                handled = _apply_batch(flow, todo, db)
+                row = db.execute(self._advance, (name, position, time.time(), known)).fetchone()
+                if row is None:
+                    raise _Superseded(read(db))
+                return handled
 
-        handled = await self._run(batch, f"apply a batch of {name!r}", pipeline=self._pipeline)
-        return position, int(handled)
+            try:
+                handled = await self._run(
+                    batch, f"apply a batch of {name!r}", pipeline=self._pipeline
+                )
+            except _Superseded as superseded:  # rolled back: take theirs, skip what they did
+                logger.warning(
+                    "projection %r: another runner moved its checkpoint to %d",
+                    name,
+                    superseded.position,
+                )
+                self._known[name] = superseded.position
+                continue
+            self._known[name] = position
+            return position, int(handled)
 
     async def save(self, flow: _Flow, position: int) -> None:
         name = flow.flow_name
         await self._run(
-            lambda db: db.execute(self._save, (name, position, time.time())),
+            lambda db: db.execute(self._raise, (name, position, time.time())),
             f"save the checkpoint of {name!r}",
         )
+        self._known[name] = max(position, self._known.get(name, 0))
 
     async def reset(self, flow: _Flow) -> None:
         name = flow.flow_name
@@ -591,16 +650,12 @@ class _SQLCheckpoints(_Checkpoints):
             db.execute(self._save, (name, 0, time.time()))
 
         await self._run(reset, f"reset {name!r}")
+        self._known[name] = 0
 
 
 _SQLITE_SCHEMA: Final = (
     f"CREATE TABLE IF NOT EXISTS {CHECKPOINTS_TABLE} ("
     "name TEXT PRIMARY KEY, position INTEGER NOT NULL, updated_at REAL NOT NULL)"
-)
-_SQLITE_SAVE: Final = (
-    f"INSERT INTO {CHECKPOINTS_TABLE} (name, position, updated_at) VALUES (?, ?, ?) "
-    "ON CONFLICT (name) DO UPDATE SET position = excluded.position, "
-    "updated_at = excluded.updated_at"
 )
 
 
@@ -608,10 +663,10 @@ _SQLITE_SAVE: Final = (
 class _SQLiteCheckpoints(_SQLCheckpoints):
     """The checkpoint in the store's SQLite file, written with the read model's batch."""
 
-    _select = f"SELECT position FROM {CHECKPOINTS_TABLE} WHERE name = ?"
-    _save = _SQLITE_SAVE
+    _mark = "?"
 
     def __init__(self, path: str, busy_timeout: float = 30.0) -> None:
+        super().__init__()
         self._path = path
         self._busy_timeout = busy_timeout
         self._db: sqlite3.Connection | None = None
@@ -666,22 +721,17 @@ _PG_SCHEMA: Final = (
     f"CREATE TABLE IF NOT EXISTS {CHECKPOINTS_TABLE} ("
     "name TEXT PRIMARY KEY, position BIGINT NOT NULL, updated_at DOUBLE PRECISION NOT NULL)"
 )
-_PG_SAVE: Final = (
-    f"INSERT INTO {CHECKPOINTS_TABLE} (name, position, updated_at) VALUES (%s, %s, %s) "
-    "ON CONFLICT (name) DO UPDATE SET position = excluded.position, "
-    "updated_at = excluded.updated_at"
-)
 
 
 @final
 class _PostgresCheckpoints(_SQLCheckpoints):
     """The checkpoint in the store's PostgreSQL database, written with the read model's batch."""
 
-    _select = f"SELECT position FROM {CHECKPOINTS_TABLE} WHERE name = %s"
-    _save = _PG_SAVE
+    _mark = "%s"
     _pipeline = True
 
     def __init__(self, conninfo: str) -> None:
+        super().__init__()
         self._conninfo = conninfo
         self._conn: Any = None
         self._lock = trio.Lock()
