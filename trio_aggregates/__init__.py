@@ -91,6 +91,7 @@ from ._server import (
     DEFAULT_PORT as DEFAULT_PORT,
     AggregateServer as AggregateServer,
     App as App,
+    ClusterOptions as ClusterOptions,
     ServerStatistics as ServerStatistics,
     open_aggregate_server as open_aggregate_server,
     serve_aggregates as serve_aggregates,
