@@ -906,6 +906,22 @@ async def test_a_changed_snapshot_schema_ignores_the_old_snapshot() -> None:
         assert await repo.version("s") == 3
 
 
+async def test_a_snapshot_of_another_state_shape_is_ignored_even_with_the_same_schema(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A field renamed without bumping snapshot_schema: the old snapshot would
+    structure with a default for the new field (silently wrong); it is ignored,
+    with a warning naming the difference, and the state rebuilt from the events."""
+    store = FaultyStore()
+    await seed(store, Snappy, "s", AccountOpened("ann", 0), Deposited(1), Deposited(2))
+    old_shape = {"owner": "ann", "cents": 999, "overdraft_limit": 0, "closed": False}
+    await store.save_snapshot(Snapshot("Snappy-s", 3, 1, "snappy", json.dumps(old_shape).encode()))
+    async with open_aggregates(Snappy, store) as repo:
+        assert (await repo.load("s")).balance == 3
+        assert store.events_read == 3  # rebuilt from every event
+    assert "missing ['balance'], unknown ['cents']" in caplog.text
+
+
 async def test_a_snapshot_of_another_state_type_is_ignored() -> None:
     store = FaultyStore()
     await seed(store, Snappy, "s", AccountOpened("ann", 0), Deposited(4))

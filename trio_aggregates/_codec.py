@@ -39,6 +39,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, Final, TypeVar, final
 
+import attrs
 import cattrs
 from cattrs.preconf.json import make_converter
 
@@ -237,6 +238,23 @@ class EventCodec:
             EventDecodeError: the bytes do not decode into ``cls``.
         """
         try:
-            return self._converter.structure(json.loads(data), cls)
+            raw = json.loads(data)
+        except ValueError as exc:
+            raise EventDecodeError(f"snapshot does not fit {cls.__qualname__}: {exc!r}") from exc
+        if isinstance(raw, dict) and attrs.has(cls):
+            # A state of another shape (a field renamed, added or dropped, and
+            # snapshot_schema not bumped) would structure with defaults for
+            # what is missing and drop what is unknown: silently wrong. Refuse
+            # it: the runtime then rebuilds the state from the events.
+            fields = {a.name for a in attrs.fields(cls)}
+            if raw.keys() != fields:
+                missing, unknown = sorted(fields - raw.keys()), sorted(raw.keys() - fields)
+                raise EventDecodeError(
+                    f"snapshot does not fit {cls.__qualname__}: its fields differ "
+                    f"(missing {missing}, unknown {unknown}); bump snapshot_schema "
+                    f"when the state's shape changes"
+                )
+        try:
+            return self._converter.structure(raw, cls)
         except Exception as exc:
             raise EventDecodeError(f"snapshot does not fit {cls.__qualname__}: {exc!r}") from exc
