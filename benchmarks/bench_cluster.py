@@ -55,8 +55,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _common import metadata  # noqa: E402
 
-from trio_aggregates._cli import ConnectionLost, _Client, _connected  # noqa: E402
-from trio_aggregates._placement import rendezvous_owner, shard_of  # noqa: E402
+from trio_aggregates._scaleout._placement import rendezvous_owner, shard_of  # noqa: E402
+from trio_aggregates._wire._cli import ConnectionLost, _Client, _connected  # noqa: E402
 
 BANK_APP = f"{ROOT / 'examples' / 'bank.py'}:app"
 LISTENING = re.compile(r"listening on tcp://127\.0\.0\.1:(\d+)\n")

@@ -168,9 +168,9 @@ def serve_main(argv: Sequence[str]) -> None:
         try:
             from trio_aggregates import open_aggregate_server  # type: ignore[attr-defined]
         except ImportError:  # not exported yet
-            from trio_aggregates._server import open_aggregate_server
+            from trio_aggregates._wire._server import open_aggregate_server
 
-        from trio_aggregates._cli import SERVE_GC_THRESHOLD, tune_gc
+        from trio_aggregates._wire._cli import SERVE_GC_THRESHOLD, tune_gc
 
         app, wire = load_bank_app()
         async with open_aggregate_server(app, args.store, host="127.0.0.1", port=0) as server:
@@ -228,7 +228,7 @@ def floor_main(argv: Sequence[str]) -> None:
     import trio
 
     from trio_aggregates import open_aggregates
-    from trio_aggregates._cli import SERVE_GC_THRESHOLD, tune_gc
+    from trio_aggregates._wire._cli import SERVE_GC_THRESHOLD, tune_gc
 
     callers, total = int(argv[0]), int(argv[1])
     load_bank_app()

@@ -41,9 +41,9 @@ import sys
 import trio
 
 from trio_aggregates import NewEvent, open_postgres_store
-from trio_aggregates._cluster import ClusterNode, open_cluster
-from trio_aggregates._exceptions import NotOwner
-from trio_aggregates._postgres import PostgresEventStore
+from trio_aggregates._core._exceptions import NotOwner
+from trio_aggregates._scaleout._cluster import ClusterNode, open_cluster
+from trio_aggregates._stores._postgres import PostgresEventStore
 
 
 class _Exactly:

@@ -21,7 +21,7 @@ import click
 import pytest
 import trio
 
-from trio_aggregates._cli import SERVE_GC_THRESHOLD, load_app, percentile, tune_gc
+from trio_aggregates._wire._cli import SERVE_GC_THRESHOLD, load_app, percentile, tune_gc
 
 ROOT = Path(__file__).resolve().parent.parent
 BANK = ROOT / "examples" / "bank.py"

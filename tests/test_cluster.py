@@ -29,10 +29,10 @@ from conftest import PostgresDatabase
 from hypothesis import given, strategies as st
 
 from trio_aggregates import NewEvent, open_postgres_store
-from trio_aggregates._cluster import ClusterNode, NodeInfo, open_cluster
-from trio_aggregates._exceptions import InvalidArgument, NotOwner
-from trio_aggregates._placement import owned_shards, rendezvous_owner, shard_of
-from trio_aggregates._postgres import PostgresEventStore
+from trio_aggregates._core._exceptions import InvalidArgument, NotOwner
+from trio_aggregates._scaleout._cluster import ClusterNode, NodeInfo, open_cluster
+from trio_aggregates._scaleout._placement import owned_shards, rendezvous_owner, shard_of
+from trio_aggregates._stores._postgres import PostgresEventStore
 
 NODE = str(Path(__file__).parent / "_cluster_node.py")
 EVENT = NewEvent("t", b"{}", b"{}")

@@ -29,12 +29,12 @@ from conftest import PostgresDatabase
 from test_cluster import assert_leases_never_overlapped, expire_leases, settle as settle_nodes
 
 from trio_aggregates import open_postgres_store
-from trio_aggregates._cli import ConnectionLost, _Client, _connected, load_app
-from trio_aggregates._cluster import open_cluster
-from trio_aggregates._exceptions import InvalidArgument
-from trio_aggregates._placement import owned_shards, rendezvous_owner, shard_of
-from trio_aggregates._protocol import Response
-from trio_aggregates._server import AggregateServer, ClusterOptions, open_aggregate_server
+from trio_aggregates._core._exceptions import InvalidArgument
+from trio_aggregates._scaleout._cluster import open_cluster
+from trio_aggregates._scaleout._placement import owned_shards, rendezvous_owner, shard_of
+from trio_aggregates._wire._cli import ConnectionLost, _Client, _connected, load_app
+from trio_aggregates._wire._protocol import Response
+from trio_aggregates._wire._server import AggregateServer, ClusterOptions, open_aggregate_server
 
 psycopg = pytest.importorskip("psycopg")
 

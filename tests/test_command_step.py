@@ -27,7 +27,7 @@ from trio_aggregates import (
     applies,
     handles,
 )
-from trio_aggregates._command import (
+from trio_aggregates._runtime._command import (
     ANY,
     APPEND,
     CATCH_UP,

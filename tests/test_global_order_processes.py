@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from trio_aggregates._open_store import open_store
-from trio_aggregates._store import RecordedEvent
+from trio_aggregates._stores._open_store import open_store
+from trio_aggregates._stores._store import RecordedEvent
 
 WRITER = str(Path(__file__).parent / "_position_writer.py")
 WRITERS = 4

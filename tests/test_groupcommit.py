@@ -15,8 +15,8 @@ import pytest
 import trio
 import trio.testing
 
-from trio_aggregates._exceptions import StoreError
-from trio_aggregates._groupcommit import StoreStatistics, _BatchResult, _GroupCommit
+from trio_aggregates._core._exceptions import StoreError
+from trio_aggregates._stores._groupcommit import StoreStatistics, _BatchResult, _GroupCommit
 
 
 class Refused(Exception):

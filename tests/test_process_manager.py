@@ -34,8 +34,8 @@ from trio_aggregates import (
     open_aggregates,
     open_store,
 )
-from trio_aggregates._process_manager import ProcessManager, reacts
-from trio_aggregates._projection import (
+from trio_aggregates._flow._process_manager import ProcessManager, reacts
+from trio_aggregates._flow._projection import (
     EventContext,
     Projection,
     ProjectionFailed,

@@ -42,7 +42,7 @@ from trio_aggregates import (
     open_aggregates,
     open_store,
 )
-from trio_aggregates._projection import (
+from trio_aggregates._flow._projection import (
     EventContext,
     Projection,
     ProjectionFailed,
@@ -558,7 +558,7 @@ async def test_store_errors_while_reading_are_retried() -> None:
 async def test_a_batch_that_could_not_be_written_is_retried(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from trio_aggregates import _projection
+    from trio_aggregates._flow import _projection
 
     failures = [StoreError("database is locked"), StoreError("connection lost")]
     apply = _projection._MemoryCheckpoints.apply

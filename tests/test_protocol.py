@@ -18,8 +18,8 @@ import attrs
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from trio_aggregates import _exceptions as exc_mod
-from trio_aggregates._protocol import (
+from trio_aggregates._core import _exceptions as exc_mod
+from trio_aggregates._wire._protocol import (
     DEFAULT_MAX_LINE_BYTES,
     OPS,
     PROTOCOL_VERSION,

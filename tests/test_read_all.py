@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import trio
 
-from trio_aggregates._sqlite import open_sqlite_store
-from trio_aggregates._store import NewEvent
+from trio_aggregates._stores._sqlite import open_sqlite_store
+from trio_aggregates._stores._store import NewEvent
 
 
 def ev(n: int) -> NewEvent:
@@ -25,7 +25,7 @@ def ev(n: int) -> NewEvent:
 
 def make_sqlite_v2(path: Path) -> None:
     """A database as version 2 of the schema left it, with events in two streams."""
-    from trio_aggregates._sqlite import _MIGRATIONS
+    from trio_aggregates._stores._sqlite import _MIGRATIONS
 
     db = sqlite3.connect(path, isolation_level=None)
     try:
@@ -82,7 +82,7 @@ async def test_sqlite_positions_are_never_given_twice_after_a_restart(tmp_path: 
 
 
 async def test_sqlite_read_all_reads_rows_another_program_wrote(tmp_path: Path) -> None:
-    from trio_aggregates._exceptions import EventDecodeError
+    from trio_aggregates._core._exceptions import EventDecodeError
 
     path = tmp_path / "events.db"
     async with open_sqlite_store(path) as store:
@@ -122,7 +122,7 @@ def pg_connect(database: Any) -> Any:
 
 @pytestmark_pg
 async def test_postgres_version_3_upgrades_in_place(postgres_database: Any) -> None:
-    from trio_aggregates._postgres import _MIGRATIONS, SCHEMA_VERSION, open_postgres_store
+    from trio_aggregates._stores._postgres import _MIGRATIONS, SCHEMA_VERSION, open_postgres_store
 
     # A database as version 3 left it, written through its append function.
     with pg_connect(postgres_database) as conn:
@@ -175,7 +175,7 @@ async def test_postgres_appends_wait_for_the_position_lock(
 ) -> None:
     # While another session holds the position lock, an append (either
     # function) cannot commit: positions go out one transaction at a time.
-    from trio_aggregates._postgres import _POSITION_LOCK_KEY, open_postgres_store
+    from trio_aggregates._stores._postgres import _POSITION_LOCK_KEY, open_postgres_store
 
     with trio.fail_after(60):
         async with open_postgres_store(postgres_database.dsn) as store:
@@ -203,7 +203,7 @@ async def test_postgres_appends_wait_for_the_position_lock(
 
 @pytestmark_pg
 async def test_postgres_appends_notify_listeners(postgres_database: Any) -> None:
-    from trio_aggregates._postgres import _CHANNEL, open_postgres_store
+    from trio_aggregates._stores._postgres import _CHANNEL, open_postgres_store
 
     with trio.fail_after(30), pg_connect(postgres_database) as listener:
         listener.execute(f"LISTEN {_CHANNEL}")
@@ -224,8 +224,8 @@ async def test_postgres_mixed_batches_with_two_processes_do_not_deadlock(
     # on the same streams: each batch locks its streams before it inserts.
     # (Without that, this test saw deadlocks in 3 runs out of 4, and appends
     # failing with "deadlock detected".)
-    from trio_aggregates._postgres import open_postgres_store
-    from trio_aggregates._store import Snapshot
+    from trio_aggregates._stores._postgres import open_postgres_store
+    from trio_aggregates._stores._store import Snapshot
 
     def deadlocks() -> int:
         # (This session's own server: the tests before this one are done.)

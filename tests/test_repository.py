@@ -52,7 +52,7 @@ from trio_aggregates import (
     handles,
     open_aggregates,
 )
-from trio_aggregates._command import ANY, NEW
+from trio_aggregates._runtime._command import ANY, NEW
 from trio_aggregates.testing import FaultyStore, Repositories
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

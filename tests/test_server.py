@@ -40,7 +40,7 @@ from trio_aggregates import (
     applies,
     handles,
 )
-from trio_aggregates._server import (
+from trio_aggregates._wire._server import (
     DEFAULT_PORT,
     AggregateServer,
     ServerStatistics,
@@ -661,7 +661,7 @@ async def test_token_first_line_must_be_hello_with_it(monkeypatch: pytest.Monkey
         compared.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr("trio_aggregates._server.hmac.compare_digest", spy)
+    monkeypatch.setattr("trio_aggregates._wire._server.hmac.compare_digest", spy)
     async with serving(token="s3cret") as server:
         async with client_of(server) as c:  # no hello
             error = await c.error(op="ping")

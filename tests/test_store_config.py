@@ -14,8 +14,8 @@ import pytest
 import trio
 
 from trio_aggregates import InvalidArgument, StoreError, TrioAggregatesError, open_store
-from trio_aggregates._sqlite import SQLiteEventStore, open_sqlite_store
-from trio_aggregates._store import NewEvent
+from trio_aggregates._stores._sqlite import SQLiteEventStore, open_sqlite_store
+from trio_aggregates._stores._store import NewEvent
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -264,7 +264,7 @@ async def test_sqlite_opener_bad_path() -> None:
 )
 async def test_postgres_opener_bad_arguments(kwargs: dict[str, Any], named: str) -> None:
     pytest.importorskip("psycopg")
-    from trio_aggregates._postgres import open_postgres_store
+    from trio_aggregates._stores._postgres import open_postgres_store
 
     with pytest.raises(InvalidArgument, match=rf"\b{named}\b"):
         async with open_postgres_store("postgresql://nobody@127.0.0.1:1/db", **kwargs):
@@ -273,7 +273,7 @@ async def test_postgres_opener_bad_arguments(kwargs: dict[str, Any], named: str)
 
 @pytest.mark.parametrize("dsn", [42, None, "nonsense", "postgresql://x?nosuch=1"])
 async def test_postgres_opener_bad_dsn(dsn: Any) -> None:
-    from trio_aggregates._postgres import open_postgres_store
+    from trio_aggregates._stores._postgres import open_postgres_store
 
     with pytest.raises(InvalidArgument):
         async with open_postgres_store(dsn):

@@ -1,4 +1,4 @@
-"""One suite, every backend: the semantics of ``trio_aggregates._store``'s docstring.
+"""One suite, every backend: the semantics of ``trio_aggregates._stores._store``'s docstring.
 
 Each test runs unchanged on the in-memory store, on SQLite (a real file) and on
 PostgreSQL (the session's throwaway server, a fresh database per test). Stores
@@ -16,14 +16,20 @@ import pytest
 import trio
 import trio.testing
 
-from trio_aggregates._exceptions import (
+from trio_aggregates._core._exceptions import (
     ConcurrencyConflict,
     DuplicateCommand,
     StoreError,
     StreamDeleted,
 )
-from trio_aggregates._open_store import open_store
-from trio_aggregates._store import EventStore, NewEvent, RecordedEvent, Snapshot, read_stream
+from trio_aggregates._stores._open_store import open_store
+from trio_aggregates._stores._store import (
+    EventStore,
+    NewEvent,
+    RecordedEvent,
+    Snapshot,
+    read_stream,
+)
 
 DURABLE_BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 BACKENDS = ["memory", *DURABLE_BACKENDS]
@@ -485,7 +491,7 @@ async def test_open_store_refuses_unknown_urls(url: str) -> None:
 
 
 async def test_open_store_sqlite_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from trio_aggregates._sqlite import SQLiteEventStore
+    from trio_aggregates._stores._sqlite import SQLiteEventStore
 
     monkeypatch.chdir(tmp_path)
     async with open_store("sqlite:///relative.db") as store:
@@ -506,7 +512,7 @@ async def test_open_store_sqlite_paths(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 async def test_open_store_memory() -> None:
-    from trio_aggregates._store import InMemoryEventStore
+    from trio_aggregates._stores._store import InMemoryEventStore
 
     async with open_store("memory://") as store:
         assert isinstance(store, InMemoryEventStore)
@@ -822,7 +828,7 @@ async def test_read_all_concurrent_appends_get_distinct_positions(store: EventSt
 
 
 async def test_read_all_arguments_are_checked(store: EventStore) -> None:
-    from trio_aggregates._exceptions import InvalidArgument
+    from trio_aggregates._core._exceptions import InvalidArgument
 
     with pytest.raises(InvalidArgument):
         await store.read_all("1")  # type: ignore[arg-type]

@@ -42,9 +42,9 @@ from trio_aggregates import (
     open_aggregates,
     open_store,
 )
-from trio_aggregates._postgres import open_postgres_store
-from trio_aggregates._sqlite import open_sqlite_store
-from trio_aggregates._store import NewEvent, Snapshot
+from trio_aggregates._stores._postgres import open_postgres_store
+from trio_aggregates._stores._sqlite import open_sqlite_store
+from trio_aggregates._stores._store import NewEvent, Snapshot
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _writer import Add, Open, Tally

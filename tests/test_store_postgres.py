@@ -13,19 +13,19 @@ import trio.testing
 from _pgserver import PostgresServer
 from conftest import PostgresDatabase, make_postgres_server
 
-from trio_aggregates._exceptions import (
+from trio_aggregates._core._exceptions import (
     ConcurrencyConflict,
     DuplicateCommand,
     StoreError,
     StreamDeleted,
 )
-from trio_aggregates._postgres import (
+from trio_aggregates._stores._postgres import (
     _MIGRATIONS,
     SCHEMA_VERSION,
     PostgresEventStore,
     open_postgres_store,
 )
-from trio_aggregates._store import NewEvent, Snapshot
+from trio_aggregates._stores._store import NewEvent, Snapshot
 
 pytestmark = pytest.mark.postgres
 
@@ -320,7 +320,7 @@ async def test_hard_delete_races_append_across_stores(
 
 
 async def test_open_store_accepts_both_url_schemes(postgres_database: PostgresDatabase) -> None:
-    from trio_aggregates._open_store import open_store
+    from trio_aggregates._stores._open_store import open_store
 
     for url in (
         postgres_database.url,

@@ -12,20 +12,20 @@ import pytest
 import trio
 import trio.testing
 
-from trio_aggregates._exceptions import (
+from trio_aggregates._core._exceptions import (
     ConcurrencyConflict,
     DuplicateCommand,
     StoreError,
     StreamDeleted,
 )
-from trio_aggregates._groupcommit import StoreStatistics
-from trio_aggregates._sqlite import (
+from trio_aggregates._stores._groupcommit import StoreStatistics
+from trio_aggregates._stores._sqlite import (
     _MIGRATIONS,
     SCHEMA_VERSION,
     SQLiteEventStore,
     open_sqlite_store,
 )
-from trio_aggregates._store import NewEvent, Snapshot
+from trio_aggregates._stores._store import NewEvent, Snapshot
 
 
 def ev(n: int | str) -> NewEvent:

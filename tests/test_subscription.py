@@ -16,10 +16,10 @@ import pytest
 import trio
 import trio.testing
 
-from trio_aggregates._exceptions import InvalidArgument, StoreError
-from trio_aggregates._open_store import open_store
-from trio_aggregates._store import EventStore, InMemoryEventStore, NewEvent, RecordedEvent
-from trio_aggregates._subscription import Subscription, open_subscription
+from trio_aggregates._core._exceptions import InvalidArgument, StoreError
+from trio_aggregates._flow._subscription import Subscription, open_subscription
+from trio_aggregates._stores._open_store import open_store
+from trio_aggregates._stores._store import EventStore, InMemoryEventStore, NewEvent, RecordedEvent
 
 BACKENDS = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
@@ -348,7 +348,7 @@ async def test_postgres_going_away_fails_the_subscription_with_store_error() -> 
     # StoreError comes out of ``async for``, after the events read before.
     from conftest import make_postgres_server
 
-    from trio_aggregates._postgres import open_postgres_store
+    from trio_aggregates._stores._postgres import open_postgres_store
 
     server = make_postgres_server()
     try:

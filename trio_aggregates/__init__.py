@@ -4,20 +4,7 @@ import contextlib
 import inspect
 from typing import TYPE_CHECKING, Any
 
-from ._aggregate import (
-    NO_REPLY as NO_REPLY,
-    Aggregate as Aggregate,
-    Decision as Decision,
-    applies as applies,
-    handles as handles,
-)
-from ._codec import (
-    EventCodec as EventCodec,
-    Upcaster as Upcaster,
-    event_type as event_type,
-    type_name_of as type_name_of,
-)
-from ._exceptions import (
+from ._core._exceptions import (
     AggregateCrashed as AggregateCrashed,
     AggregateDeclined as AggregateDeclined,
     AggregateGone as AggregateGone,
@@ -42,15 +29,19 @@ from ._exceptions import (
     UnknownEventType as UnknownEventType,
     WrongExpectedVersion as WrongExpectedVersion,
 )
-from ._groupcommit import (
-    StoreStatistics as StoreStatistics,
+from ._core._registry import (
+    AggregateFunction as AggregateFunction,
+    Call as Call,
+    Mailbox as Mailbox,
+    Registry as Registry,
+    RegistryStatistics as RegistryStatistics,
+    open_registry as open_registry,
 )
-from ._open_store import open_store as open_store
-from ._process_manager import (
+from ._flow._process_manager import (
     ProcessManager as ProcessManager,
     reacts as reacts,
 )
-from ._projection import (
+from ._flow._projection import (
     EventContext as EventContext,
     Projection as Projection,
     ProjectionFailed as ProjectionFailed,
@@ -61,7 +52,46 @@ from ._projection import (
     projects as projects,
     run_projection as run_projection,
 )
-from ._protocol import (
+from ._flow._subscription import (
+    Subscription as Subscription,
+    open_subscription as open_subscription,
+)
+from ._runtime._aggregate import (
+    NO_REPLY as NO_REPLY,
+    Aggregate as Aggregate,
+    Decision as Decision,
+    applies as applies,
+    handles as handles,
+)
+from ._runtime._codec import (
+    EventCodec as EventCodec,
+    Upcaster as Upcaster,
+    event_type as event_type,
+    type_name_of as type_name_of,
+)
+from ._runtime._repository import (
+    AggregateRepository as AggregateRepository,
+    StoredEvent as StoredEvent,
+    open_aggregates as open_aggregates,
+)
+from ._stores._groupcommit import (
+    StoreStatistics as StoreStatistics,
+)
+from ._stores._open_store import open_store as open_store
+from ._stores._sqlite import (
+    SQLiteEventStore as SQLiteEventStore,
+    open_sqlite_store as open_sqlite_store,
+)
+from ._stores._store import (
+    EventStore as EventStore,
+    InMemoryEventStore as InMemoryEventStore,
+    NewEvent as NewEvent,
+    RecordedEvent as RecordedEvent,
+    Snapshot as Snapshot,
+    category_of as category_of,
+    read_stream as read_stream,
+)
+from ._wire._protocol import (
     DEFAULT_MAX_LINE_BYTES as DEFAULT_MAX_LINE_BYTES,
     OPS as OPS,
     PROTOCOL_VERSION as PROTOCOL_VERSION,
@@ -74,20 +104,7 @@ from ._protocol import (
     ServerCodec as ServerCodec,
     error_code_for as error_code_for,
 )
-from ._registry import (
-    AggregateFunction as AggregateFunction,
-    Call as Call,
-    Mailbox as Mailbox,
-    Registry as Registry,
-    RegistryStatistics as RegistryStatistics,
-    open_registry as open_registry,
-)
-from ._repository import (
-    AggregateRepository as AggregateRepository,
-    StoredEvent as StoredEvent,
-    open_aggregates as open_aggregates,
-)
-from ._server import (
+from ._wire._server import (
     DEFAULT_PORT as DEFAULT_PORT,
     AggregateServer as AggregateServer,
     App as App,
@@ -96,46 +113,29 @@ from ._server import (
     open_aggregate_server as open_aggregate_server,
     serve_aggregates as serve_aggregates,
 )
-from ._sqlite import (
-    SQLiteEventStore as SQLiteEventStore,
-    open_sqlite_store as open_sqlite_store,
-)
-from ._store import (
-    EventStore as EventStore,
-    InMemoryEventStore as InMemoryEventStore,
-    NewEvent as NewEvent,
-    RecordedEvent as RecordedEvent,
-    Snapshot as Snapshot,
-    category_of as category_of,
-    read_stream as read_stream,
-)
-from ._subscription import (
-    Subscription as Subscription,
-    open_subscription as open_subscription,
-)
 
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from ._cluster import (
+    from ._scaleout._cluster import (
         ClusterNode as ClusterNode,
         ClusterStatistics as ClusterStatistics,
         NodeInfo as NodeInfo,
         open_cluster as open_cluster,
     )
-    from ._postgres import (
+    from ._stores._postgres import (
         PostgresEventStore as PostgresEventStore,
         open_postgres_store as open_postgres_store,
     )
 
 # What needs psycopg (the `postgres` extra), imported on first use: name -> module.
 _LAZY = {
-    "PostgresEventStore": "_postgres",
-    "open_postgres_store": "_postgres",
-    "ClusterNode": "_cluster",
-    "ClusterStatistics": "_cluster",
-    "NodeInfo": "_cluster",
-    "open_cluster": "_cluster",
+    "PostgresEventStore": "_stores._postgres",
+    "open_postgres_store": "_stores._postgres",
+    "ClusterNode": "_scaleout._cluster",
+    "ClusterStatistics": "_scaleout._cluster",
+    "NodeInfo": "_scaleout._cluster",
+    "open_cluster": "_scaleout._cluster",
 }
 
 

@@ -25,8 +25,8 @@ from typing import Final, Literal, TypeVar, final, get_args
 import attrs
 import trio
 
-from .._exceptions import InvalidArgument, StoreError
-from .._store import InMemoryEventStore, NewEvent, RecordedEvent, Snapshot
+from .._core._exceptions import InvalidArgument, StoreError
+from .._stores._store import InMemoryEventStore, NewEvent, RecordedEvent, Snapshot
 
 __all__ = ["FaultyStore", "Latch", "Operation"]
 

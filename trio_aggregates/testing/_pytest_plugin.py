@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from .._aggregate import Aggregate
+from .._runtime._aggregate import Aggregate
 from ._faulty_store import FaultyStore
 from ._repositories import Repositories, open_repositories
 

@@ -6,10 +6,10 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, TypeVar, final
 
-from .._aggregate import Aggregate
-from .._exceptions import InvalidArgument
-from .._repository import AggregateRepository, open_aggregates
-from .._store import EventStore
+from .._core._exceptions import InvalidArgument
+from .._runtime._aggregate import Aggregate
+from .._runtime._repository import AggregateRepository, open_aggregates
+from .._stores._store import EventStore
 from ._faulty_store import FaultyStore
 
 __all__ = ["Repositories", "open_repositories"]

@@ -16,8 +16,8 @@ from typing import Any, Final, Generic, TypeVar, final, overload
 
 import attrs
 
-from .._aggregate import Aggregate, Decision
-from .._exceptions import CommandRejected, InvalidArgument
+from .._core._exceptions import CommandRejected, InvalidArgument
+from .._runtime._aggregate import Aggregate, Decision
 
 __all__ = ["Expectation", "Scenario", "scenario"]
 

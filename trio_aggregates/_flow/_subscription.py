@@ -38,8 +38,8 @@ from typing import Any, Final, Protocol, final
 
 import trio
 
-from ._exceptions import InvalidArgument, StoreError, TrioAggregatesError
-from ._store import EventStore, RecordedEvent, _AppendSignal, _check_read_all
+from .._core._exceptions import InvalidArgument, StoreError, TrioAggregatesError
+from .._stores._store import EventStore, RecordedEvent, _AppendSignal, _check_read_all
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup

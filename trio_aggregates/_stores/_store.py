@@ -58,7 +58,12 @@ from typing import Protocol, final, runtime_checkable
 import attrs
 import trio
 
-from ._exceptions import ConcurrencyConflict, DuplicateCommand, InvalidArgument, StreamDeleted
+from .._core._exceptions import (
+    ConcurrencyConflict,
+    DuplicateCommand,
+    InvalidArgument,
+    StreamDeleted,
+)
 
 __all__ = [
     "EventStore",

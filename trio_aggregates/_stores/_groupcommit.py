@@ -28,7 +28,7 @@ import attrs
 import outcome
 import trio
 
-from ._exceptions import StoreError
+from .._core._exceptions import StoreError
 
 __all__ = ["StoreStatistics"]
 

@@ -117,6 +117,16 @@ import psycopg.errors
 import trio
 from psycopg.pq import TransactionStatus
 
+from .._core._exceptions import (
+    ConcurrencyConflict,
+    DuplicateCommand,
+    EventDecodeError,
+    InvalidArgument,
+    NotOwner,
+    StoreError,
+    StreamDeleted,
+)
+from .._core._options import check_count, check_seconds
 from ._durable import (
     _TOMBSTONE,
     _Append,
@@ -132,17 +142,7 @@ from ._durable import (
     _wrap_error,
     _WriteOp,
 )
-from ._exceptions import (
-    ConcurrencyConflict,
-    DuplicateCommand,
-    EventDecodeError,
-    InvalidArgument,
-    NotOwner,
-    StoreError,
-    StreamDeleted,
-)
 from ._groupcommit import _BatchResult
-from ._options import check_count, check_seconds
 from ._store import RecordedEvent, Snapshot, _check_command_id, _check_read_all
 
 __all__ = ["PostgresEventStore", "open_postgres_store"]

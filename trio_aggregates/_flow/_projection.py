@@ -89,10 +89,10 @@ from typing import Any, ClassVar, Final, Literal, TypeVar, final
 import attrs
 import trio
 
-from ._aggregate import Aggregate, Marker, _mark
-from ._codec import EventCodec
-from ._exceptions import InvalidArgument, StoreError, TrioAggregatesError
-from ._store import EventStore, RecordedEvent
+from .._core._exceptions import InvalidArgument, StoreError, TrioAggregatesError
+from .._runtime._aggregate import Aggregate, Marker, _mark
+from .._runtime._codec import EventCodec
+from .._stores._store import EventStore, RecordedEvent
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -820,14 +820,14 @@ def _checkpoints_for(store: EventStore, flow: _Flow) -> _Checkpoints:
     """The checkpoint place for ``flow`` on ``store`` (see the module docstring)."""
     if isinstance(flow, Projection) and not flow.checkpoint_in_store:
         return _MemoryCheckpoints()
-    from ._sqlite import SQLiteEventStore
+    from .._stores._sqlite import SQLiteEventStore
 
     if isinstance(store, SQLiteEventStore):
         if store.path == ":memory:" or store.path.startswith("file:"):
             return _MemoryCheckpoints()
         return _SQLiteCheckpoints(store.path)
     # A PostgreSQL store exists only if its module (and psycopg) was imported.
-    postgres = sys.modules.get("trio_aggregates._postgres")
+    postgres = sys.modules.get("trio_aggregates._stores._postgres")
     if postgres is not None and isinstance(store, postgres.PostgresEventStore):
         return _PostgresCheckpoints(store.conninfo)
     return _MemoryCheckpoints()

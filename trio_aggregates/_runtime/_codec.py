@@ -43,7 +43,7 @@ import attrs
 import cattrs
 from cattrs.preconf.json import make_converter
 
-from ._exceptions import EventDecodeError, UnknownEventType
+from .._core._exceptions import EventDecodeError, UnknownEventType
 
 __all__ = ["EventCodec", "Upcaster", "event_type", "type_name_of"]
 

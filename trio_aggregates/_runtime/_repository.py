@@ -54,22 +54,7 @@ import attrs
 import outcome
 import trio
 
-from ._aggregate import Aggregate, canonical_key
-from ._codec import encode_json, type_name_of
-from ._command import (
-    ANY,
-    APPEND,
-    CATCH_UP,
-    DONE,
-    EXISTING,
-    FAIL,
-    NEW,
-    REBUILD,
-    Command,
-    Inspect,
-    LiveAggregate,
-)
-from ._exceptions import (
+from .._core._exceptions import (
     AggregateCrashed,
     AggregateDeclined,
     AggregateNotFound,
@@ -86,8 +71,23 @@ from ._exceptions import (
     WrongExpectedVersion,
     _copy_error,
 )
-from ._registry import Call, Mailbox, Registry, open_registry
-from ._store import EventStore, Snapshot, read_stream
+from .._core._registry import Call, Mailbox, Registry, open_registry
+from .._stores._store import EventStore, Snapshot, read_stream
+from ._aggregate import Aggregate, canonical_key
+from ._codec import encode_json, type_name_of
+from ._command import (
+    ANY,
+    APPEND,
+    CATCH_UP,
+    DONE,
+    EXISTING,
+    FAIL,
+    NEW,
+    REBUILD,
+    Command,
+    Inspect,
+    LiveAggregate,
+)
 
 __all__ = ["AggregateRepository", "StoredEvent", "open_aggregates"]
 
@@ -687,7 +687,7 @@ async def open_aggregates(
         raise InvalidArgument("max_retries must be >= 0 and max_concurrent_loads >= 1")
     async with AsyncExitStack() as stack:
         if isinstance(store, str):
-            from ._open_store import open_store
+            from .._stores._open_store import open_store
 
             store = await stack.enter_async_context(open_store(store))
         repository = AggregateRepository(

@@ -39,7 +39,7 @@ import attrs
 import outcome
 import trio
 
-from ._exceptions import InvalidArgument, StoreError
+from .._core._exceptions import InvalidArgument, StoreError
 from ._groupcommit import StoreStatistics, _BatchResult, _GroupCommit
 from ._store import NewEvent, Snapshot, _AppendSignal, _check_command_id
 

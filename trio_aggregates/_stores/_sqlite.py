@@ -85,6 +85,15 @@ import attrs
 import outcome
 import trio
 
+from .._core._exceptions import (
+    ConcurrencyConflict,
+    DuplicateCommand,
+    EventDecodeError,
+    InvalidArgument,
+    StoreError,
+    StreamDeleted,
+)
+from .._core._options import check_count, check_seconds
 from ._durable import (
     _LIVE,
     _TOMBSTONE,
@@ -98,16 +107,7 @@ from ._durable import (
     _wrap_error,
     _WriteOp,
 )
-from ._exceptions import (
-    ConcurrencyConflict,
-    DuplicateCommand,
-    EventDecodeError,
-    InvalidArgument,
-    StoreError,
-    StreamDeleted,
-)
 from ._groupcommit import _BatchResult
-from ._options import check_count, check_seconds
 from ._store import RecordedEvent, Snapshot, _check_command_id, _check_read_all
 
 __all__ = ["SQLiteEventStore", "open_sqlite_store"]

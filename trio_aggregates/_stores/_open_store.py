@@ -32,8 +32,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from ._exceptions import InvalidArgument
-from ._options import parse_count, parse_query, parse_seconds, unknown_parameter
+from .._core._exceptions import InvalidArgument
+from .._core._options import parse_count, parse_query, parse_seconds, unknown_parameter
 from ._store import EventStore, InMemoryEventStore
 
 __all__ = ["open_store"]

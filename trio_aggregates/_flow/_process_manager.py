@@ -61,7 +61,8 @@ from typing import Any, ClassVar, Final
 
 import trio
 
-from ._exceptions import CallTimeout, InvalidArgument, StoreError
+from .._core._exceptions import CallTimeout, InvalidArgument, StoreError
+from .._stores._store import RecordedEvent
 from ._projection import (
     EventContext,
     ProjectionFailed,
@@ -69,7 +70,6 @@ from ._projection import (
     _Flow,
     _marker,
 )
-from ._store import RecordedEvent
 
 __all__ = ["ProcessManager", "reacts"]
 

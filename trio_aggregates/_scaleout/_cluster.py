@@ -75,10 +75,10 @@ import trio
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
-from ._exceptions import InvalidArgument, NotOwner, StoreError, TrioAggregatesError
-from ._options import check_seconds
+from .._core._exceptions import InvalidArgument, NotOwner, StoreError, TrioAggregatesError
+from .._core._options import check_seconds
+from .._stores._postgres import Conn, PostgresEventStore, _Pool, _wrap
 from ._placement import owned_shards, shard_of
-from ._postgres import Conn, PostgresEventStore, _Pool, _wrap
 
 __all__ = ["ClusterNode", "ClusterStatistics", "NodeInfo", "open_cluster"]
 

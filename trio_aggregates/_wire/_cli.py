@@ -12,7 +12,7 @@
 * ``stats`` prints a running server's statistics as tables.
 
 The client side here (``_Client``) is a small pipelined NDJSON client on the library's
-:class:`~trio_aggregates._protocol.ClientCodec`: requests are matched to answers by id, a writer
+:class:`~trio_aggregates.ClientCodec`: requests are matched to answers by id, a writer
 task batches what is ready into one ``send_all``.
 """
 
@@ -55,8 +55,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from ._aggregate import Aggregate
-from ._exceptions import InvalidArgument, StoreError
+from .._core._exceptions import InvalidArgument, StoreError
+from .._runtime._aggregate import Aggregate
 from ._protocol import ClientCodec, ProtocolError, Response
 from ._server import DEFAULT_PORT, ClusterOptions, open_aggregate_server
 

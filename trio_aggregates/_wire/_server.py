@@ -84,16 +84,19 @@ import trio
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
-from ._aggregate import Aggregate, canonical_key
-from ._command import ANY, EXISTING, NEW, Inspect
-from ._exceptions import (
+from .._core._exceptions import (
     AggregateNotFound,
     InvalidArgument,
     NotOwner,
     StoreError,
     TrioAggregatesError,
 )
-from ._options import check_count, check_seconds
+from .._core._options import check_count, check_seconds
+from .._core._registry import Call
+from .._runtime._aggregate import Aggregate, canonical_key
+from .._runtime._command import ANY, EXISTING, NEW, Inspect
+from .._runtime._repository import AggregateRepository, open_aggregates
+from .._stores._store import EventStore
 from ._protocol import (
     PROTOCOL_VERSION,
     BadLine,
@@ -105,12 +108,9 @@ from ._protocol import (
     ServerCodec,
     error_details,
 )
-from ._registry import Call
-from ._repository import AggregateRepository, open_aggregates
-from ._store import EventStore
 
 if TYPE_CHECKING:  # _cluster needs psycopg, an optional dependency: imported when used
-    from ._cluster import ClusterNode
+    from .._scaleout._cluster import ClusterNode
 
 __all__ = [
     "DEFAULT_PORT",
@@ -353,7 +353,7 @@ class AggregateServer:
         self._idle_timeout = idle_timeout
         self._request_timeout = request_timeout
         self._grace_period = grace_period
-        from . import __version__
+        from .. import __version__
 
         self._hello = {
             "server": "trio-aggregates",
@@ -1703,7 +1703,7 @@ async def _open_server(
 ) -> AsyncIterator[AggregateServer]:
     """:func:`open_aggregate_server`, but for the cancellation relay."""
     if cluster is not None:
-        from ._cluster import ClusterNode
+        from .._scaleout._cluster import ClusterNode
 
         if not isinstance(cluster, ClusterNode | ClusterOptions):
             raise InvalidArgument(
@@ -1721,7 +1721,7 @@ async def _open_server(
     reraise: BaseException | None = None
     async with AsyncExitStack() as stack:
         if isinstance(store, str):
-            from ._open_store import open_store
+            from .._stores._open_store import open_store
 
             store = await stack.enter_async_context(open_store(store))
         routes: dict[str, _Route] = {}
@@ -1805,7 +1805,7 @@ async def _open_server(
 
 def _open_cluster_for(store: EventStore, options: ClusterOptions, listeners: list[Any]) -> Any:
     """``open_cluster`` for a server that listens on ``listeners``, by ``options``."""
-    from ._cluster import open_cluster
+    from .._scaleout._cluster import open_cluster
 
     address = options.advertise
     if address is None:

@@ -54,8 +54,8 @@ from typing import Any, ClassVar, Final, Protocol, TypeVar, final, overload
 
 import attrs
 
+from .._core._exceptions import InvalidArgument, InvalidKey, UnknownCommand
 from ._codec import EventCodec, Upcaster
-from ._exceptions import InvalidArgument, InvalidKey, UnknownCommand
 
 __all__ = ["Aggregate", "Decision", "applies", "handles"]
 

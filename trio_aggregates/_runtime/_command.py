@@ -65,9 +65,7 @@ from typing import Any, Final, Generic, TypeVar, final
 
 import attrs
 
-from ._aggregate import NO_REPLY, Aggregate, Decision
-from ._codec import EventCodec, type_name_of
-from ._exceptions import (
+from .._core._exceptions import (
     AggregateCrashed,
     AggregateNotFound,
     AlreadyExists,
@@ -79,7 +77,9 @@ from ._exceptions import (
     UnknownCommand,
     WrongExpectedVersion,
 )
-from ._store import NewEvent, RecordedEvent, Snapshot
+from .._stores._store import NewEvent, RecordedEvent, Snapshot
+from ._aggregate import NO_REPLY, Aggregate, Decision
+from ._codec import EventCodec, type_name_of
 
 __all__ = [
     "ANY",

@@ -92,7 +92,7 @@ from typing import Any, Final, final
 
 import attrs
 
-from ._exceptions import (
+from .._core._exceptions import (
     AggregateNotFound,
     AlreadyExists,
     CallTimeout,

@@ -1,0 +1,1 @@
+"""Events flowing out of the store: subscriptions, projections, process managers."""

@@ -1,0 +1,1 @@
+"""Scale-out over PostgreSQL: membership, shard leases with fencing, placement, routing."""

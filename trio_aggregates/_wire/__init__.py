@@ -1,0 +1,1 @@
+"""The wire: the sans-IO protocol, the protocol server, the command line."""
