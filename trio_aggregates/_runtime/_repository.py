@@ -502,10 +502,7 @@ class AggregateRepository(Generic[A]):
                 raise _copy_error(cause) from exc
             raise
         except TrioAggregatesError as exc:
-            # The aggregate task knows the key in its canonical (str) form;
-            # the caller's error names the key as the caller gave it.
-            if canonical is not key and getattr(exc, "key", None) == canonical:
-                exc.key = key  # type: ignore[attr-defined]
+            _name_key_as_given(exc, key, canonical)
             raise
 
     async def _serve(
@@ -625,6 +622,16 @@ class AggregateRepository(Generic[A]):
             logger.warning("could not snapshot %r at version %d: %r", stream, live.version, exc)
             return
         live.snapshot_saved(live.version)
+
+
+def _name_key_as_given(exc: BaseException, key: object, canonical: str) -> None:
+    """Make ``exc`` name the key as the caller gave it.
+
+    The aggregate task knows its key in the canonical (str) form; an error it
+    raised names that form, the caller's error the caller's (``1``, not ``"1"``).
+    """
+    if canonical is not key and getattr(exc, "key", None) == canonical:
+        exc.key = key  # type: ignore[attr-defined]
 
 
 def _at(record: Any) -> str:

@@ -95,7 +95,7 @@ from .._core._options import check_count, check_seconds
 from .._core._registry import Call
 from .._runtime._aggregate import Aggregate, canonical_key
 from .._runtime._command import ANY, EXISTING, NEW, Inspect
-from .._runtime._repository import AggregateRepository, open_aggregates
+from .._runtime._repository import AggregateRepository, _name_key_as_given, open_aggregates
 from .._stores._store import EventStore
 from ._protocol import (
     PROTOCOL_VERSION,
@@ -1396,7 +1396,8 @@ class _Connection:
                 return
             answer = server._failure(request, exc)
         except Exception as exc:
-            answer = server._failure(request, _as_given(exc, request.key))
+            _name_key_as_given(exc, request.key, canonical_key(request.key))
+            answer = server._failure(request, exc)
         pending = entry.pending
         if pending is not None:
             assert entry.key is not None
@@ -1541,15 +1542,6 @@ class _Connection:
                         self.last_activity = trio.current_time()
         finally:
             self.sending = False
-
-
-def _as_given(exc: BaseException, key: object) -> BaseException:
-    """``exc`` naming the key as the client gave it (the aggregate knows its canonical form)."""
-    if isinstance(exc, TrioAggregatesError) and type(key) is not str:
-        exc_key = getattr(exc, "key", None)
-        if exc_key is not None and exc_key == canonical_key(key):
-            exc.key = key  # type: ignore[attr-defined]
-    return exc
 
 
 def _check_options(
