@@ -176,3 +176,16 @@ async def test_a_connection_killed_between_writes_is_replaced(
                 await store.append("s", [ev(2)], expected_version=1)
             version = await store.stream_version("s")
             assert await store.append("s", [ev(3)], expected_version=version) == version + 1
+
+
+async def test_events_carry_no_foreign_key_check(postgres_database: PostgresDatabase) -> None:
+    """Schema version 6 drops the per-event foreign-key trigger (see _postgres.py)."""
+    dsn = postgres_database.dsn
+    async with open_postgres_store(dsn) as store:
+        await store.append("s", [ev(1)], expected_version=0)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        kinds = conn.execute(
+            "SELECT contype FROM pg_constraint"
+            " WHERE conrelid = 'trio_aggregates_events'::regclass ORDER BY contype"
+        ).fetchall()
+    assert sorted(k for (k,) in kinds) == ["c", "p", "u"]  # version check, key, position
