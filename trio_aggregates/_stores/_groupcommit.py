@@ -194,13 +194,12 @@ class _GroupCommit(Generic[OpT]):
 
     async def _lead(self, own: _Request[OpT]) -> Any:
         """Write the queued batch (``own`` among it); return ``own``'s result."""
+        own.task = None
         own_result: outcome.Outcome[Any] | None = None
         with trio.CancelScope(shield=True):
             try:
-                if own.task is None or not self._pending:
-                    # Let the writes of tasks woken in this same tick join the batch.
-                    await trio.lowlevel.cancel_shielded_checkpoint()
-                own.task = None
+                # Let the writes of tasks woken in this same tick join the batch.
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 batch = [own, *self._pending]
                 self._pending = []
                 ops = []
