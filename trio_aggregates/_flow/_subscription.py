@@ -22,8 +22,13 @@ Wake-ups, whichever come first:
   only adds latency, and an SQLite file written by another process is
   followed too.
 
-Backpressure: the channel holds ``buffer_size`` events; a slow consumer makes
-the feeder wait before it reads the next page, and slows nothing else.
+Backpressure: the feeder hands out whole pages (one channel message per
+page, not per event: per-event channel traffic cost more than reading the
+event). It reads the next page only once at most ``buffer_size`` of the
+events it read are still waiting to be handed out, so a slow consumer makes
+the feeder wait before it reads on, and slows nothing else. Meanwhile, with
+``buffer_size`` > 0, the next page is read (in the store's worker thread, or
+from the network) while the consumer works through the current one.
 """
 
 from __future__ import annotations
@@ -76,6 +81,9 @@ class _Failed:
         self.error = error
 
 
+_NO_PAGE: Final[Sequence[RecordedEvent]] = ()
+
+
 @final
 class Subscription:
     """The events of a store in position order: ``async for event in subscription``.
@@ -87,10 +95,38 @@ class Subscription:
             (``from_position - 1`` before the first).
     """
 
-    __slots__ = ("_error", "_receive", "position")
+    # The feeder sends pages; the body takes their events one by one from
+    # ``_page``. The backlog (events sent, not yet taken) is ``_sent -
+    # _taken - _index``, never counted per event: a feeder that must wait for
+    # room sets ``_wake_at``, the number of events taken at which to wake it,
+    # and the body compares each index it takes with ``_wake``, that number
+    # as an index into the page in hand.
+    __slots__ = (
+        "_error",
+        "_index",
+        "_limit",
+        "_page",
+        "_receive",
+        "_room",
+        "_sent",
+        "_taken",
+        "_wake",
+        "_wake_at",
+        "position",
+    )
 
-    def __init__(self, receive: trio.MemoryReceiveChannel[Any], from_position: int) -> None:
+    def __init__(
+        self, receive: trio.MemoryReceiveChannel[Any], from_position: int, buffer_size: int
+    ) -> None:
         self._receive = receive
+        self._limit = buffer_size
+        self._page = _NO_PAGE
+        self._index = 0  # of the next event to take in _page
+        self._taken = 0  # events in the pages before _page
+        self._sent = 0  # events in every page sent
+        self._wake_at = -1
+        self._wake = -1
+        self._room: trio.Event | None = None
         self._error: BaseException | None = None
         self.position = from_position - 1
 
@@ -100,30 +136,70 @@ class Subscription:
     async def __anext__(self) -> RecordedEvent:
         """Return the next event, waiting for one if needed.
 
+        A checkpoint: a cancellation check for every event, and a full
+        schedule point at least once per page (when the next page is taken).
+        Cancelled, it hands out nothing (the event is the next call's).
+
         Raises:
             StoreError: the store failed (the events before the failure have
                 all been handed out); raised again by every later call.
             trio.ClosedResourceError: the subscription's block was left.
         """
+        index = self._index
+        page = self._page
+        if index < len(page):
+            # The page in hand: no trip through the scheduler (taking the
+            # page was one), but a cancellation still lands here.
+            await trio.lowlevel.checkpoint_if_cancelled()
+        else:
+            page = await self._next_page()
+            index = 0
+        event = page[index]
+        self._index = index + 1
+        if index == self._wake:
+            self._wake_feeder()
+        self.position = event.position
+        return event
+
+    async def _next_page(self) -> Sequence[RecordedEvent]:
         if self._error is not None:
             raise self._error
         try:
-            # An event waiting costs no trip through the scheduler (a
-            # cancellation still lands here); an empty buffer waits.
-            item = self._receive.receive_nowait()
-            await trio.lowlevel.checkpoint_if_cancelled()
-        except trio.WouldBlock:
-            try:
-                item = await self._receive.receive()
-            except trio.EndOfChannel:  # pragma: no cover - the feeder ends only on failure
-                raise StopAsyncIteration from None
+            item = await self._receive.receive()
         except trio.EndOfChannel:  # pragma: no cover - the feeder ends only on failure
             raise StopAsyncIteration from None
         if type(item) is _Failed:
             self._error = item.error
             raise item.error
-        self.position = item.position
+        self._taken += len(self._page)
+        self._page = item
+        self._index = 0
+        self._wake = self._wake_at - self._taken - 1 if self._wake_at >= 0 else -1
         return item  # type: ignore[no-any-return]
+
+    def _wake_feeder(self) -> None:
+        self._wake = self._wake_at = -1
+        if self._room is not None:
+            self._room.set()
+
+    def _sending(self, page: Sequence[RecordedEvent]) -> None:
+        """The feeder sends ``page``."""
+        self._sent += len(page)
+
+    async def _wait_for_room(self) -> None:
+        """The feeder waits until at most ``buffer_size`` events are left to take."""
+        while (excess := self._sent - self._taken - self._index - self._limit) > 0:
+            self._wake_at = self._taken + self._index + excess
+            self._wake = self._wake_at - self._taken - 1
+            self._room = trio.Event()
+            await self._room.wait()
+        self._room = None
+
+    def _close(self) -> None:
+        """The block was left: drop the page in hand (the channel says the rest)."""
+        self._page = _NO_PAGE
+        self._index = 0
+        self._wake = self._wake_at = -1
 
 
 async def _wait(armed: trio.Event | None, listener: _Listener | None, poll_interval: float) -> None:
@@ -151,6 +227,7 @@ async def _wait(armed: trio.Event | None, listener: _Listener | None, poll_inter
 async def _follow(
     store: EventStore,
     send: trio.MemorySendChannel[Any],
+    subscription: Subscription,
     position: int,
     categories: Sequence[str] | None,
     event_types: Sequence[str] | None,
@@ -179,12 +256,9 @@ async def _follow(
             page = await store.read_all(
                 position, limit=_PAGE_SIZE, categories=categories, event_types=event_types
             )
-            for event in page:
-                try:
-                    send.send_nowait(event)  # the page's reads were the schedule points
-                except trio.WouldBlock:
-                    await send.send(event)  # a full buffer: the consumer sets the pace
             if page:
+                subscription._sending(page)
+                send.send_nowait(page)  # unbounded: the backlog bounds it
                 position = page[-1].position + 1
             if len(page) < _PAGE_SIZE:
                 # Nothing new will appear at or below the head (the store's
@@ -192,6 +266,8 @@ async def _follow(
                 # matching event up to it.
                 position = max(position, head + 1)
                 await _wait(armed, listener, poll_interval)
+            # A slow consumer sets the pace: read on once it has room.
+            await subscription._wait_for_room()
 
 
 @asynccontextmanager
@@ -202,6 +278,7 @@ async def _no_listener() -> AsyncIterator[None]:
 async def _feed(
     store: EventStore,
     send: trio.MemorySendChannel[Any],
+    subscription: Subscription,
     position: int,
     categories: Sequence[str] | None,
     event_types: Sequence[str] | None,
@@ -210,7 +287,9 @@ async def _feed(
     """The feeder task: never raises but for cancellation (errors go down the channel)."""
     async with send:
         try:
-            await _follow(store, send, position, categories, event_types, poll_interval)
+            await _follow(
+                store, send, subscription, position, categories, event_types, poll_interval
+            )
         except StoreError as exc:
             failure = _Failed(exc)
         except Exception as exc:
@@ -246,8 +325,9 @@ async def open_subscription(
     :meth:`EventStore.read_all`), then the new ones as they are appended, with
     no gap and no duplicate between the two: each event once, in position
     order, the events of deleted streams left out. A child task of the block
-    feeds a channel of ``buffer_size`` events: a slow consumer slows only
-    itself (the feeder waits for room before it reads on).
+    reads them page by page (1000 events) and hands the pages to the body's
+    ``async for``: a slow consumer slows only itself (the feeder waits for
+    room before it reads on).
 
     Args:
         store: any :class:`EventStore`.
@@ -255,7 +335,11 @@ async def open_subscription(
         categories: only the events of streams in these categories (the part
             of a stream's name before the first ``"-"``); ``None``: all.
         event_types: only the events of these types; ``None``: all.
-        buffer_size: events read ahead at most (an int, at least 0).
+        buffer_size: how many of the events read may still wait to be
+            handed out when the feeder reads the next page (an int, at least
+            0): at most ``buffer_size`` + one page are read ahead. Above 0,
+            the next page is read while the body works through the current
+            one.
         poll_interval: seconds between reads when no wake-up comes (positive).
             Appends made through the same store object wake the subscription
             at once, and on PostgreSQL so do appends from any process
@@ -283,7 +367,9 @@ async def open_subscription(
         or not 0 < poll_interval < math.inf
     ):
         raise InvalidArgument(f"poll_interval must be a positive number, not {poll_interval!r}")
-    send, receive = trio.open_memory_channel[Any](buffer_size)
+    # Pages and a last _Failed: as many pages as the backlog lets through.
+    send, receive = trio.open_memory_channel[Any](math.inf)
+    subscription = Subscription(receive, start, buffer_size)
     body_error: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
@@ -291,6 +377,7 @@ async def open_subscription(
                 _feed,
                 store,
                 send,
+                subscription,
                 start,
                 None if cats is None else sorted(cats),
                 None if types is None else sorted(types),
@@ -298,10 +385,11 @@ async def open_subscription(
             )
             with receive:
                 try:
-                    yield Subscription(receive, start)
+                    yield subscription
                 except BaseException as exc:
                     body_error = exc
                 finally:
+                    subscription._close()
                     nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         if group.split(trio.Cancelled)[1] is not None:

@@ -52,8 +52,11 @@ driver's exception escape; the driver's exception is the ``__cause__``.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, Sequence
-from typing import Protocol, final, runtime_checkable
+import types
+from collections import deque
+from collections.abc import AsyncGenerator, Callable, Sequence
+from itertools import repeat
+from typing import Any, Final, Protocol, final, runtime_checkable
 
 import attrs
 import trio
@@ -114,6 +117,61 @@ class RecordedEvent:
     metadata: bytes
     recorded_at: float
     position: int = 0
+
+
+# Building records column by column: a store reading a page of thousands of
+# events makes them with _records_from_columns rather than through
+# ``RecordedEvent(...)``, whose generated ``__init__`` sets each field through
+# ``object.__setattr__`` (the class is frozen). ``object.__new__``, then one
+# slot setter per field mapped over a whole column, runs the per-event work in
+# C (measured on a page of 1000 SQLite rows: ~0.65 ms instead of ~0.85 ms,
+# type checks included). The records are the same: same class, same slots
+# set to the same values, so equality, hashing, repr and pickling are attrs'
+# own. Valid only while the class's ``__init__`` does nothing but set its
+# slots (no validator, converter, hook or cached hash): checked here once,
+# else the plain constructor is used.
+
+
+def _record_setters() -> tuple[Callable[[Any, Any], None], ...] | None:
+    fields: tuple[attrs.Attribute[Any], ...] = attrs.fields(RecordedEvent)
+    names = tuple(field.name for field in fields)
+    plain = (
+        RecordedEvent.__dict__.get("__slots__") == (*names, "__weakref__")
+        and all(
+            isinstance(RecordedEvent.__dict__.get(field.name), types.MemberDescriptorType)
+            and field.validator is None
+            and field.converter is None
+            and field.init
+            for field in fields
+        )
+        and not any(
+            hasattr(RecordedEvent, hook)
+            for hook in ("__attrs_pre_init__", "__attrs_post_init__", "__attrs_init__")
+        )
+    )
+    if not plain:  # pragma: no cover - RecordedEvent has grown something
+        return None
+    return tuple(RecordedEvent.__dict__[name].__set__ for name in names)
+
+
+_RECORD_SETTERS: Final = _record_setters()
+_new_object: Final = object.__new__
+
+
+def _records_from_columns(columns: Sequence[Sequence[Any]]) -> list[RecordedEvent]:
+    """Records from columns: ``columns[i][k]`` is field ``i`` of record ``k``.
+
+    The fields in their declared order (stream, version, type, data,
+    metadata, recorded_at, position), every column of the same length, each
+    value already of its field's type (the caller checked them).
+    """
+    setters = _RECORD_SETTERS
+    if setters is None:  # pragma: no cover - RecordedEvent has grown something
+        return list(map(RecordedEvent, *columns))
+    records = list(map(_new_object, repeat(RecordedEvent, len(columns[0]))))
+    for set_field, column in zip(setters, columns, strict=True):
+        deque(map(set_field, records, column), maxlen=0)
+    return records
 
 
 @attrs.frozen
