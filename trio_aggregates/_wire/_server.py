@@ -69,6 +69,8 @@ import functools
 import hmac
 import logging
 import math
+import os
+import socket
 import ssl
 import sys
 import uuid
@@ -486,6 +488,7 @@ class AggregateServer:
         except Exception:
             logger.exception("connection handler failed (please report it)")
         finally:
+            connection.close_second_handle()
             self._connections.discard(connection)
             if not self._connections:
                 self._no_connections.set()
@@ -1109,6 +1112,14 @@ class _Connection:
         self.send_lot = trio.lowlevel.ParkingLot()
         self.drained_lot = trio.lowlevel.ParkingLot()
         self.tasks: trio.Nursery
+        # A second handle on a plain TCP connection's socket (POSIX), to send
+        # a lone answer from the task that gives it (see _answer).
+        self.raw = _second_handle(stream)
+
+    def close_second_handle(self) -> None:
+        if self.raw is not None:
+            self.raw.close()
+            self.raw = None
 
     def cancel(self) -> None:
         self.scope.cancel()
@@ -1477,17 +1488,55 @@ class _Connection:
     # -- sending ----------------------------------------------------------------------
 
     def _answer(self, entry: _Entry, line: bytes) -> None:
-        """Queue ``entry``'s answer (the first one given: later ones are dropped)."""
+        """Queue ``entry``'s answer (the first one given: later ones are dropped).
+
+        The answer of the only request in flight, with nothing queued or
+        being sent, goes out at once from the calling task (a non-blocking
+        send on a plain TCP connection); what the socket does not take is
+        queued for the sender.
+        """
         if entry.answered:
             return
         entry.answered = True
         del self.running[entry.token]
-        self.out.append(line)
-        if self.sender_parked and not self.sending:
-            self.sender_parked = False
-            self.send_lot.unpark()
+        if self.in_flight == 1 and self.raw is not None and not (self.out or self.sending):
+            line = self._send_now(self.raw, line)
+        if line:
+            self.out.append(line)
+            if self.sender_parked and not self.sending:
+                self.sender_parked = False
+                self.send_lot.unpark()
         if not self.running and self.reading_done:
             self.drained_lot.unpark_all()
+
+    def _send_now(self, raw: socket.socket, line: bytes) -> bytes:
+        """Send what the socket takes of ``line`` now; return the rest."""
+        if not self.broken:
+            try:
+                sent = raw.send(line)
+            except BlockingIOError:
+                return line
+            except OSError:
+                self.broken = True
+                self.read_scope.cancel()
+            else:
+                if sent < len(line):
+                    return line[sent:]
+        self._sent(1)
+        return b""
+
+    def _sent(self, n: int) -> None:
+        """``n`` answers were sent (or dropped: the connection is broken)."""
+        self.in_flight -= n
+        server = self.server
+        server._in_flight -= n
+        server._requests += n
+        self.slot_lot.unpark_all()
+        if self.in_flight == 0:
+            if self.closing:
+                self.read_scope.cancel()
+            else:
+                self.last_activity = trio.current_time()
 
     async def _sender(self) -> None:
         """Send the answers queued by callbacks and tasks (the reader sends its own)."""
@@ -1510,7 +1559,6 @@ class _Connection:
             return
         self.sending = True
         stream = self.stream
-        server = self.server
         try:
             while self.out:
                 batch = self.out
@@ -1530,18 +1578,22 @@ class _Connection:
                         self.broken = True
                     if self.broken:
                         self.read_scope.cancel()
-                n = len(batch)
-                self.in_flight -= n
-                server._in_flight -= n
-                server._requests += n
-                self.slot_lot.unpark_all()
-                if self.in_flight == 0:
-                    if self.closing:
-                        self.read_scope.cancel()
-                    else:
-                        self.last_activity = trio.current_time()
+                self._sent(len(batch))
         finally:
             self.sending = False
+
+
+def _second_handle(stream: trio.abc.Stream) -> socket.socket | None:
+    """A duplicate of a plain TCP stream's socket, non-blocking; None for any
+    other stream (TLS) or where descriptors cannot be duplicated."""
+    if type(stream) is not trio.SocketStream or os.name != "posix":
+        return None
+    try:
+        raw = socket.socket(fileno=os.dup(stream.socket.fileno()))
+    except OSError:  # pragma: no cover - out of descriptors: the sender does it all
+        return None
+    raw.setblocking(False)
+    return raw
 
 
 def _check_options(
