@@ -105,21 +105,29 @@ async def test_sqlite_a_foreign_column_in_a_full_page_takes_the_careful_path(
                 assert type(event.metadata) is bytes
                 assert type(event.recorded_at) is float
             assert page[:-1] == (await store.read_all(1001, limit=500))
+            # A short page goes row by row: checked as well.
+            (alone,) = await store.read_all(1501, limit=1)
+            assert alone == foreign
+            short = await store.read_all(1490)
+            assert short == page[-12:]
 
 
-async def test_sqlite_a_version_that_is_not_whole_fails_the_page(tmp_path: Path) -> None:
+@pytest.mark.parametrize("events", [5, 100])  # a page read by rows, by columns
+async def test_sqlite_a_version_that_is_not_whole_fails_the_page(
+    tmp_path: Path, events: int
+) -> None:
     path = tmp_path / "events.db"
     with trio.fail_after(60):
         async with open_sqlite_store(path) as store:
-            await store.append("a-1", [ev(n) for n in range(20)], expected_version=0)
+            await store.append("a-1", [ev(n) for n in range(events)], expected_version=0)
             with sqlite3.connect(path) as db:
                 db.execute(
                     "INSERT INTO events (stream_id, version, type, data, metadata, recorded_at) "
-                    "VALUES (1, 21.5, 'Happened', x'00', x'7b7d', 1.5)"
+                    f"VALUES (1, {events}.5, 'Happened', x'00', x'7b7d', 1.5)"
                 )
             with pytest.raises(EventDecodeError, match=r"'a-1'.*version .*not a whole number"):
                 await store.read_all()
-            assert len(await store.read_all(limit=20)) == 20
+            assert len(await store.read_all(limit=events)) == events
 
 
 # -- subscriptions: pages, read-ahead, cancellation ----------------------------------

@@ -753,14 +753,26 @@ def _read_all_page(db: sqlite3.Connection, params: list[Any], sql: str, raw_sql:
 
     The fast path checks each column's Python types at once (``set(map(type,
     column))``) and builds the records column by column
-    (:func:`_records_from_columns`): the per-event work runs in C.
+    (:func:`_records_from_columns`): the per-event work runs in C. A short
+    page (a live subscription's, often of one event) goes row by row: the
+    column path's fixed cost makes it dearer below about 30 rows (measured:
+    one row 12 us by columns, 6.5 us by rows; 100 rows 7% less by columns).
     """
     try:
         rows = db.execute(sql, params).fetchall()
     except sqlite3.OperationalError:
         return _careful_all(db, params, raw_sql)
-    if not rows:
-        return rows
+    if len(rows) < _BY_COLUMNS_FROM:
+        for _, v, t, d, m, r, _ in rows:
+            if not (
+                type(v) is int
+                and type(t) is str
+                and type(d) is bytes
+                and type(m) is bytes
+                and type(r) is float
+            ):
+                return _careful_all(db, params, raw_sql)
+        return [RecordedEvent(*row) for row in rows]
     columns = list(zip(*rows, strict=True))
     _, versions, types, data, metadata, recorded_at, _ = columns
     if (
@@ -774,6 +786,7 @@ def _read_all_page(db: sqlite3.Connection, params: list[Any], sql: str, raw_sql:
     return _careful_all(db, params, raw_sql)
 
 
+_BY_COLUMNS_FROM: Final = 32
 _INT: Final = {int}
 _STR: Final = {str}
 _BYTES: Final = {bytes}
