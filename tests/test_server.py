@@ -360,6 +360,33 @@ async def test_pipelined_requests_are_answered_as_they_finish_by_id() -> None:
         assert slow["id"] == "slow" and slow["ok"] and slow["version"] == 1
 
 
+async def test_a_lone_answer_larger_than_the_socket_takes_arrives_whole() -> None:
+    """With one request in flight, its answer is sent at once by the task that
+    gives it; what the socket does not take (an answer larger than any send
+    buffer) goes through the sender, whole and before the next answer."""
+    async with serving() as server:
+        client = await Client.connect(server.port)
+        try:
+            await client.ok(type="Counter", key="c", command="Add", data={"amount": 1}, create=True)
+            for i, size in enumerate((16 << 20, 10, 5 << 20)):
+                await client.send(
+                    {"id": i, "type": "Counter", "key": "c", "command": "Shout",
+                     "data": {"size": size}}
+                )  # fmt: skip
+                received = bytearray()
+                with trio.fail_after(TIMEOUT):
+                    while not received.endswith(b"\n"):
+                        data = await client.stream.receive_some(1 << 20)
+                        assert data, "the server closed the connection"
+                        received += data
+                answer = json.loads(received)
+                assert answer == {"id": i, "ok": True, "version": 1, "result": "x" * size}
+            assert (await client.ok(op="ping"))["result"] == "pong"
+            assert server.statistics().requests >= 5
+        finally:
+            await client.aclose()
+
+
 # -- exactly once -------------------------------------------------------------------------
 
 

@@ -1250,7 +1250,11 @@ class _Connection:
                 if self.closing and self.in_flight == 0:
                     return
                 try:
-                    data = await stream.receive_some(_RECEIVE_SIZE)
+                    data: bytes | bytearray
+                    if self.raw is not None:
+                        data = await _receive(self.raw)
+                    else:
+                        data = await stream.receive_some(_RECEIVE_SIZE)
                 except _CONNECTION_ERRORS:
                     self.broken = True
                     return
@@ -1581,6 +1585,27 @@ class _Connection:
                 self._sent(len(batch))
         finally:
             self.sending = False
+
+
+async def _receive(raw: socket.socket) -> bytes:
+    """``receive_some`` on the second handle: what trio's does, without its layers.
+
+    A checkpoint: it waits for the socket (cancellable), or yields once when
+    data was there already.
+    """
+    try:
+        data = raw.recv(_RECEIVE_SIZE)
+    except BlockingIOError:
+        pass
+    else:
+        await trio.lowlevel.checkpoint()
+        return data
+    while True:
+        await trio.lowlevel.wait_readable(raw)
+        try:
+            return raw.recv(_RECEIVE_SIZE)
+        except BlockingIOError:  # pragma: no cover - a spurious wake-up
+            continue
 
 
 def _second_handle(stream: trio.abc.Stream) -> socket.socket | None:
