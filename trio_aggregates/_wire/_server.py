@@ -1573,8 +1573,12 @@ class _Connection:
                         if self.closing:
                             scope.deadline = self.hard_deadline
                         self.send_scope = scope
+                        data = batch[0] if len(batch) == 1 else b"".join(batch)
                         try:
-                            await stream.send_all(batch[0] if len(batch) == 1 else b"".join(batch))
+                            if self.raw is not None:
+                                await _send_all(self.raw, data)
+                            else:
+                                await stream.send_all(data)
                         except _CONNECTION_ERRORS:
                             self.broken = True
                     self.send_scope = None
@@ -1604,6 +1608,27 @@ async def _receive(raw: socket.socket) -> bytes:
         await trio.lowlevel.wait_readable(raw)
         try:
             return raw.recv(_RECEIVE_SIZE)
+        except BlockingIOError:  # pragma: no cover - a spurious wake-up
+            continue
+
+
+async def _send_all(raw: socket.socket, data: bytes) -> None:
+    """``send_all`` on the second handle, without SocketStream's layers.
+
+    A checkpoint: it yields once when the socket took everything at once.
+    """
+    view = memoryview(data)
+    total = len(data)
+    sent = 0
+    with suppress(BlockingIOError):
+        sent = raw.send(view)
+    if sent == total:
+        await trio.lowlevel.checkpoint()
+        return
+    while sent < total:
+        await trio.lowlevel.wait_writable(raw)
+        try:
+            sent += raw.send(view[sent:])
         except BlockingIOError:  # pragma: no cover - a spurious wake-up
             continue
 
