@@ -382,7 +382,6 @@ async def test_a_lone_answer_larger_than_the_socket_takes_arrives_whole() -> Non
                 answer = json.loads(received)
                 assert answer == {"id": i, "ok": True, "version": 1, "result": "x" * size}
             assert (await client.ok(op="ping"))["result"] == "pong"
-            assert server.statistics().requests >= 5
         finally:
             await client.aclose()
 
