@@ -3,9 +3,10 @@
 Clients here speak the wire protocol by hand (JSON lines on a
 :class:`trio.SocketStream`), so the tests pin the format itself, not only the
 codec. Slow requests come from a real in-memory store whose appends wait at a
-gate (:class:`GatedStore`), not from mocks. Timing tests (idle timeout,
-request timeout, grace period) use the autojump clock with the in-memory
-store: the only I/O is loopback TCP inside this one Trio loop.
+latch (the testing kit's :class:`~trio_aggregates.testing.FaultyStore`), not
+from mocks. Timing tests (idle timeout, request timeout, grace period) use
+the autojump clock with the in-memory store: the only I/O is loopback TCP
+inside this one Trio loop.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import socket
 import ssl
 import struct
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,6 @@ from trio_aggregates import (
     Decision,
     InMemoryEventStore,
     InvalidArgument,
-    NewEvent,
     applies,
     handles,
 )
@@ -47,6 +47,7 @@ from trio_aggregates._wire._server import (
     open_aggregate_server,
     serve_aggregates,
 )
+from trio_aggregates.testing import FaultyStore
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 if str(EXAMPLES) not in sys.path:
@@ -97,34 +98,6 @@ class Counter(Aggregate):
 
 
 APP = [Account, Counter]
-
-
-class GatedStore(InMemoryEventStore):
-    """Appends to a held stream wait until it is released."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gates: dict[str, trio.Event] = {}
-        self.waiting = 0
-
-    def hold(self, stream: str) -> None:
-        self.gates[stream] = trio.Event()
-
-    def release(self, stream: str | None = None) -> None:
-        for name in list(self.gates) if stream is None else [stream]:
-            self.gates.pop(name).set()
-
-    async def append(
-        self, stream: str, events: Sequence[NewEvent], *, expected_version: int | None, **kw: Any
-    ) -> int:
-        gate = self.gates.get(stream)
-        if gate is not None:
-            self.waiting += 1
-            try:
-                await gate.wait()
-            finally:
-                self.waiting -= 1
-        return await super().append(stream, events, expected_version=expected_version, **kw)
 
 
 # -- a hand-written client -------------------------------------------------------------
@@ -343,8 +316,8 @@ async def test_create_if_missing_in_one_request() -> None:
 
 
 async def test_pipelined_requests_are_answered_as_they_finish_by_id() -> None:
-    store = GatedStore()
-    store.hold("Counter-slow")
+    store = FaultyStore()
+    gate = store.hold("append", streams="Counter-slow")
     async with serving(store) as server, client_of(server) as c:
         await c.send(
             {"id": "slow", "type": "Counter", "key": "slow", "command": "Add",
@@ -355,7 +328,7 @@ async def test_pipelined_requests_are_answered_as_they_finish_by_id() -> None:
         first = [await c.receive() for _ in range(10)]
         assert sorted(a["id"] for a in first) == list(range(10))
         assert all(a["ok"] and a["result"] == {"total": a["id"]} for a in first)
-        store.release()
+        gate.release()
         slow = await c.receive()
         assert slow["id"] == "slow" and slow["ok"] and slow["version"] == 1
 
@@ -429,7 +402,7 @@ async def test_identical_requests_in_flight_run_once(live: bool) -> None:
     On a live aggregate the first one takes the fast path (a callback, no
     task); the identical ones wait for its outcome.
     """
-    store = GatedStore()
+    store = FaultyStore()
     request = {"type": "Counter", "key": "c", "command": "Add", "data": {"amount": 5},
                "create": True, "command_id": "same"}  # fmt: skip
     async with serving(store) as server:
@@ -437,13 +410,13 @@ async def test_identical_requests_in_flight_run_once(live: bool) -> None:
             if live:
                 await c1.ok(type="Counter", key="c", command="Add", data={"amount": 0},
                             create=True)  # fmt: skip
-            store.hold("Counter-c")
+            gate = store.hold("append", streams="Counter-c")
             await c1.send({"id": "a", **request}, {"id": "b", **request})
             await c2.send({"id": "c", **request})
             await until(lambda: server.statistics().in_flight >= 3)
             await trio.testing.wait_all_tasks_blocked()
-            assert store.waiting == 1  # one append, the others wait for it
-            store.release()
+            assert gate.waiting == 1  # one append, the others wait for it
+            gate.release()
             answers = [await c1.answer("a"), await c1.answer("b"), await c2.answer("c")]
         version = 2 if live else 1
         assert {(a["version"], json.dumps(a["result"])) for a in answers} == {
@@ -554,19 +527,19 @@ async def test_a_partial_line_at_eof_is_answered() -> None:
 
 
 async def test_max_in_flight_stops_reading_the_connection() -> None:
-    store = GatedStore()
-    store.hold("Counter-c")
+    store = FaultyStore()
+    gate = store.hold("append", streams="Counter-c")
     async with serving(store, max_in_flight=3) as server, client_of(server) as c:
         await c.send(
             *({"id": i, "type": "Counter", "key": "c", "command": "Add", "data": {"amount": 1},
                "create": True} for i in range(20))
         )  # fmt: skip
-        await until(lambda: store.waiting >= 1)
+        await until(lambda: gate.waiting >= 1)
         await trio.testing.wait_all_tasks_blocked()
         assert server.statistics().in_flight == 3
         async with client_of(server) as other:  # others are not slowed
             assert (await other.ok(op="ping"))["result"] == "pong"
-        store.release()
+        gate.release()
         answers = [await c.answer(i) for i in range(20)]
         # requests in flight together run concurrently: in no particular order
         assert sorted(a["version"] for a in answers) == list(range(1, 21))
@@ -590,8 +563,8 @@ async def test_max_connections_answers_overloaded_and_closes() -> None:
 
 
 async def test_idle_connections_are_closed(autojump_clock: trio.testing.MockClock) -> None:
-    store = GatedStore()
-    store.hold("Counter-c")
+    store = FaultyStore()
+    gate = store.hold("append", streams="Counter-c")
     async with (
         serving(store, idle_timeout=30, request_timeout=1000) as server,
         client_of(server) as idle,
@@ -606,7 +579,7 @@ async def test_idle_connections_are_closed(autojump_clock: trio.testing.MockCloc
         # a request in flight is not idleness
         await trio.sleep(100)
         assert server.statistics().connections == 1
-        store.release()
+        gate.release()
         assert (await busy.answer(1))["ok"]
         start = trio.current_time()
         assert await busy.closed(timeout=60)
@@ -614,28 +587,28 @@ async def test_idle_connections_are_closed(autojump_clock: trio.testing.MockCloc
 
 
 async def test_a_slow_request_is_answered_timeout(autojump_clock: trio.testing.MockClock) -> None:
-    store = GatedStore()
-    store.hold("Counter-c")
+    store = FaultyStore()
+    gate = store.hold("append", streams="Counter-c")
     async with serving(store, request_timeout=2) as server, client_of(server) as c:
         start = trio.current_time()
         error = await c.error(type="Counter", key="c", command="Add", data={"amount": 1},
                               create=True)  # fmt: skip
         assert error["code"] == "timeout"
         assert 2 <= trio.current_time() - start < 3
-        store.release()
+        gate.release()
 
 
 async def test_a_timed_out_command_retried_with_its_id_is_applied_once(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    store = GatedStore()
-    store.hold("Counter-c")
+    store = FaultyStore()
+    gate = store.hold("append", streams="Counter-c")
     request = {"type": "Counter", "key": "c", "command": "Add", "data": {"amount": 4},
                "create": True, "command_id": "add-4"}  # fmt: skip
     async with serving(store, request_timeout=2) as server, client_of(server) as c:
         assert (await c.error(**request))["code"] == "timeout"
-        store.release()  # the command was in the aggregate's hands: it completes
-        await until(lambda: store.waiting == 0)
+        gate.release()  # the command was in the aggregate's hands: it completes
+        await until(lambda: gate.waiting == 0)
         retry = await c.ok(**request)
         assert retry["version"] == 1
         assert (await c.ok(op="load", type="Counter", key="c"))["result"] == {"total": 4}
@@ -749,20 +722,20 @@ def _reset(client: Client) -> None:
 
 
 async def test_a_client_resetting_with_requests_in_flight_breaks_nothing() -> None:
-    store = GatedStore()
-    store.hold("Counter-c")
+    store = FaultyStore()
+    gate = store.hold("append", streams="Counter-c")
     async with serving(store) as server:
         client = await Client.connect(server.port)
         await client.send(
             *({"id": i, "type": "Counter", "key": "c", "command": "Add", "data": {"amount": 1},
                "create": True, "command_id": f"add-{i}"} for i in range(5))
         )  # fmt: skip
-        await until(lambda: store.waiting >= 1)
+        await until(lambda: gate.waiting >= 1)
         _reset(client)
         await client.aclose()
         async with client_of(server) as other:
             assert (await other.ok(op="ping"))["result"] == "pong"
-            store.release()
+            gate.release()
             # the requests in flight completed: a retry finds their outcome
             await until(lambda: server.statistics().connections <= 1)
             versions = []
@@ -779,8 +752,8 @@ async def test_a_client_resetting_with_requests_in_flight_breaks_nothing() -> No
 async def test_a_client_half_closing_then_resetting_breaks_nothing(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    store = GatedStore()
-    store.hold("Counter-c")
+    store = FaultyStore()
+    gate = store.hold("append", streams="Counter-c")
     async with serving(store) as server:
         client = await Client.connect(server.port)
         await client.send(
@@ -788,10 +761,10 @@ async def test_a_client_half_closing_then_resetting_breaks_nothing(
                "create": True} for i in range(3))
         )  # fmt: skip
         await client.stream.send_eof()  # type: ignore[attr-defined]
-        await until(lambda: store.waiting >= 1)
+        await until(lambda: gate.waiting >= 1)
         _reset(client)
         await client.aclose()
-        store.release()  # the answers go to a reset connection
+        gate.release()  # the answers go to a reset connection
         await until(lambda: server.statistics().connections == 0)
         async with client_of(server) as other:
             assert (await other.ok(op="version", type="Counter", key="c"))["version"] == 3
@@ -825,7 +798,7 @@ async def test_shutdown_finishes_requests_in_flight_within_the_grace_period(
     autojump_clock: trio.testing.MockClock, live: bool
 ) -> None:
     """Whether the requests run in tasks (activating) or on the fast path (live)."""
-    store = GatedStore()
+    store = FaultyStore()
     async with trio.open_nursery() as nursery, serving(store, grace_period=5) as server:
         c = await Client.connect(server.port)
         try:
@@ -833,14 +806,14 @@ async def test_shutdown_finishes_requests_in_flight_within_the_grace_period(
                 for key in ("stuck", "late"):
                     await c.ok(type="Counter", key=key, command="Add", data={"amount": 0},
                                create=True)  # fmt: skip
-            store.hold("Counter-stuck")
+            gate = store.hold("append", streams="Counter-stuck")
             await c.send(
                 {"id": "stuck", "type": "Counter", "key": "stuck", "command": "Add",
                  "data": {"amount": 1}, "create": True},
             )  # fmt: skip
             await trio.testing.wait_all_tasks_blocked()
-            assert store.waiting == 1
-            store.hold("Counter-late")
+            assert gate.waiting == 1
+            late_gate = store.hold("append", streams="Counter-late")
             await c.send({"id": "late", "type": "Counter", "key": "late", "command": "Add",
                           "data": {"amount": 1}, "create": True})  # fmt: skip
             await trio.testing.wait_all_tasks_blocked()
@@ -854,7 +827,7 @@ async def test_shutdown_finishes_requests_in_flight_within_the_grace_period(
                 await trio.open_tcp_stream("127.0.0.1", server.port)
             # "late" is let through before the grace period ends; "stuck" is not
             await trio.sleep(1)
-            store.release("Counter-late")
+            late_gate.release()
             late = await c.answer("late")
             assert late["ok"] and late["version"] == (2 if live else 1)
             stuck = await c.answer("stuck")
@@ -867,20 +840,20 @@ async def test_shutdown_finishes_requests_in_flight_within_the_grace_period(
 
 
 async def test_serve_aggregates_runs_until_cancelled_then_shuts_down_gracefully() -> None:
-    store = GatedStore()
+    store = FaultyStore()
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(functools.partial(serve_aggregates, APP, store, port=0))
         port = listeners[0].socket.getsockname()[1]
         c = await Client.connect(port)
         try:
-            store.hold("Counter-c")
+            gate = store.hold("append", streams="Counter-c")
             await c.send({"id": 1, "type": "Counter", "key": "c", "command": "Add",
                           "data": {"amount": 2}, "create": True})  # fmt: skip
-            await until(lambda: store.waiting >= 1)
+            await until(lambda: gate.waiting >= 1)
             nursery.cancel_scope.cancel()
             with trio.CancelScope(shield=True):
                 await trio.sleep(0.05)
-                store.release()  # within the grace period: answered
+                gate.release()  # within the grace period: answered
                 answer = await c.answer(1)
                 assert answer["ok"] and answer["version"] == 1
                 assert await c.closed()
