@@ -104,6 +104,7 @@ A released migration is never edited: a change is a new migration.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -151,7 +152,13 @@ from ._durable import (
     _WriteOp,
 )
 from ._groupcommit import _BatchResult
-from ._store import RecordedEvent, Snapshot, _check_command_id, _check_read_all
+from ._store import (
+    RecordedEvent,
+    Snapshot,
+    _check_command_id,
+    _check_read_all,
+    _records_from_columns,
+)
 
 __all__ = ["PostgresEventStore", "open_postgres_store"]
 
@@ -1427,6 +1434,16 @@ def _is_fenced(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.Error) and exc.sqlstate == _FENCED
 
 
+def _records_of_rows(rows: list[Any]) -> list[RecordedEvent]:
+    """Records from rows of their seven fields in order (a page of 32 rows or
+    more is built column by column, see ``_records_from_columns``)."""
+    if len(rows) < 32:
+        return [RecordedEvent(*row) for row in rows]
+    flat = [*itertools.chain.from_iterable(rows)]
+    del rows[:]
+    return _records_from_columns([flat[i::7] for i in range(7)])
+
+
 def _write_here(
     ops: list[_WriteOp],
 ) -> tuple[list[int], _pgwire.Prepared, list[bytes | None]] | None:
@@ -1564,8 +1581,8 @@ ORDER BY e.version
 # analyzed got a hash join over every later event and a sort (10x slower).
 # A stream's category is split_part(name, '-', 1).
 _READ_ALL = """
-SELECT e.position, s.name, e.version, e.type, e.data, e.metadata,
-    extract(epoch FROM e.recorded_at)::float8
+SELECT s.name, e.version, e.type, e.data, e.metadata,
+    extract(epoch FROM e.recorded_at)::float8, e.position
 FROM trio_aggregates_events e
 CROSS JOIN LATERAL (
     SELECT name FROM trio_aggregates_streams
@@ -1718,13 +1735,22 @@ class PostgresEventStore(_DurableStore):
             results[i] = result
         return _BatchResult(results, committed=written.committed)
 
-    async def _query(self, query: str, params: tuple[Any, ...], action: str) -> list[Any]:
+    async def _query(
+        self,
+        query: str,
+        params: tuple[Any, ...],
+        action: str,
+        *,
+        convert: Callable[[list[Any]], list[Any]] | None = None,
+    ) -> list[Any]:
+        """The rows of ``query`` (binary), through ``convert`` in the worker thread if given."""
         self._check_open()
 
         def run(conn: Conn) -> list[Any]:
             with conn.cursor(binary=True) as cursor:
                 cursor.execute(query, params)
-                return cursor.fetchall()
+                rows = cursor.fetchall()
+            return rows if convert is None else convert(rows)
 
         try:
             return await self._pool.run(run)
@@ -1793,13 +1819,12 @@ class PostgresEventStore(_DurableStore):
             params.append(sorted(types))
         params.append(count)
         query = _READ_ALL.format(stream_filter=stream_filter, event_filter=event_filter)
-        rows = await self._query(query, tuple(params), "read all streams")
-        try:
-            return [
-                RecordedEvent(n, v, t, bytes(d), bytes(m), r, p) for p, n, v, t, d, m, r in rows
-            ]
-        except (TypeError, ValueError):  # pragma: no cover - NOT NULL columns
-            raise EventDecodeError("an event cannot be read: a column holds NULL") from None
+        # The columns are in RecordedEvent's field order, NOT NULL and typed
+        # (bytea loads as bytes): the records are built in the worker thread.
+        records: list[RecordedEvent] = await self._query(
+            query, tuple(params), "read all streams", convert=_records_of_rows
+        )
+        return records
 
     async def head_position(self) -> int:
         """Return the highest position readable now (0 if none).
