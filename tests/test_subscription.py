@@ -20,6 +20,7 @@ from trio_aggregates._core._exceptions import InvalidArgument, StoreError
 from trio_aggregates._flow._subscription import Subscription, open_subscription
 from trio_aggregates._stores._open_store import open_store
 from trio_aggregates._stores._store import EventStore, InMemoryEventStore, NewEvent, RecordedEvent
+from trio_aggregates.testing import FaultyStore
 
 BACKENDS = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
@@ -232,41 +233,26 @@ async def test_appends_through_another_store_object_are_followed(store_url: str)
 # -- store failures -------------------------------------------------------------
 
 
-class FailingStore:
-    """A memory store whose read_all fails once ``fail`` is set."""
-
-    def __init__(self, error: Exception) -> None:
-        self.inner = InMemoryEventStore()
-        self.error = error
-        self.fail = False
-
-    async def read_all(self, *args: Any, **kwargs: Any) -> list[RecordedEvent]:
-        if self.fail:
-            raise self.error
-        return await self.inner.read_all(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
 @pytest.mark.parametrize("error", [StoreError("the disk is on fire"), RuntimeError("a bug")])
 async def test_a_store_error_surfaces_as_store_error(
     error: Exception, autojump_clock: trio.testing.MockClock
 ) -> None:
-    store = FailingStore(error)
-    await store.inner.append("s-1", [ev(0), ev(1)], expected_version=0)
+    store = FaultyStore()
+    await store.append("s-1", [ev(0), ev(1)], expected_version=0)
     got = []
     with pytest.raises(StoreError) as info:
-        async with open_subscription(store, poll_interval=1) as subscription:  # type: ignore[arg-type]
+        async with open_subscription(store, poll_interval=1) as subscription:
             async for event in subscription:
                 got.append(event)
-                store.fail = True
-                await store.inner.append("s-1", [ev(2)], expected_version=None)
+                store.fail("read_all", error)
+                await store.append("s-1", [ev(2)], expected_version=None)
     assert [e.data for e in got] == [b"event-0", b"event-1"]
+    # (FaultyStore raises a copy of the error it was given.)
     if isinstance(error, StoreError):
-        assert info.value is error
+        assert type(info.value) is StoreError and str(info.value) == str(error)
     else:
-        assert info.value.__cause__ is error
+        cause = info.value.__cause__
+        assert type(cause) is RuntimeError and str(cause) == str(error)
     # Raised again, never a hang, if asked again.
     with pytest.raises(StoreError):
         await subscription.__anext__()
