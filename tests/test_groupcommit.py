@@ -32,6 +32,7 @@ class FakeDatabase:
     fail_batches: bool = False
     raise_in_batch: bool = False
     gate: trio.Event | None = None
+    ki_protected: list[bool] = attrs.Factory(list)
     batches: list[list[int]] = attrs.Factory(list)
     leaders: list[trio.lowlevel.Task] = attrs.Factory(list)
     started: list[float] = attrs.Factory(list)
@@ -39,6 +40,7 @@ class FakeDatabase:
 
     async def run_batch(self, ops: list[int]) -> _BatchResult:
         self.batches.append(list(ops))
+        self.ki_protected.append(trio.lowlevel.currently_ki_protected())
         fail = self.fail_batches  # decided when the batch begins
         self.leaders.append(trio.lowlevel.current_task())
         self.started.append(trio.current_time())
@@ -400,3 +402,18 @@ async def test_wait_idle_waits_for_every_batch_in_flight(
         await group.wait_idle()
         assert trio.current_time() == 3.0
         assert db.written == [0, 1]
+
+
+async def test_a_batch_is_written_protected_from_ctrl_c(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Ctrl-C is never raised inside a batch (it would leave its writers
+    unanswered, or become their error): Trio delivers it to the main task."""
+    db = FakeDatabase()
+    group = make(db)
+    assert not trio.lowlevel.currently_ki_protected()
+    async with trio.open_nursery() as nursery:
+        await start_in_order(nursery, group.submit, [1, 2, 3])
+    assert await group.submit(4) == 40
+    assert len(db.batches) >= 2
+    assert db.ki_protected == [True] * len(db.batches)

@@ -192,8 +192,17 @@ class _GroupCommit(Generic[OpT]):
             return await self._lead(request)
         return result
 
+    # Ctrl-C: never raised in here, where it would leave the batch's writers
+    # unanswered or turn into their error; Trio delivers it to the main task
+    # instead (the PostgreSQL store runs its usual write in this frame).
+    @trio.lowlevel.enable_ki_protection
     async def _lead(self, own: _Request[OpT]) -> Any:
-        """Write the queued batch (``own`` among it); return ``own``'s result."""
+        """Write the queued batch (``own`` among it); return ``own``'s result.
+
+        Shielded from cancellation and protected from :exc:`KeyboardInterrupt`
+        (see :func:`trio.lowlevel.enable_ki_protection`): once a batch is
+        taken, every writer in it gets its outcome.
+        """
         own.task = None
         own_result: outcome.Outcome[Any] | None = None
         with trio.CancelScope(shield=True):
