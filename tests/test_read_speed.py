@@ -130,6 +130,38 @@ async def test_sqlite_a_version_that_is_not_whole_fails_the_page(
             assert len(await store.read_all(limit=events)) == events
 
 
+@pytest.mark.parametrize("column", sorted(FOREIGN))
+async def test_sqlite_a_foreign_column_in_a_long_stream_takes_the_careful_path(
+    tmp_path: Path, column: str
+) -> None:
+    """A stream's read (an aggregate loading) of 32 rows or more goes by
+    columns too: a foreign row among them is read the careful way."""
+    path = tmp_path / "events.db"
+    values = {"type": "'Happened'", "data": "x'00'", "metadata": "x'7b7d'", "recorded_at": "1.5"}
+    literal, field, expected = FOREIGN[column]
+    values[column] = literal
+    with trio.fail_after(60):
+        async with open_sqlite_store(path) as store:
+            await store.append("a-1", [ev(n) for n in range(100)], expected_version=0)
+            by_rows = await store.read("a-1", limit=31)
+            by_columns = await store.read("a-1")
+            assert by_columns[:31] == by_rows
+            assert [(e.stream, e.version, e.data) for e in by_columns] == [
+                ("a-1", n + 1, f"event-{n}".encode()) for n in range(100)
+            ]
+            assert [e.position for e in by_columns] == list(range(1, 101))
+            with sqlite3.connect(path) as db:
+                db.execute(
+                    "INSERT INTO events (stream_id, version, type, data, metadata, recorded_at) "
+                    f"VALUES (1, 101, {values['type']}, {values['data']}, {values['metadata']}, "
+                    f"{values['recorded_at']})"
+                )
+            events = await store.read("a-1")
+            assert events[:100] == by_columns
+            assert getattr(events[100], field) == expected
+            assert type(events[100].recorded_at) is float
+
+
 # -- subscriptions: pages, read-ahead, cancellation ----------------------------------
 
 

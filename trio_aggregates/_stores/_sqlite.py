@@ -735,18 +735,41 @@ def _read_events(
         # Text that is not UTF-8 cannot be fetched as str; anything else
         # fails again, and is reported, in the careful path.
         return _careful_events(db, stream, params)
-    events = []
-    for v, t, d, m, r, p in rows:
-        if not (
-            type(v) is int
-            and type(t) is str
-            and type(d) is bytes
-            and type(m) is bytes
-            and type(r) is float
-        ):
-            return _careful_events(db, stream, params)
-        events.append(RecordedEvent(stream, v, t, d, m, r, p))
-    return events
+    count = len(rows)
+    if count < _BY_COLUMNS_FROM:
+        events = []
+        for v, t, d, m, r, p in rows:
+            if not (
+                type(v) is int
+                and type(t) is str
+                and type(d) is bytes
+                and type(m) is bytes
+                and type(r) is float
+            ):
+                return _careful_events(db, stream, params)
+            events.append(RecordedEvent(stream, v, t, d, m, r, p))
+        return events
+    # A long page (loading an aggregate): checked and built column by column,
+    # as a read_all page (see _read_all_page).
+    flat = [*chain.from_iterable(rows)]
+    del rows
+    versions, types, data, metadata, recorded_at, positions = (
+        flat[field::_STREAM_FIELDS] for field in range(_STREAM_FIELDS)
+    )
+    if (
+        set(map(type, versions)) == _INT
+        and set(map(type, types)) == _STR
+        and set(map(type, data)) == _BYTES
+        and set(map(type, metadata)) == _BYTES
+        and set(map(type, recorded_at)) == _FLOAT
+    ):
+        return _records_from_columns(
+            [[stream] * count, versions, types, data, metadata, recorded_at, positions]
+        )
+    return _careful_events(db, stream, params)
+
+
+_STREAM_FIELDS: Final = 6  # the columns of _READ_EVENTS
 
 
 def _read_all_page(db: sqlite3.Connection, params: list[Any], sql: str, raw_sql: str) -> list[Any]:
