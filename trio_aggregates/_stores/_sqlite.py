@@ -737,18 +737,9 @@ def _read_events(
         return _careful_events(db, stream, params)
     count = len(rows)
     if count < _BY_COLUMNS_FROM:
-        events = []
-        for v, t, d, m, r, p in rows:
-            if not (
-                type(v) is int
-                and type(t) is str
-                and type(d) is bytes
-                and type(m) is bytes
-                and type(r) is float
-            ):
-                return _careful_events(db, stream, params)
-            events.append(RecordedEvent(stream, v, t, d, m, r, p))
-        return events
+        if not all(_typed(v, t, d, m, r) for v, t, d, m, r, _ in rows):
+            return _careful_events(db, stream, params)
+        return [RecordedEvent(stream, v, t, d, m, r, p) for v, t, d, m, r, p in rows]
     # A long page (loading an aggregate): checked and built column by column,
     # as a read_all page (see _read_all_page).
     flat = [*chain.from_iterable(rows)]
@@ -756,13 +747,7 @@ def _read_events(
     versions, types, data, metadata, recorded_at, positions = (
         flat[field::_STREAM_FIELDS] for field in range(_STREAM_FIELDS)
     )
-    if (
-        set(map(type, versions)) == _INT
-        and set(map(type, types)) == _STR
-        and set(map(type, data)) == _BYTES
-        and set(map(type, metadata)) == _BYTES
-        and set(map(type, recorded_at)) == _FLOAT
-    ):
+    if _typed_columns(versions, types, data, metadata, recorded_at):
         return _records_from_columns(
             [[stream] * count, versions, types, data, metadata, recorded_at, positions]
         )
@@ -787,15 +772,8 @@ def _read_all_page(db: sqlite3.Connection, params: list[Any], sql: str, raw_sql:
     except sqlite3.OperationalError:
         return _careful_all(db, params, raw_sql)
     if len(rows) < _BY_COLUMNS_FROM:
-        for _, v, t, d, m, r, _ in rows:
-            if not (
-                type(v) is int
-                and type(t) is str
-                and type(d) is bytes
-                and type(m) is bytes
-                and type(r) is float
-            ):
-                return _careful_all(db, params, raw_sql)
+        if not all(_typed(v, t, d, m, r) for _, v, t, d, m, r, _ in rows):
+            return _careful_all(db, params, raw_sql)
         return [RecordedEvent(*row) for row in rows]
     # Columns as slices of the flattened rows: zip(*rows) would be quicker
     # alone, but it makes an iterator per row, 1000 objects tracked by the
@@ -805,15 +783,37 @@ def _read_all_page(db: sqlite3.Connection, params: list[Any], sql: str, raw_sql:
     del rows
     columns = [flat[field::_FIELDS] for field in range(_FIELDS)]
     _, versions, types, data, metadata, recorded_at, _ = columns
-    if (
+    if _typed_columns(versions, types, data, metadata, recorded_at):
+        return _records_from_columns(columns)
+    return _careful_all(db, params, raw_sql)
+
+
+def _typed(version: object, type_: object, data: object, metadata: object, at: object) -> bool:
+    """Whether a row's columns hold what the store writes (else: the careful path)."""
+    return (
+        type(version) is int
+        and type(type_) is str
+        and type(data) is bytes
+        and type(metadata) is bytes
+        and type(at) is float
+    )
+
+
+def _typed_columns(
+    versions: list[Any],
+    types: list[Any],
+    data: list[Any],
+    metadata: list[Any],
+    recorded_at: list[Any],
+) -> bool:
+    """:func:`_typed` for whole columns at once (``set(map(type, column))``)."""
+    return (
         set(map(type, versions)) == _INT
         and set(map(type, types)) == _STR
         and set(map(type, data)) == _BYTES
         and set(map(type, metadata)) == _BYTES
         and set(map(type, recorded_at)) == _FLOAT
-    ):
-        return _records_from_columns(columns)
-    return _careful_all(db, params, raw_sql)
+    )
 
 
 _BY_COLUMNS_FROM: Final = 32
