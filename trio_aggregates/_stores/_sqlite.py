@@ -680,29 +680,39 @@ def _careful_events(
     db: sqlite3.Connection, stream: str, params: tuple[Any, ...]
 ) -> list[RecordedEvent]:
     """The events of a page, read column by column (see above)."""
-    events = []
-    for row in db.execute(_READ_EVENTS_RAW, params):
-        try:
-            version = _as_int(row[0], row[1])
-        except _Unreadable as exc:
-            raise EventDecodeError(
-                f"stream {stream!r} holds an event that cannot be read: its version {exc}"
-            ) from None
-        column = "type"
-        try:
-            type_ = _as_text(row[2], row[3])
-            column = "data"
-            data = _as_bytes(row[4], row[5])
-            column = "metadata"
-            metadata = _as_bytes(row[6], row[7])
-            column = "recorded_at"
-            recorded_at = _as_time(row[8], row[9])
-        except _Unreadable as exc:
-            raise EventDecodeError(
-                f"event at {stream}@{version} cannot be read: its {column} column {exc}"
-            ) from None
-        events.append(RecordedEvent(stream, version, type_, data, metadata, recorded_at, row[10]))
-    return events
+    return [
+        _careful_record(stream, row[10], row, 0) for row in db.execute(_READ_EVENTS_RAW, params)
+    ]
+
+
+def _careful_record(stream: str, position: int, row: Sequence[Any], at: int) -> RecordedEvent:
+    """One event from its raw columns: ``(value, storage class)`` pairs of its
+    version, type, data, metadata and recorded_at, from ``row[at]`` on.
+
+    Raises:
+        EventDecodeError: a column holds what no reading makes sense of,
+            naming the stream, the version (when it could be read) and the column.
+    """
+    try:
+        version = _as_int(row[at], row[at + 1])
+    except _Unreadable as exc:
+        raise EventDecodeError(
+            f"stream {stream!r} holds an event that cannot be read: its version {exc}"
+        ) from None
+    column = "type"
+    try:
+        type_ = _as_text(row[at + 2], row[at + 3])
+        column = "data"
+        data = _as_bytes(row[at + 4], row[at + 5])
+        column = "metadata"
+        metadata = _as_bytes(row[at + 6], row[at + 7])
+        column = "recorded_at"
+        recorded_at = _as_time(row[at + 8], row[at + 9])
+    except _Unreadable as exc:
+        raise EventDecodeError(
+            f"event at {stream}@{version} cannot be read: its {column} column {exc}"
+        ) from None
+    return RecordedEvent(stream, version, type_, data, metadata, recorded_at, position)
 
 
 def _careful_snapshot(db: sqlite3.Connection, stream: str, stream_id: int) -> Snapshot | None:
@@ -826,30 +836,7 @@ _FLOAT: Final = {float}
 
 def _careful_all(db: sqlite3.Connection, params: list[Any], raw_sql: str) -> list[Any]:
     """A read_all page, read column by column (see above)."""
-    events = []
-    for row in db.execute(raw_sql, params):
-        position, stream = row[0], row[1]
-        try:
-            version = _as_int(row[2], row[3])
-        except _Unreadable as exc:
-            raise EventDecodeError(
-                f"stream {stream!r} holds an event that cannot be read: its version {exc}"
-            ) from None
-        column = "type"
-        try:
-            type_ = _as_text(row[4], row[5])
-            column = "data"
-            data = _as_bytes(row[6], row[7])
-            column = "metadata"
-            metadata = _as_bytes(row[8], row[9])
-            column = "recorded_at"
-            recorded_at = _as_time(row[10], row[11])
-        except _Unreadable as exc:
-            raise EventDecodeError(
-                f"event at {stream}@{version} cannot be read: its {column} column {exc}"
-            ) from None
-        events.append(RecordedEvent(stream, version, type_, data, metadata, recorded_at, position))
-    return events
+    return [_careful_record(row[1], row[0], row, 2) for row in db.execute(raw_sql, params)]
 
 
 @final
