@@ -49,9 +49,8 @@ _ARRAY_HEADER = struct.Struct("!iiiii").pack  # ndim, has nulls, element type, l
 _EMPTY_ARRAY = struct.Struct("!iii").pack  # ndim 0, no nulls, element type
 _NULL: Final = b"\xff\xff\xff\xff"  # an element's length -1
 _pack_len = struct.Struct("!i").pack
-_pack_int8_element = struct.Struct("!iq").pack
-_pack_int4_element = struct.Struct("!ii").pack
 _pack_int8 = struct.Struct("!q").pack
+_pack_int4 = struct.Struct("!i").pack
 
 
 def _bytes_array(values: Sequence[bytes | None], element_type: int) -> bytes:
@@ -82,28 +81,12 @@ def bytea_array(values: Sequence[bytes]) -> bytes:
 
 def int8_array(values: Sequence[int | None]) -> bytes:
     """``bigint[]`` in binary. Raises :exc:`struct.error` for a value out of range."""
-    return _int_array(values, _INT8, _pack_int8_element)
+    return _bytes_array([None if v is None else _pack_int8(v) for v in values], _INT8)
 
 
 def int4_array(values: Sequence[int]) -> bytes:
     """``integer[]`` in binary. Raises :exc:`struct.error` for a value out of range."""
-    return _int_array(values, _INT4, _pack_int4_element)
-
-
-def _int_array(values: Sequence[int | None], element_type: int, pack: Any) -> bytes:
-    if not values:
-        return _EMPTY_ARRAY(0, 0, element_type)
-    size = 8 if element_type == _INT8 else 4
-    has_null = 0
-    parts = [b""]
-    for value in values:
-        if value is None:
-            has_null = 1
-            parts.append(_NULL)
-        else:
-            parts.append(pack(size, value))
-    parts[0] = _ARRAY_HEADER(1, has_null, element_type, len(values), 1)
-    return b"".join(parts)
+    return _bytes_array([_pack_int4(v) for v in values], _INT4)
 
 
 def text(value: str) -> bytes:

@@ -104,7 +104,6 @@ A released migration is never edited: a change is a new migration.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import math
 import os
@@ -153,10 +152,12 @@ from ._durable import (
 )
 from ._groupcommit import _BatchResult
 from ._store import (
+    _BY_COLUMNS_FROM,
     RecordedEvent,
     Snapshot,
     _check_command_id,
     _check_read_all,
+    _columns_of,
     _records_from_columns,
 )
 
@@ -1115,11 +1116,7 @@ class _Pool:
                     link, result = await trio.to_thread.run_sync(work, abandon_on_cancel=True)
                 if bound.cancelled_caught:
                     self._abandon(attempt, idle)
-                    raise StoreError(
-                        f"PostgreSQL did not answer within {self.timeout} s (timeout); the "
-                        "connection was dropped (a write in flight may or may not have "
-                        "been committed)"
-                    )
+                    raise self._timed_out()
             except trio.Cancelled:
                 self._abandon(attempt, idle)
                 raise
@@ -1170,11 +1167,7 @@ class _Pool:
                     result = await fn(link)
                     keep = True
                 if bound.cancelled_caught:
-                    raise StoreError(
-                        f"PostgreSQL did not answer within {self.timeout} s (timeout); the "
-                        "connection was dropped (a write in flight may or may not have "
-                        "been committed)"
-                    )
+                    raise self._timed_out()
                 return result
             except psycopg.Error:
                 keep = not (link.conn.broken or link.conn.closed)
@@ -1193,6 +1186,12 @@ class _Pool:
                         link.close()
         finally:
             self._limiter.release()
+
+    def _timed_out(self) -> StoreError:
+        return StoreError(
+            f"PostgreSQL did not answer within {self.timeout} s (timeout); the "
+            "connection was dropped (a write in flight may or may not have been committed)"
+        )
 
     def _fresh_idle(self) -> _Link | None:
         """Take the newest idle connection if it can be used without a check."""
@@ -1435,13 +1434,11 @@ def _is_fenced(exc: BaseException) -> bool:
 
 
 def _records_of_rows(rows: list[Any]) -> list[RecordedEvent]:
-    """Records from rows of their seven fields in order (a page of 32 rows or
-    more is built column by column, see ``_records_from_columns``)."""
-    if len(rows) < 32:
+    """Records from rows of their seven fields in order (a long page is built
+    column by column, see ``_records_from_columns``)."""
+    if len(rows) < _BY_COLUMNS_FROM:
         return [RecordedEvent(*row) for row in rows]
-    flat = [*itertools.chain.from_iterable(rows)]
-    del rows[:]
-    return _records_from_columns([flat[i::7] for i in range(7)])
+    return _records_from_columns(_columns_of(rows, 7))
 
 
 def _write_here(

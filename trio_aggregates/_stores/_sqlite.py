@@ -78,7 +78,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from itertools import chain
 from os import PathLike
 from typing import Any, ClassVar, Final, cast, final
 
@@ -110,10 +109,12 @@ from ._durable import (
 )
 from ._groupcommit import _BatchResult
 from ._store import (
+    _BY_COLUMNS_FROM,
     RecordedEvent,
     Snapshot,
     _check_command_id,
     _check_read_all,
+    _columns_of,
     _records_from_columns,
 )
 
@@ -752,19 +753,12 @@ def _read_events(
         return [RecordedEvent(stream, v, t, d, m, r, p) for v, t, d, m, r, p in rows]
     # A long page (loading an aggregate): checked and built column by column,
     # as a read_all page (see _read_all_page).
-    flat = [*chain.from_iterable(rows)]
-    del rows
-    versions, types, data, metadata, recorded_at, positions = (
-        flat[field::_STREAM_FIELDS] for field in range(_STREAM_FIELDS)
-    )
+    versions, types, data, metadata, recorded_at, positions = _columns_of(rows, 6)
     if _typed_columns(versions, types, data, metadata, recorded_at):
         return _records_from_columns(
             [[stream] * count, versions, types, data, metadata, recorded_at, positions]
         )
     return _careful_events(db, stream, params)
-
-
-_STREAM_FIELDS: Final = 6  # the columns of _READ_EVENTS
 
 
 def _read_all_page(db: sqlite3.Connection, params: list[Any], sql: str, raw_sql: str) -> list[Any]:
@@ -774,8 +768,7 @@ def _read_all_page(db: sqlite3.Connection, params: list[Any], sql: str, raw_sql:
     column))``) and builds the records column by column
     (:func:`_records_from_columns`): the per-event work runs in C. A short
     page (a live subscription's, often of one event) goes row by row: the
-    column path's fixed cost makes it dearer below about 30 rows (measured:
-    one row 12 us by columns, 6.5 us by rows; 100 rows 7% less by columns).
+    column path's fixed cost makes it dearer below ``_BY_COLUMNS_FROM`` rows.
     """
     try:
         rows = db.execute(sql, params).fetchall()
@@ -785,13 +778,7 @@ def _read_all_page(db: sqlite3.Connection, params: list[Any], sql: str, raw_sql:
         if not all(_typed(v, t, d, m, r) for _, v, t, d, m, r, _ in rows):
             return _careful_all(db, params, raw_sql)
         return [RecordedEvent(*row) for row in rows]
-    # Columns as slices of the flattened rows: zip(*rows) would be quicker
-    # alone, but it makes an iterator per row, 1000 objects tracked by the
-    # garbage collector that trigger one more collection per page (measured:
-    # twice as many collections, 28 ms instead of 12 ms per 100,000 events).
-    flat = [*chain.from_iterable(rows)]
-    del rows
-    columns = [flat[field::_FIELDS] for field in range(_FIELDS)]
+    columns = _columns_of(rows, 7)
     _, versions, types, data, metadata, recorded_at, _ = columns
     if _typed_columns(versions, types, data, metadata, recorded_at):
         return _records_from_columns(columns)
@@ -826,8 +813,6 @@ def _typed_columns(
     )
 
 
-_BY_COLUMNS_FROM: Final = 32
-_FIELDS: Final = 7  # of a RecordedEvent, the columns of a read_all page
 _INT: Final = {int}
 _STR: Final = {str}
 _BYTES: Final = {bytes}

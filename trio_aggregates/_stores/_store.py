@@ -55,7 +55,7 @@ import time
 import types
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
-from itertools import repeat
+from itertools import chain, repeat
 from typing import Any, Final, Protocol, final, runtime_checkable
 
 import attrs
@@ -156,6 +156,25 @@ def _record_setters() -> tuple[Callable[[Any, Any], None], ...] | None:
 
 _RECORD_SETTERS: Final = _record_setters()
 _new_object: Final = object.__new__
+
+
+#: Pages from this many rows on are built column by column; below, the
+#: column path's fixed cost makes it dearer than the constructor (measured on
+#: SQLite: one row 12 us by columns, 6.5 us by rows; 100 rows 7% less by columns).
+_BY_COLUMNS_FROM: Final = 32
+
+
+def _columns_of(rows: list[Any], width: int) -> list[list[Any]]:
+    """The ``width`` columns of ``rows`` (tuples of ``width`` values); empties ``rows``.
+
+    Slices of the flattened rows: ``zip(*rows)`` would be quicker alone, but
+    it makes an iterator per row, objects tracked by the garbage collector
+    that trigger one more collection per page of 1,000 (measured: twice as
+    many collections, 28 ms instead of 12 ms per 100,000 events).
+    """
+    flat = [*chain.from_iterable(rows)]
+    del rows[:]
+    return [flat[field::width] for field in range(width)]
 
 
 def _records_from_columns(columns: Sequence[Sequence[Any]]) -> list[RecordedEvent]:
