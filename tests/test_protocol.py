@@ -19,6 +19,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from trio_aggregates._core import _exceptions as exc_mod
+from trio_aggregates._wire import _protocol
 from trio_aggregates._wire._protocol import (
     DEFAULT_MAX_LINE_BYTES,
     OPS,
@@ -545,6 +546,22 @@ def test_encode_ok() -> None:
     )
     assert codec.encode_ok(1, ("t", 1)) == b'{"id":1,"ok":true,"result":["t",1]}\n'
     assert codec.encode_ok(1, "a\nb") == b'{"id":1,"ok":true,"result":"a\\nb"}\n'
+
+
+@given(
+    id=st.one_of(st.integers(), st.text(), st.booleans(), st.none()),
+    version=st.one_of(st.integers(min_value=0), st.booleans()),
+)
+def test_encode_ok_without_a_result_is_the_encoders_line(id: Any, version: int) -> None:
+    """The shortcut for a reply with no result writes what the encoder writes."""
+    line = ServerCodec().encode_ok(id, None, version)
+    assert line == _protocol._line({"id": id, "ok": True, "version": version, "result": None})
+    assert json.loads(line) == {"id": id, "ok": True, "version": version, "result": None}
+
+
+def test_encode_ok_of_a_lone_surrogate_id_escapes_it() -> None:
+    line = ServerCodec().encode_ok("\udfff é", None, 3)
+    assert line == b'{"id":"\\udfff \\u00e9","ok":true,"version":3,"result":null}\n'
 
 
 def test_encode_error() -> None:

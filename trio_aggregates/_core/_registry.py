@@ -285,6 +285,7 @@ class Mailbox(trio.abc.ReceiveChannel[Any]):
         "_in_hand",
         "_receive",
         "_registry",
+        "_runner",
         "_scope",
         "_send",
         "_state",
@@ -331,6 +332,11 @@ class Mailbox(trio.abc.ReceiveChannel[Any]):
         self._in_hand: Call | None = None
         self._held: list[Call] | None = None
         self._held_limit = 8
+        #: Set by an aggregate whose every step can run without waiting
+        #: (the runtime's, on the in-memory store): runs a call to its answer
+        #: in the caller's task; False if it must be queued. Used only while
+        #: the aggregate waits in receive with nothing queued (_call_soon).
+        self._runner: Callable[[Call], bool] | None = None
 
     def __repr__(self) -> str:
         return f"<Mailbox of {self.key!r} ({self._state})>"
@@ -373,9 +379,18 @@ class Mailbox(trio.abc.ReceiveChannel[Any]):
         return not self._took_any and self._ended_by in (_RETURNED, _ACLOSED)
 
     def _is_idle(self) -> bool:
-        """Whether the aggregate waits in ``receive`` with nothing queued."""
-        stats = self._receive.statistics()
-        return stats.tasks_waiting_receive > 0 and stats.current_buffer_used == 0
+        """Whether the aggregate waits in ``receive`` with nothing queued.
+
+        Read from the channel's state when Trio's memory channel has the
+        one it has had since 0.12 (``statistics()`` makes an object: this
+        is _call_soon's hot path), else from its statistics.
+        """
+        state = getattr(self._receive, "_state", None)
+        try:
+            return bool(state.receive_tasks) and not state.data  # type: ignore[union-attr]
+        except AttributeError:  # pragma: no cover - another Trio's channel
+            stats = self._receive.statistics()
+            return stats.tasks_waiting_receive > 0 and stats.current_buffer_used == 0
 
     def _put_down(self) -> None:
         """The aggregate goes back to its mailbox: keep the last call only if unanswered."""
@@ -1282,8 +1297,9 @@ class Registry:
 
         Internal (the protocol server's hot path): instead of a task waiting
         for the answer, ``callback`` gets the outcome, called synchronously
-        by whoever answers (the aggregate's task, or the registry failing
-        the call); it must be quick and never raise. To withdraw the call,
+        by whoever answers (the aggregate's task, the registry failing the
+        call, or the aggregate's runner, before this returns: see
+        ``Mailbox._runner``); it must be quick and never raise. To withdraw the call,
         set its ``_abandoned``: a mailbox skips it if the aggregate has not
         taken it, else the callback still runs. Returns ``None`` (and puts
         nothing anywhere) when ``key`` has no live activation or its mailbox
@@ -1294,6 +1310,15 @@ class Registry:
             return None
         call = Call(message)
         call._callback = callback
+        mailbox = self._tasks[key]
+        runner = mailbox._runner
+        if runner is not None and mailbox._is_idle() and runner(call):
+            # Answered here: as if the aggregate had taken it and gone back
+            # to its mailbox (no other task ran in between).
+            mailbox._took_any = True
+            if mailbox._idle_timeout is not None:
+                mailbox._idle_since = trio.current_time()
+            return call
         try:
             send.send_nowait(call)
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):

@@ -42,6 +42,7 @@ acknowledging comes last. Idle aggregates are passivated (``idle_timeout``,
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -72,7 +73,7 @@ from .._core._exceptions import (
     _copy_error,
 )
 from .._core._registry import Call, Mailbox, Registry, open_registry
-from .._stores._store import EventStore, Snapshot, read_stream
+from .._stores._store import EventStore, InMemoryEventStore, Snapshot, read_stream
 from ._aggregate import Aggregate, canonical_key
 from ._codec import encode_json, type_name_of
 from ._command import (
@@ -97,6 +98,9 @@ logger = logging.getLogger("trio_aggregates.repository")
 # (2 µs): 64 random bits per process, then a counter.
 _ID_PREFIX: Final = uuid.uuid4().hex[:16]
 _id_counter = itertools.count()
+#: A command class -> the end of its metadata head (its name, then "at"). A
+#: plain dict: command classes live as long as their modules.
+_command_tails: dict[type, str] = {}
 _json_str: Final = json.encoder.encode_basestring_ascii
 
 A = TypeVar("A", bound=Aggregate)
@@ -482,7 +486,11 @@ class AggregateRepository(Generic[A]):
             head += f',"causation_id":{_json_str(causation_id)}'
         if metadata is not None:
             head += _extra_metadata(metadata)
-        head += f',"command":{_json_str(type_name_of(type(command)))},"at":'
+        cls = type(command)
+        tail = _command_tails.get(cls)
+        if tail is None:
+            tail = _command_tails[cls] = f',"command":{_json_str(type_name_of(cls))},"at":'
+        head += tail
         return Command(
             command, mode, expected_version, dry_run, verbose, command_id, head, detailed
         )
@@ -520,20 +528,30 @@ class AggregateRepository(Generic[A]):
             await self._rebuild(live, stream)
         task_status.started()
         del task_status
-        async for message in mailbox:
-            if type(message) is not Call:
-                logger.warning("aggregate %r ignored %r: send commands with a call", key, message)
-                continue
-            try:
-                result = await self._step(live, stream, message.message)
-            except _ANSWERS as exc:
-                message.fail(exc)
-            else:
-                message.reply(result)
-                if live.snapshot_due():
-                    await self._save_snapshot(live, stream)
-            if live.version == 0 and live.should_end(mailbox.statistics().current_buffer_used):
-                return  # no stream and nothing queued: do not stay registered
+        if type(self._store) is InMemoryEventStore:
+            # A store that never waits: while this task waits for a message
+            # with nothing queued, the registry may run a call in its
+            # caller's task instead (see _run_now).
+            mailbox._runner = functools.partial(self._run_now, live, stream)
+        try:
+            async for message in mailbox:
+                if type(message) is not Call:
+                    logger.warning(
+                        "aggregate %r ignored %r: send commands with a call", key, message
+                    )
+                    continue
+                try:
+                    result = await self._step(live, stream, message.message)
+                except _ANSWERS as exc:
+                    message.fail(exc)
+                else:
+                    message.reply(result)
+                    if live.snapshot_due():
+                        await self._save_snapshot(live, stream)
+                if live.version == 0 and live.should_end(mailbox.statistics().current_buffer_used):
+                    return  # no stream and nothing queued: do not stay registered
+        finally:
+            mailbox._runner = None
 
     async def _step(self, live: LiveAggregate[A], stream: str, request: object) -> Any:
         """Drive the command step of ``_command.py``: do the I/O it asks for."""
@@ -591,6 +609,105 @@ class AggregateRepository(Generic[A]):
                 except StoreError as exc:
                     action = live.failed(exc)
 
+    def _run_now(self, live: LiveAggregate[A], stream: str, call: Call) -> bool:
+        """Run ``call`` to its answer in the calling task; ``False``: not here, queue it.
+
+        The registry calls this (``Mailbox._runner``) instead of queueing a
+        call, when this aggregate's task waits for a message with nothing
+        queued and its store is exactly :class:`InMemoryEventStore`, whose
+        calls never wait. It drives the same transitions as :meth:`_step`,
+        with the store's synchronous bodies and no checkpoint: no other task
+        runs until the call is answered, so to every other task it is as if
+        the aggregate's task had run it (the mailbox order is kept: there was
+        nothing queued). The answer goes to the call's callback, at once.
+
+        Returns ``False``, having answered nothing and left the state as the
+        store's, when the aggregate's own task must run it: a request that is
+        not a command, a state not loaded or with no stream (the task may have
+        to end), or a handler that raised something unexpected (the task runs
+        the command again and crashes as it always does; handlers are pure,
+        so running one twice changes nothing).
+        """
+        request = call.message
+        if type(request) is not Command or live.stale or live.version == 0:
+            return False
+        store = self._store
+        assert type(store) is InMemoryEventStore
+        try:
+            action = live.start(request)
+            while action is not DONE and action is not FAIL:
+                if action is APPEND:
+                    try:
+                        version = store._append_now(
+                            stream, live.new_events, live.expected, live.append_id
+                        )
+                    except DuplicateCommand as exc:
+                        action = live.duplicate(exc.version)
+                    except ConcurrencyConflict as exc:
+                        action = live.conflicted(exc)
+                    except StoreError as exc:
+                        action = live.failed(exc)
+                    else:
+                        action = live.committed(version)
+                else:
+                    try:
+                        if action is CATCH_UP:
+                            self._catch_up_now(live, stream, store)
+                            action = live.caught_up()
+                        elif action is REBUILD:
+                            self._rebuild_now(live, stream, store)
+                            action = live.rebuilt()
+                        else:  # FIND
+                            assert live.request is not None
+                            assert live.request.command_id is not None
+                            found = store._find_command_now(stream, live.request.command_id)
+                            action = live.found(found)
+                    except StoreError as exc:
+                        action = live.failed(exc)
+        except _ANSWERS as exc:
+            call.fail(exc)
+            return True
+        except Exception:
+            # Only a handler gets here, before anything was stored (an
+            # applier's error is an AggregateCrashed answer).
+            return False
+        if action is FAIL:
+            error = live.error
+            live.error = None
+            assert error is not None
+            call.fail(error)
+            return True
+        result = live.result
+        live.result = None
+        call.reply(result)
+        if live.snapshot_due():
+            snapshot = self._snapshot_of(live, stream)
+            if snapshot is not None:
+                try:
+                    store._save_snapshot_now(snapshot)
+                except Exception as exc:  # as _save_snapshot
+                    _snapshot_failed(snapshot, exc)
+                else:
+                    live.snapshot_saved(snapshot.version)
+        return True
+
+    def _catch_up_now(self, live: LiveAggregate[A], stream: str, store: InMemoryEventStore) -> None:
+        """:meth:`_catch_up`, for :meth:`_run_now`."""
+        while True:
+            page = store._read_now(stream, live.version + 1, _PAGE)
+            live.advance(page)
+            if len(page) < _PAGE:
+                return
+
+    def _rebuild_now(self, live: LiveAggregate[A], stream: str, store: InMemoryEventStore) -> None:
+        """:meth:`_rebuild`, for :meth:`_run_now`."""
+        snapshot = store._load_snapshot_now(stream) if self._type.snapshot_every else None
+        unusable = live.reset(snapshot)
+        if unusable is not None:
+            logger.warning("ignoring the snapshot of %r: %s", stream, unusable)
+        self._catch_up_now(live, stream, store)
+        live.loaded()
+
     async def _rebuild(self, live: LiveAggregate[A], stream: str) -> None:
         """Load ``live`` from the store: the latest usable snapshot, then the later events."""
         snapshot = None
@@ -612,16 +729,31 @@ class AggregateRepository(Generic[A]):
                 return
 
     async def _save_snapshot(self, live: LiveAggregate[A], stream: str) -> None:
+        snapshot = self._snapshot_of(live, stream)
+        if snapshot is None:
+            return
+        try:
+            await self._store.save_snapshot(snapshot)
+        except Exception as exc:  # a snapshot is an optimisation: never crash for one
+            _snapshot_failed(snapshot, exc)
+            return
+        live.snapshot_saved(snapshot.version)
+
+    def _snapshot_of(self, live: LiveAggregate[A], stream: str) -> Snapshot | None:
+        """``live``'s state as a snapshot; ``None`` (logged) if it cannot be encoded."""
         cls = self._type
         try:
             data = self._codec.encode_state(live.state)
-            await self._store.save_snapshot(
-                Snapshot(stream, live.version, cls.snapshot_schema, type_name_of(cls), data)
-            )
         except Exception as exc:  # a snapshot is an optimisation: never crash for one
             logger.warning("could not snapshot %r at version %d: %r", stream, live.version, exc)
-            return
-        live.snapshot_saved(live.version)
+            return None
+        return Snapshot(stream, live.version, cls.snapshot_schema, type_name_of(cls), data)
+
+
+def _snapshot_failed(snapshot: Snapshot, exc: Exception) -> None:
+    logger.warning(
+        "could not snapshot %r at version %d: %r", snapshot.stream, snapshot.version, exc
+    )
 
 
 def _name_key_as_given(exc: BaseException, key: object, canonical: str) -> None:

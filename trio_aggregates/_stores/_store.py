@@ -431,6 +431,20 @@ class InMemoryEventStore:
         command_id: str | None = None,
     ) -> int:
         await trio.lowlevel.checkpoint_if_cancelled()
+        return self._append_now(stream, events, expected_version, command_id)
+
+    # The synchronous bodies (``_*_now``): what each call does after its
+    # cancellation check. An aggregate whose store is exactly this class runs
+    # a command through them from the caller's task when it is idle (see
+    # ``AggregateRepository._run_now``): the same code, so the same outcomes.
+
+    def _append_now(
+        self,
+        stream: str,
+        events: Sequence[NewEvent],
+        expected_version: int | None,
+        command_id: str | None,
+    ) -> int:
         self._check(stream)
         _check_command_id(command_id)
         entry = self._streams.get(stream)
@@ -449,12 +463,19 @@ class InMemoryEventStore:
             now = time.time()
             first = len(self._log_versions) + 1
             count = len(events)
-            entry.events.extend(
-                (e.type, e.data, e.metadata, now, p) for p, e in enumerate(events, first)
-            )
-            self._log_streams.extend([entry] * count)
-            self._log_versions.extend(range(version + 1, version + count + 1))
-            version += count
+            if count == 1:  # the commonest append, without the generators
+                e = events[0]
+                entry.events.append((e.type, e.data, e.metadata, now, first))
+                self._log_streams.append(entry)
+                version += 1
+                self._log_versions.append(version)
+            else:
+                entry.events.extend(
+                    (e.type, e.data, e.metadata, now, p) for p, e in enumerate(events, first)
+                )
+                self._log_streams.extend([entry] * count)
+                self._log_versions.extend(range(version + 1, version + count + 1))
+                version += count
             self._append_signal.notify()
         if command_id is not None:
             if entry.commands is None:
@@ -464,6 +485,9 @@ class InMemoryEventStore:
 
     async def find_command(self, stream: str, command_id: str) -> int | None:
         await trio.lowlevel.checkpoint_if_cancelled()
+        return self._find_command_now(stream, command_id)
+
+    def _find_command_now(self, stream: str, command_id: str) -> int | None:
         self._check(stream)
         _check_command_id(command_id, required=True)
         entry = self._streams.get(stream)
@@ -475,6 +499,9 @@ class InMemoryEventStore:
         self, stream: str, *, from_version: int = 1, limit: int | None = None
     ) -> list[RecordedEvent]:
         await trio.lowlevel.checkpoint_if_cancelled()
+        return self._read_now(stream, from_version, limit)
+
+    def _read_now(self, stream: str, from_version: int, limit: int | None) -> list[RecordedEvent]:
         self._check(stream)
         entry = self._streams.get(stream)
         if entry is None:
@@ -535,6 +562,9 @@ class InMemoryEventStore:
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
+        self._save_snapshot_now(snapshot)
+
+    def _save_snapshot_now(self, snapshot: Snapshot) -> None:
         self._check(snapshot.stream)
         entry = self._streams.get(snapshot.stream)
         if entry is None:
@@ -543,6 +573,9 @@ class InMemoryEventStore:
 
     async def load_snapshot(self, stream: str) -> Snapshot | None:
         await trio.lowlevel.checkpoint_if_cancelled()
+        return self._load_snapshot_now(stream)
+
+    def _load_snapshot_now(self, stream: str) -> Snapshot | None:
         self._check(stream)
         entry = self._streams.get(stream)
         return None if entry is None else entry.snapshot

@@ -591,6 +591,10 @@ _encode: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), all
 _encode_ascii: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 
+#: What ``_encode`` makes of a str alone.
+_encode_str: Final[Callable[[str], str]] = json.encoder.encode_basestring
+
+
 def _line(obj: dict[str, Any]) -> bytes:
     """``obj`` as one JSON line; :class:`TypeError` if it is not JSON-ready."""
     try:
@@ -663,6 +667,17 @@ class ServerCodec:
         """
         if version is None:
             return _line({"id": id, "ok": True, "result": result})
+        if result is None and type(version) is int:
+            # The commonest answer (a command that replies nothing), the same
+            # bytes as through the encoder, at a fraction of its cost.
+            if type(id) is int:
+                return b'{"id":%d,"ok":true,"version":%d,"result":null}\n' % (id, version)
+            if type(id) is str:
+                text = f'{{"id":{_encode_str(id)},"ok":true,"version":{version},"result":null}}\n'
+                try:
+                    return text.encode("utf-8")
+                except UnicodeEncodeError:
+                    pass  # a lone surrogate: the encoder's way
         return _line({"id": id, "ok": True, "version": version, "result": result})
 
     def encode_error(

@@ -1098,6 +1098,9 @@ class _Connection:
         self.next_token = 0
         self.out: list[bytes] = []
         self.sending = False
+        # True while the reader starts a request: an answer given then (a
+        # command run in the reader's task) waits for the reader's batch.
+        self.dispatching = False
         self.sender_parked = False
         self.sending_since = 0.0
         self.send_scope: trio.CancelScope | None = None
@@ -1268,7 +1271,9 @@ class _Connection:
                         if self.broken:
                             return
                         self.last_activity = trio.current_time()
+                    self.dispatching = True
                     self._dispatch(item)
+                    self.dispatching = False
                     if self.stop_reading:
                         break
                 if self.out:
@@ -1376,6 +1381,13 @@ class _Connection:
                     ),
                 )
                 return True
+            # Ready for the answer before the call: it may come before
+            # _execute_soon returns (an idle aggregate on the in-memory store
+            # runs the command in this task).
+            entry.route = route
+            if key is not None:
+                entry.key = key
+                entry.pending = server._pending[key] = _Pending()
             call = route.repository._execute_soon(
                 request.key,
                 command,
@@ -1383,18 +1395,26 @@ class _Connection:
                 **server._execute_options(request),
             )
         except Exception as exc:
+            self._unstart(entry)
             self._answer(
                 entry, server._encode_outcome(self.codec, request.id, server._failure(request, exc))
             )
             return True
         if call is None:
+            self._unstart(entry)
             return False
         entry.call = call
-        entry.route = route
-        if key is not None:
-            entry.key = key
-            entry.pending = server._pending[key] = _Pending()
         return True
+
+    def _unstart(self, entry: _Entry) -> None:
+        """Undo what _start_fast prepared for a call that was not made."""
+        entry.route = None
+        pending = entry.pending
+        if pending is not None:
+            assert entry.key is not None
+            if self.server._pending.get(entry.key) is pending:
+                del self.server._pending[entry.key]
+            entry.pending = entry.key = None
 
     def _fast_done(self, entry: _Entry, result: outcome.Outcome[Any]) -> None:
         """A fast-path request's outcome, from the aggregate's task: answer it."""
@@ -1497,17 +1517,22 @@ class _Connection:
         The answer of the only request in flight, with nothing queued or
         being sent, goes out at once from the calling task (a non-blocking
         send on a plain TCP connection); what the socket does not take is
-        queued for the sender.
+        queued for the sender. Not from the reader starting a request: its
+        answers go out together once it has started all it read.
         """
         if entry.answered:
             return
         entry.answered = True
         del self.running[entry.token]
-        if self.in_flight == 1 and self.raw is not None and not (self.out or self.sending):
+        if (
+            self.in_flight == 1
+            and self.raw is not None
+            and not (self.out or self.sending or self.dispatching)
+        ):
             line = self._send_now(self.raw, line)
         if line:
             self.out.append(line)
-            if self.sender_parked and not self.sending:
+            if self.sender_parked and not (self.sending or self.dispatching):
                 self.sender_parked = False
                 self.send_lot.unpark()
         if not self.running and self.reading_done:
