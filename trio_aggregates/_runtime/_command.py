@@ -71,6 +71,7 @@ from .._core._exceptions import (
     AlreadyExists,
     CommandRejected,
     ConcurrencyConflict,
+    DuplicateCommand,
     EventDecodeError,
     StoreError,
     TrioAggregatesError,
@@ -332,6 +333,14 @@ class LiveAggregate(Generic[A]):
         self.request = self._reply = None
         self.new_events = _NO_EVENTS
         return DONE
+
+    def append_failed(self, error: StoreError | DuplicateCommand) -> _Action:
+        """The append raised ``error``: a duplicate, a conflict, or a store failure."""
+        if isinstance(error, DuplicateCommand):
+            return self.duplicate(error.version)
+        if isinstance(error, ConcurrencyConflict):
+            return self.conflicted(error)
+        return self.failed(error)
 
     def conflicted(self, error: ConcurrencyConflict) -> _Action:
         """Another writer appended first (nothing of ours was stored)."""

@@ -62,7 +62,6 @@ from .._core._exceptions import (
     AggregateStartError,
     AlreadyExists,
     CommandRejected,
-    ConcurrencyConflict,
     DuplicateCommand,
     EventDecodeError,
     InvalidArgument,
@@ -577,12 +576,8 @@ class AggregateRepository(Generic[A]):
                             expected_version=live.expected,
                             command_id=command_id,
                         )
-                except DuplicateCommand as exc:
-                    action = live.duplicate(exc.version)
-                except ConcurrencyConflict as exc:
-                    action = live.conflicted(exc)
-                except StoreError as exc:
-                    action = live.failed(exc)
+                except (DuplicateCommand, StoreError) as exc:
+                    action = live.append_failed(exc)
                 else:
                     action = live.committed(version)
             elif action is DONE:
@@ -641,12 +636,8 @@ class AggregateRepository(Generic[A]):
                         version = store._append_now(
                             stream, live.new_events, live.expected, live.append_id
                         )
-                    except DuplicateCommand as exc:
-                        action = live.duplicate(exc.version)
-                    except ConcurrencyConflict as exc:
-                        action = live.conflicted(exc)
-                    except StoreError as exc:
-                        action = live.failed(exc)
+                    except (DuplicateCommand, StoreError) as exc:
+                        action = live.append_failed(exc)
                     else:
                         action = live.committed(version)
                 else:
