@@ -677,7 +677,7 @@ class AggregateRepository(Generic[A]):
                 try:
                     store._save_snapshot_now(snapshot)
                 except Exception as exc:  # as _save_snapshot
-                    _snapshot_failed(snapshot, exc)
+                    _snapshot_failed(stream, snapshot.version, exc)
                 else:
                     live.snapshot_saved(snapshot.version)
         return True
@@ -726,7 +726,7 @@ class AggregateRepository(Generic[A]):
         try:
             await self._store.save_snapshot(snapshot)
         except Exception as exc:  # a snapshot is an optimisation: never crash for one
-            _snapshot_failed(snapshot, exc)
+            _snapshot_failed(stream, snapshot.version, exc)
             return
         live.snapshot_saved(snapshot.version)
 
@@ -736,15 +736,13 @@ class AggregateRepository(Generic[A]):
         try:
             data = self._codec.encode_state(live.state)
         except Exception as exc:  # a snapshot is an optimisation: never crash for one
-            logger.warning("could not snapshot %r at version %d: %r", stream, live.version, exc)
+            _snapshot_failed(stream, live.version, exc)
             return None
         return Snapshot(stream, live.version, cls.snapshot_schema, type_name_of(cls), data)
 
 
-def _snapshot_failed(snapshot: Snapshot, exc: Exception) -> None:
-    logger.warning(
-        "could not snapshot %r at version %d: %r", snapshot.stream, snapshot.version, exc
-    )
+def _snapshot_failed(stream: str, version: int, exc: Exception) -> None:
+    logger.warning("could not snapshot %r at version %d: %r", stream, version, exc)
 
 
 def _name_key_as_given(exc: BaseException, key: object, canonical: str) -> None:

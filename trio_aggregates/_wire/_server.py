@@ -1409,11 +1409,9 @@ class _Connection:
     def _unstart(self, entry: _Entry) -> None:
         """Undo what _start_fast prepared for a call that was not made."""
         entry.route = None
-        pending = entry.pending
-        if pending is not None:
+        if entry.pending is not None:
             assert entry.key is not None
-            if self.server._pending.get(entry.key) is pending:
-                del self.server._pending[entry.key]
+            self.server._settle(entry.key, entry.pending, None)
             entry.pending = entry.key = None
 
     def _fast_done(self, entry: _Entry, result: outcome.Outcome[Any]) -> None:
