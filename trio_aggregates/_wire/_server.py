@@ -1537,20 +1537,26 @@ class _Connection:
             self.drained_lot.unpark_all()
 
     def _send_now(self, raw: socket.socket, line: bytes) -> bytes:
-        """Send what the socket takes of ``line`` now; return the rest."""
-        if not self.broken:
-            try:
-                sent = raw.send(line)
-            except BlockingIOError:
-                return line
-            except OSError:
-                self.broken = True
-                self.read_scope.cancel()
-            else:
-                if sent < len(line):
-                    return line[sent:]
-        self._sent(1)
-        return b""
+        """Send what the socket takes of ``line`` (one answer) now; return the rest."""
+        rest = self._send_what_fits(raw, line)
+        if not rest:
+            self._sent(1)
+        return rest
+
+    def _send_what_fits(self, raw: socket.socket, data: bytes) -> bytes:
+        """One non-blocking send of ``data``: return what the socket did not take
+        (nothing if the connection is, or turns out, broken). Never a checkpoint."""
+        if self.broken:
+            return b""
+        try:
+            sent = raw.send(data)
+        except BlockingIOError:
+            return data
+        except OSError:
+            self.broken = True
+            self.read_scope.cancel()
+            return b""
+        return data[sent:] if sent < len(data) else b""
 
     def _sent(self, n: int) -> None:
         """``n`` answers were sent (or dropped: the connection is broken)."""
@@ -1577,41 +1583,50 @@ class _Connection:
     async def _send(self) -> None:
         """Send every answer queued, in batches, unless another task is sending.
 
-        Each send is shielded from cancellation (a cut write would garble
-        the stream) but bounded: the watchdog cancels a send stuck for
-        ``idle_timeout`` (the client reads nothing), shutdown one stuck past
-        the grace period; the connection is then broken.
+        On a plain TCP connection a batch goes first in one non-blocking
+        send, without a checkpoint (the usual case: the socket takes it all;
+        the reader and the sender reach a checkpoint right after). What the
+        socket does not take is sent shielded from cancellation (a cut write
+        would garble the stream) but bounded: the watchdog cancels a send
+        stuck for ``idle_timeout`` (the client reads nothing), shutdown one
+        stuck past the grace period; the connection is then broken.
         """
         if self.sending:
             return
         self.sending = True
-        stream = self.stream
         try:
             while self.out:
                 batch = self.out
                 self.out = []
                 if not self.broken:
-                    self.sending_since = trio.current_time()
-                    with trio.CancelScope(shield=True) as scope:
-                        if self.closing:
-                            scope.deadline = self.hard_deadline
-                        self.send_scope = scope
-                        data = batch[0] if len(batch) == 1 else b"".join(batch)
-                        try:
-                            if self.raw is not None:
-                                await _send_all(self.raw, data)
-                            else:
-                                await stream.send_all(data)
-                        except _CONNECTION_ERRORS:
-                            self.broken = True
-                    self.send_scope = None
-                    if scope.cancelled_caught:
-                        self.broken = True
-                    if self.broken:
-                        self.read_scope.cancel()
+                    data = batch[0] if len(batch) == 1 else b"".join(batch)
+                    if self.raw is not None:
+                        data = self._send_what_fits(self.raw, data)
+                    if data:
+                        await self._send_blocking(data)
                 self._sent(len(batch))
         finally:
             self.sending = False
+
+    async def _send_blocking(self, data: bytes) -> None:
+        """Send all of ``data``, shielded but bounded (see :meth:`_send`)."""
+        self.sending_since = trio.current_time()
+        with trio.CancelScope(shield=True) as scope:
+            if self.closing:
+                scope.deadline = self.hard_deadline
+            self.send_scope = scope
+            try:
+                if self.raw is not None:
+                    await _send_all(self.raw, data)
+                else:
+                    await self.stream.send_all(data)
+            except _CONNECTION_ERRORS:
+                self.broken = True
+        self.send_scope = None
+        if scope.cancelled_caught:
+            self.broken = True
+        if self.broken:
+            self.read_scope.cancel()
 
 
 async def _receive(raw: socket.socket) -> bytes:
@@ -1636,18 +1651,14 @@ async def _receive(raw: socket.socket) -> bytes:
 
 
 async def _send_all(raw: socket.socket, data: bytes) -> None:
-    """``send_all`` on the second handle, without SocketStream's layers.
+    """``send_all`` on the second handle, without SocketStream's layers, for
+    what a non-blocking send did not take: it waits for room first.
 
-    A checkpoint: it yields once when the socket took everything at once.
+    A checkpoint (it always waits for the socket).
     """
     view = memoryview(data)
     total = len(data)
     sent = 0
-    with suppress(BlockingIOError):
-        sent = raw.send(view)
-    if sent == total:
-        await trio.lowlevel.checkpoint()
-        return
     while sent < total:
         await trio.lowlevel.wait_writable(raw)
         try:
