@@ -110,9 +110,13 @@ EXISTING: Final = 1
 NEW: Final = 2
 
 
-@attrs.frozen
+@attrs.define(eq=False)
 class Command:
-    """A command for a live aggregate, as :meth:`AggregateRepository.execute` sends it."""
+    """A command for a live aggregate, as :meth:`AggregateRepository.execute` sends it.
+
+    Never changed once made (not frozen only because a frozen class's
+    ``__init__`` costs twice as much, and one is made per command).
+    """
 
     command: object
     mode: int

@@ -370,7 +370,20 @@ class AggregateRepository(Generic[A]):
             command, mode, expected_version, dry_run, command_id, correlation_id, causation_id,
             metadata,
         )  # fmt: skip
+        return self._submit_soon(key, request, callback)
+
+    def _submit_soon(
+        self,
+        key: str | int | uuid.UUID,
+        request: Command,
+        callback: Callable[[outcome.Outcome[Any]], None],
+    ) -> Call | None:
+        """:meth:`_execute_soon` of a request made already (:meth:`_detailed_request`)."""
         return self.registry._call_soon(canonical_key(key), request, callback)
+
+    async def _submit(self, key: str | int | uuid.UUID, request: Command) -> tuple[int, Any]:
+        """:meth:`_execute_detailed` of a request made already (:meth:`_detailed_request`)."""
+        return await self._send(key, request, None)  # type: ignore[no-any-return]
 
     def _detailed_request(
         self,
