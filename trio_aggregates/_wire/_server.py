@@ -1565,7 +1565,8 @@ class _Connection:
         server = self.server
         server._in_flight -= n
         server._requests += n
-        self.slot_lot.unpark_all()
+        if self.slot_lot:  # the reader waits for a slot (unpark_all costs ~1 us even when empty)
+            self.slot_lot.unpark_all()
         if self.in_flight == 0:
             if self.closing:
                 self.read_scope.cancel()
