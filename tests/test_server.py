@@ -359,6 +359,39 @@ async def test_a_lone_answer_larger_than_the_socket_takes_arrives_whole() -> Non
             await client.aclose()
 
 
+async def test_a_batch_of_answers_larger_than_the_socket_takes_arrives_whole() -> None:
+    """Answers given while the reader starts one chunk's requests go out in one
+    send; what the socket does not take of the batch is sent after it (the
+    shielded path), every answer whole and in the order given."""
+    async with serving() as server:
+        client = await Client.connect(server.port)
+        try:
+            await client.ok(type="Counter", key="c", command="Add", data={"amount": 1}, create=True)
+            sizes = (8 << 20, 10, 4 << 20)
+            lines = [
+                json.dumps({"id": i, "type": "Counter", "key": "c", "command": "Shout",
+                            "data": {"size": size}}).encode() + b"\n"
+                for i, size in enumerate(sizes)
+            ]  # fmt: skip
+            lines.append(b'{"id": 3, "op": "ping"}\n')
+            await client.stream.send_all(b"".join(lines))  # one chunk: one batch of answers
+            received = bytearray()
+            with trio.fail_after(TIMEOUT):
+                while received.count(b"\n") < 4:
+                    data = await client.stream.receive_some(1 << 20)
+                    assert data, "the server closed the connection"
+                    received += data
+            answers = [json.loads(line) for line in bytes(received).splitlines()]
+            assert answers[:3] == [
+                {"id": i, "ok": True, "version": 1, "result": "x" * size}
+                for i, size in enumerate(sizes)
+            ]
+            assert answers[3] == {"id": 3, "ok": True, "result": "pong"}
+            assert (await client.ok(op="ping"))["result"] == "pong"
+        finally:
+            await client.aclose()
+
+
 # -- exactly once -------------------------------------------------------------------------
 
 
