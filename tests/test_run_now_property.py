@@ -1,0 +1,252 @@
+"""Random programs of commands through both paths: the inline runner and the task.
+
+Hypothesis draws a program of steps on a few bank accounts of the in-memory
+store: commands sent as the protocol server sends them (``_execute_soon``,
+answered at once by an idle aggregate, or queued; the server's fallback, a
+task, when the key is not live), commands from tasks of their own after a
+random delay (``_execute_detailed``), a command sent right after a task's
+(its aggregate is often busy with it: the call queues), deposits appended by
+"another writer" straight into the store (the live state is then behind: the
+next command conflicts, rebuilds and decides again), retries of a
+``command_id``, a few checkpoints (the other tasks take some steps), and mock
+time passing, past the idle timeout too (aggregates passivate and reactivate
+under the commands that follow). Each command carries a unique reference,
+stored in its event. At the end, for every account:
+
+* every command got exactly one answer, an acknowledgement or a refusal
+  (``InsufficientFunds``), nothing else;
+* the stored events are exactly the acknowledged commands' (each once, at the
+  version its answer gave, every answer of a retried ``command_id`` the same)
+  and the other writer's;
+* the balance never goes below zero along the stream: each withdrawal was
+  decided on the state the store had when it was appended;
+* a refusal given to a callback names the balance the store held when it was
+  given (it was decided on fresh state);
+* the live state equals a replay of the stream.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import attrs
+import outcome
+import trio
+import trio.testing
+from hypothesis import HealthCheck, event, given, settings, strategies as st
+
+from trio_aggregates import InMemoryEventStore, NewEvent, open_aggregates
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+if str(EXAMPLES) not in sys.path:
+    sys.path.insert(0, str(EXAMPLES))
+bank: Any = importlib.import_module("bank")
+
+KEYS = ("a", "b", "c")
+IDLE = 10.0  # the idle timeout: a "tick" of 15 passivates every idle account
+
+
+@attrs.frozen
+class Step:
+    kind: str  # soon | busy | task | external | retry | tick | yield
+    key: str
+    amount: int
+    withdraw: bool
+    with_id: bool
+    delay: float
+
+
+steps = st.lists(
+    st.builds(
+        Step,
+        kind=st.sampled_from(
+            ["soon", "soon", "busy", "task", "task", "external", "retry", "tick", "yield"]
+        ),
+        key=st.sampled_from(KEYS),
+        amount=st.integers(1, 5),
+        withdraw=st.booleans(),
+        with_id=st.booleans(),
+        delay=st.sampled_from([0.0, 0.0, 0.5, 15.0]),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@attrs.define
+class Sent:
+    """A command sent, and every answer it got (a retry adds a second send)."""
+
+    key: str
+    command: Any
+    command_id: str | None
+    answers: list[outcome.Outcome[Any]] = attrs.field(factory=list)
+    sends: int = 0
+    #: For a refusal given to a callback: its index in ``answers``, and the
+    #: stream's balance right then.
+    balances_at_refusal: dict[int, int] = attrs.field(factory=dict)
+
+
+def balance_now(store: InMemoryEventStore, key: str) -> int:
+    """The balance the store holds now (synchronously: no other task runs)."""
+    codec = bank.Account.codec()
+    balance = 0
+    for record in store._read_now(bank.Account.stream_name(key), 1, None)[1:]:
+        event_ = codec.decode(record.type, record.data)
+        balance += -event_.amount if isinstance(event_, bank.Withdrawn) else event_.amount
+    return balance
+
+
+async def run_program(program: list[Step]) -> None:
+    store = InMemoryEventStore()
+    sent: dict[str, Sent] = {}
+    external: dict[str, list[tuple[str, int]]] = defaultdict(list)
+
+    async with open_aggregates(bank.Account, store, idle_timeout=IDLE) as repo:
+        for key in KEYS:
+            await repo.create(key, bank.OpenAccount("owner"))
+
+        async def via_task(tag: str, delay: float) -> None:
+            await trio.sleep(delay)
+            entry = sent[tag]
+            try:
+                value = await repo._execute_detailed(
+                    entry.key, entry.command, command_id=entry.command_id
+                )
+            except Exception as exc:
+                entry.answers.append(outcome.Error(exc))
+            else:
+                entry.answers.append(outcome.Value(value))
+
+        def send_soon(tag: str) -> None:
+            entry = sent[tag]
+            entry.sends += 1
+            before = len(entry.answers)
+
+            def answered(result: outcome.Outcome[Any]) -> None:
+                if isinstance(result, outcome.Error):
+                    entry.balances_at_refusal[len(entry.answers)] = balance_now(store, entry.key)
+                entry.answers.append(result)
+
+            call = repo._execute_soon(
+                entry.key, entry.command, answered, command_id=entry.command_id
+            )
+            if call is None:  # not live: the server's fallback, a task
+                event("soon: not live, a task")
+                nursery.start_soon(via_task, tag, 0.0)
+            elif len(entry.answers) > before:
+                event("soon: answered inline")
+            else:
+                event("soon: queued")
+
+        async with trio.open_nursery() as nursery:
+            for i, step in enumerate(program):
+                tag = f"c{i}"
+                command_cls = bank.Withdraw if step.withdraw else bank.Deposit
+                if step.kind == "busy":
+                    # A deposit from a task, and this command once the task
+                    # had a few steps: its aggregate is often mid-command.
+                    sent[f"{tag}-busy"] = Sent(
+                        step.key, bank.Deposit(1, f"{tag}-busy"), None, sends=1
+                    )
+                    nursery.start_soon(via_task, f"{tag}-busy", 0.0)
+                    for _ in range(step.amount % 3 + 1):
+                        await trio.lowlevel.checkpoint()
+                if step.kind in ("soon", "busy", "task"):
+                    sent[tag] = Sent(
+                        step.key, command_cls(step.amount, tag), tag if step.with_id else None
+                    )
+                    if step.kind != "task":
+                        send_soon(tag)
+                    else:
+                        sent[tag].sends += 1
+                        nursery.start_soon(via_task, tag, step.delay)
+                elif step.kind == "external":
+                    stream = bank.Account.stream_name(step.key)
+                    version = await store.stream_version(stream)
+                    data = b'{"amount":%d,"reference":"%s"}' % (step.amount, tag.encode())
+                    await store.append(
+                        stream, [NewEvent("account.deposited", data)], expected_version=version
+                    )
+                    external[step.key].append((tag, step.amount))
+                elif step.kind == "retry":
+                    with_id = [t for t, s in sent.items() if s.command_id is not None]
+                    if with_id:
+                        send_soon(with_id[step.amount % len(with_id)])
+                elif step.kind == "yield":  # let the other tasks take a few steps
+                    for _ in range(step.amount):
+                        await trio.lowlevel.checkpoint()
+                else:
+                    await trio.sleep(step.delay)
+
+        # The calls still queued in mailboxes: answered once every aggregate
+        # waits again (the in-memory store never blocks).
+        await trio.testing.wait_all_tasks_blocked()
+        for key in KEYS:
+            await check_account(repo, store, key, sent, dict(external[key]))
+
+
+async def check_account(
+    repo: Any,
+    store: InMemoryEventStore,
+    key: str,
+    sent: dict[str, Sent],
+    external: dict[str, int],
+) -> None:
+    acknowledged: dict[str, int] = {}  # tag -> the version its answers gave
+    for tag, entry in sent.items():
+        if entry.key != key:
+            continue
+        assert len(entry.answers) == entry.sends, (tag, entry)
+        for answer in entry.answers:
+            if isinstance(answer, outcome.Value):
+                version, _ = answer.value
+                assert acknowledged.setdefault(tag, version) == version, (tag, entry.answers)
+            else:
+                assert isinstance(answer.error, bank.InsufficientFunds), (tag, answer.error)
+        # A refusal is decided on the store's latest state: the balance it
+        # gives is the stream's when the answer was given.
+        for index, balance_then in entry.balances_at_refusal.items():
+            refusal = entry.answers[index]
+            assert f"balance {balance_then}," in str(refusal.error), (tag, balance_then, refusal)
+
+    records = await store.read(bank.Account.stream_name(key))
+    assert [r.version for r in records] == list(range(1, len(records) + 1))
+    assert records[0].type == "account.opened"
+    balance = 0
+    stored: dict[str, int] = {}
+    for record in records[1:]:
+        event_ = bank.Account.codec().decode(record.type, record.data)
+        tag = event_.reference
+        assert tag not in stored, f"{tag} stored twice"
+        stored[tag] = record.version
+        if tag in external:
+            assert isinstance(event_, bank.Deposited)
+            assert event_.amount == external[tag]
+        else:
+            command = sent[tag].command
+            expected_type = bank.Withdrawn if isinstance(command, bank.Withdraw) else bank.Deposited
+            assert type(event_) is expected_type and event_.amount == command.amount
+        balance += -event_.amount if isinstance(event_, bank.Withdrawn) else event_.amount
+        assert balance >= 0, f"{key} went below zero at version {record.version}"
+    assert {t: v for t, v in stored.items() if t not in external} == acknowledged
+    assert set(external) <= set(stored)
+
+    live = await repo.load(key)
+    replayed, version = await repo.replay(key)
+    assert live == replayed and version == len(records)
+    assert live.balance == balance
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(program=steps)
+def test_random_programs_through_the_inline_runner_and_the_task(program: list[Step]) -> None:
+    trio.run(run_program, program, clock=trio.testing.MockClock(autojump_threshold=0))
