@@ -207,11 +207,13 @@ async def check_account(
                 version, _ = answer.value
                 assert acknowledged.setdefault(tag, version) == version, (tag, entry.answers)
             else:
+                assert isinstance(answer, outcome.Error)
                 assert isinstance(answer.error, bank.InsufficientFunds), (tag, answer.error)
         # A refusal is decided on the store's latest state: the balance it
         # gives is the stream's when the answer was given.
         for index, balance_then in entry.balances_at_refusal.items():
             refusal = entry.answers[index]
+            assert isinstance(refusal, outcome.Error)
             assert f"balance {balance_then}," in str(refusal.error), (tag, balance_then, refusal)
 
     records = await store.read(bank.Account.stream_name(key))
