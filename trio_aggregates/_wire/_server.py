@@ -776,16 +776,15 @@ class AggregateServer:
         pending.finish(outcome)
 
     def _command_request(self, route: _Route, request: Request, command: object) -> Command:
-        """The repository's request for an execute or create (as ``_execute_detailed``
-        would make it), built in one step: this is the hot path.
+        """The repository's request for an execute or create, made as
+        ``_execute_detailed`` makes it, with no keyword arguments (the hot path).
 
         Raises:
             InvalidArgument: as :meth:`AggregateRepository.execute`.
         """
-        expected: int | None
         if request.op == "create":
             mode = NEW
-            expected = 0
+            expected = None
         else:
             mode = ANY if request.create else EXISTING
             expected = request.expected_version
@@ -795,10 +794,9 @@ class AggregateServer:
             metadata = request.extra_metadata
         else:
             correlation_id = causation_id = metadata = None
-        dry_run = request.dry_run
-        return route.repository._request(
-            command, mode, expected, dry_run, dry_run, request.command_id,
-            correlation_id, causation_id, metadata, detailed=True,
+        return route.repository._detailed_request(
+            command, mode, expected, request.dry_run, request.command_id,
+            correlation_id, causation_id, metadata,
         )  # fmt: skip
 
     async def _run(self, route: _Route, request: Request, command: object) -> _Outcome:
