@@ -8,16 +8,14 @@ given/when/then ``scenario`` (``trio_aggregates.testing``); the mechanics of
 """
 
 import enum
-import importlib
 import json
-import sys
 import typing
 import uuid
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import attrs
 import pytest
+from _examples import bank
 
 from trio_aggregates import (
     NO_REPLY,
@@ -38,12 +36,6 @@ from trio_aggregates import (
     type_name_of,
 )
 from trio_aggregates.testing import scenario
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
-bank: Any = importlib.import_module("bank")
-
 
 # -- Account: decide, apply, replay ---------------------------------------------
 

@@ -10,7 +10,6 @@ total is exact.
 from __future__ import annotations
 
 import collections
-import importlib
 import os
 import re
 import signal
@@ -22,13 +21,10 @@ from typing import Any
 
 import pytest
 import trio
+from _examples import EXAMPLES, bank
 
 from trio_aggregates import AggregateNotFound, open_aggregates, open_store
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
-bank: Any = importlib.import_module("bank")
 SCRIPT = str(EXAMPLES / "bank.py")
 
 

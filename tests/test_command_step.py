@@ -5,13 +5,11 @@ pretends the store answered so) and feeds the outcome back, as h11's tests drive
 its state machine with bytes.
 """
 
-import importlib
-import sys
-from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
+from _examples import bank
 
 from trio_aggregates import (
     AggregateCrashed,
@@ -41,11 +39,6 @@ from trio_aggregates._runtime._command import (
     Inspect,
     LiveAggregate,
 )
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
-bank: Any = importlib.import_module("bank")
 
 Account, Deposit, Withdraw = bank.Account, bank.Deposit, bank.Withdraw
 OpenAccount = bank.OpenAccount

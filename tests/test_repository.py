@@ -12,9 +12,7 @@ nothing but an ``Account`` on a fresh in-memory store take the kit's
 """
 
 import functools
-import importlib
 import json
-import sys
 import time
 import uuid
 from collections.abc import Sequence
@@ -25,6 +23,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
+from _examples import bank
 
 from trio_aggregates import (
     AggregateCrashed,
@@ -54,11 +53,6 @@ from trio_aggregates import (
 )
 from trio_aggregates._runtime._command import ANY, NEW
 from trio_aggregates.testing import FaultyStore, Repositories
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
-bank: Any = importlib.import_module("bank")
 
 Account = bank.Account
 OpenAccount, Deposit, Withdraw = bank.OpenAccount, bank.Deposit, bank.Withdraw

@@ -8,9 +8,6 @@ this is invisible but for speed: the same answers, the same order, the same
 crash, the same snapshots and idle timer as through the aggregate's task.
 """
 
-import importlib
-import sys
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -18,6 +15,7 @@ import outcome
 import pytest
 import trio
 import trio.testing
+from _examples import bank
 
 from trio_aggregates import (
     AggregateCrashed,
@@ -30,10 +28,6 @@ from trio_aggregates._core._registry import Call
 from trio_aggregates._runtime._command import EXISTING
 from trio_aggregates.testing import FaultyStore
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
-bank: Any = importlib.import_module("bank")
 Account, OpenAccount, Deposit, Withdraw = (
     bank.Account,
     bank.OpenAccount,

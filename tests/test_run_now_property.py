@@ -27,24 +27,17 @@ stored in its event. At the end, for every account:
 
 from __future__ import annotations
 
-import importlib
-import sys
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import attrs
 import outcome
 import trio
 import trio.testing
+from _examples import bank
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from trio_aggregates import InMemoryEventStore, NewEvent, open_aggregates
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
-bank: Any = importlib.import_module("bank")
 
 KEYS = ("a", "b", "c")
 IDLE = 10.0  # the idle timeout: a "tick" of 15 passivates every idle account

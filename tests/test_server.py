@@ -12,13 +12,11 @@ inside this one Trio loop.
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 import logging
 import socket
 import ssl
 import struct
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -29,6 +27,7 @@ import hypothesis
 import pytest
 import trio
 import trio.testing
+from _examples import bank
 from hypothesis import strategies as st
 
 from trio_aggregates import (
@@ -48,11 +47,6 @@ from trio_aggregates._wire._server import (
     serve_aggregates,
 )
 from trio_aggregates.testing import FaultyStore
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
-bank: Any = importlib.import_module("bank")
 
 Account = bank.Account
 

@@ -11,15 +11,13 @@ events after it) must be equal. A sync ``@given`` test drives ``trio.run`` itsel
 (hypothesis-trio does not import on current Hypothesis).
 """
 
-import importlib
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import attrs
 import trio
 import trio.testing
+from _examples import bank
 from hypothesis import given, settings, strategies as st
 
 from trio_aggregates import (
@@ -30,11 +28,6 @@ from trio_aggregates import (
     event_type,
     open_aggregates,
 )
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
-bank: Any = importlib.import_module("bank")
 
 
 @event_type("prop-account")
