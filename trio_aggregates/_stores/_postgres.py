@@ -836,6 +836,20 @@ _MIGRATIONS.append(
         " DROP CONSTRAINT IF EXISTS trio_aggregates_events_stream_id_fkey",
     )
 )
+
+# -- version 7: the deleted streams, indexed ----------------------------------
+#
+# ``read_all`` without a category filter reads the events alone and skips
+# those of deleted streams with an anti-join on this index (see _READ_ALL_LIVE):
+# it holds only the streams deleted (soft or hard), usually none or few, so the
+# probe is cheap whatever the planner knows; writing a live stream never
+# touches it.
+_MIGRATIONS.append(
+    (
+        "CREATE INDEX IF NOT EXISTS trio_aggregates_streams_deleted"
+        " ON trio_aggregates_streams (id) WHERE state IN (1, 2)",
+    )
+)
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
@@ -1441,6 +1455,31 @@ def _records_of_rows(rows: list[Any]) -> list[RecordedEvent]:
     return _records_from_columns(_columns_of(rows, 7))
 
 
+def _named_records(cursor: Any, rows: list[Any], cache: dict[int, str]) -> list[RecordedEvent]:
+    """Records from rows of _READ_ALL_LIVE (the stream's id first): the names
+    from ``cache``, those it lacks read with ``cursor`` and added to it."""
+    names: dict[int, str] = {}
+    missing: list[int] = []
+    for stream_id in {row[0] for row in rows}:
+        name = cache.get(stream_id)
+        if name is None:
+            missing.append(stream_id)
+        else:
+            names[stream_id] = name
+    if missing:
+        cursor.execute(_STREAM_NAMES, (missing,))
+        found = dict(cursor.fetchall())
+        if len(cache) + len(found) > _NAMES_KEPT:
+            cache.clear()
+        cache.update(found)
+        names.update(found)
+    if len(rows) < _BY_COLUMNS_FROM:
+        return [RecordedEvent(names[row[0]], *row[1:]) for row in rows]
+    columns = _columns_of(rows, 7)
+    columns[0] = list(map(names.__getitem__, columns[0]))
+    return _records_from_columns(columns)
+
+
 def _write_here(
     ops: list[_WriteOp],
 ) -> tuple[list[int], _pgwire.Prepared, list[bytes | None]] | None:
@@ -1558,8 +1597,11 @@ def _write_batch(conn: Conn, ops: list[_WriteOp], fencing: _Fencing | None = Non
     return _BatchResult(results, committed=True)
 
 
+# Times: date_part('epoch', ...) is a float8 at once; extract() goes through
+# numeric (0.8 us a row more in the server, measured on read_all pages). Both
+# give the double nearest the stored microseconds.
 _READ = """
-SELECT s.state, e.version, e.type, e.data, e.metadata, extract(epoch FROM e.recorded_at)::float8,
+SELECT s.state, e.version, e.type, e.data, e.metadata, date_part('epoch', e.recorded_at),
     e.position
 FROM trio_aggregates_streams s
 LEFT JOIN LATERAL (
@@ -1572,14 +1614,14 @@ ORDER BY e.version
 
 # The global order: every live stream's events from a position on (see
 # "version 4" above for why a reader never finds a new event below one it has
-# seen). The stream of each event is looked up row by row (a LATERAL subquery
-# the planner cannot flatten: OFFSET 0), so the plan is always a scan of the
-# position index that stops at the limit; as a plain join, a table not yet
-# analyzed got a hash join over every later event and a sort (10x slower).
-# A stream's category is split_part(name, '-', 1).
+# seen), with a category filter. The stream of each event is looked up row by
+# row (a LATERAL subquery the planner cannot flatten: OFFSET 0), so the plan is
+# always a scan of the position index that stops at the limit; as a plain
+# join, a table not yet analyzed got a hash join over every later event and a
+# sort (10x slower). A stream's category is split_part(name, '-', 1).
 _READ_ALL = """
 SELECT s.name, e.version, e.type, e.data, e.metadata,
-    extract(epoch FROM e.recorded_at)::float8, e.position
+    date_part('epoch', e.recorded_at), e.position
 FROM trio_aggregates_events e
 CROSS JOIN LATERAL (
     SELECT name FROM trio_aggregates_streams
@@ -1588,6 +1630,27 @@ CROSS JOIN LATERAL (
 WHERE e.position >= %s{event_filter}
 ORDER BY e.position LIMIT %s
 """
+# Without a category filter (the common case: a subscription, a projection,
+# a catch-up), the events are read alone, each with its stream's id, and those
+# of deleted streams skipped by an anti-join on the small index of deleted
+# streams (version 7); the names come from the store's cache of stream ids
+# (an id's name never changes), the ones it lacks read by _STREAM_NAMES in
+# the same call. Measured on a page of 1,000 events of 10 streams: 0.56 ms in
+# the server against 1.3 ms for the per-row lookup of _READ_ALL (1.6 against
+# 2.9 ms on tables not yet analyzed).
+_READ_ALL_LIVE = """
+SELECT e.stream_id, e.version, e.type, e.data, e.metadata,
+    date_part('epoch', e.recorded_at), e.position
+FROM trio_aggregates_events e
+WHERE e.position >= %s{event_filter} AND NOT EXISTS (
+    SELECT FROM trio_aggregates_streams s WHERE s.id = e.stream_id AND s.state IN (1, 2)
+)
+ORDER BY e.position LIMIT %s
+"""
+_STREAM_NAMES = "SELECT id, name FROM trio_aggregates_streams WHERE id = ANY(%s::bigint[])"
+#: Stream names the cache keeps at most (then it starts again, empty).
+_NAMES_KEPT: Final = 100_000
+
 _HEAD = "SELECT coalesce(max(position), 0) FROM trio_aggregates_events"
 
 _VERSION = """
@@ -1671,6 +1734,9 @@ class PostgresEventStore(_DurableStore):
     # Cluster mode (``_cluster.py``): asked for each write's (shard, token);
     # None (the default) writes exactly as without a cluster, at no cost.
     _fence: _Fence | None = attrs.field(default=None, init=False)
+    # Stream id -> name, for read_all (see _READ_ALL_LIVE); shared by the
+    # worker threads (each page copies what it uses, so a clear is harmless).
+    _stream_names: dict[int, str] = attrs.field(factory=dict, init=False)
 
     async def _write_batch(self, ops: list[_WriteOp]) -> _BatchResult:
         fence = self._fence
@@ -1815,13 +1881,28 @@ class PostgresEventStore(_DurableStore):
             event_filter = " AND e.type = ANY(%s::text[])"
             params.append(sorted(types))
         params.append(count)
-        query = _READ_ALL.format(stream_filter=stream_filter, event_filter=event_filter)
-        # The columns are in RecordedEvent's field order, NOT NULL and typed
-        # (bytea loads as bytes): the records are built in the worker thread.
-        records: list[RecordedEvent] = await self._query(
-            query, tuple(params), "read all streams", convert=_records_of_rows
-        )
-        return records
+        if cats is not None:
+            query = _READ_ALL.format(stream_filter=stream_filter, event_filter=event_filter)
+            # The columns are in RecordedEvent's field order, NOT NULL and typed
+            # (bytea loads as bytes): the records are built in the worker thread.
+            records: list[RecordedEvent] = await self._query(
+                query, tuple(params), "read all streams", convert=_records_of_rows
+            )
+            return records
+        query = _READ_ALL_LIVE.format(event_filter=event_filter)
+        cache = self._stream_names
+        self._check_open()
+
+        def run(conn: Conn) -> list[RecordedEvent]:
+            with conn.cursor(binary=True) as cursor:
+                cursor.execute(query, params)
+                rows = cursor.fetchall()
+                return _named_records(cursor, rows, cache) if rows else []
+
+        try:
+            return await self._pool.run(run)
+        except psycopg.Error as exc:
+            raise _wrap(exc, "read all streams") from exc
 
     async def head_position(self) -> int:
         """Return the highest position readable now (0 if none).
