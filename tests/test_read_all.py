@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import trio
+from test_store_conformance import read_in_pages
 
 from trio_aggregates._stores._sqlite import open_sqlite_store
 from trio_aggregates._stores._store import NewEvent
@@ -300,15 +301,7 @@ async def test_postgres_read_all_names_streams_and_skips_deleted_ones_in_long_pa
                 assert [(e.stream, e.version) for e in every] == live
                 assert [e.data for e in every][-2:] == [b"event-99", b"event-100"]
                 for page_size in (5, 33, 50):  # rows of a page of 33+ are built by columns
-                    got = []
-                    start = 1
-                    while True:
-                        page = await store.read_all(start, limit=page_size)
-                        got += page
-                        if len(page) < page_size:
-                            break
-                        start = page[-1].position + 1
-                    assert got == every
+                    assert await read_in_pages(store, page_size) == every
             # The same records as read (the same time, to the last bit) and as
             # the category-filtered query gives.
             assert [e for e in every if e.stream == "acct-5"] == await one.read("acct-5")

@@ -740,15 +740,19 @@ async def test_read_all_from_position_and_limit(store: EventStore) -> None:
     assert await store.read_all(limit=0) == []
     # Paging from the last position read gives every event once, in order.
     for page_size in (1, 3, 7, 10, 1000):
-        got = []
-        start = 1
-        while True:
-            page = await store.read_all(start, limit=page_size)
-            got += page
-            if len(page) < page_size:
-                break
-            start = page[-1].position + 1
-        assert got == every
+        assert await read_in_pages(store, page_size) == every
+
+
+async def read_in_pages(store: EventStore, page_size: int) -> list[RecordedEvent]:
+    """Every event, read_all page after page from the last position read."""
+    got: list[RecordedEvent] = []
+    start = 1
+    while True:
+        page = await store.read_all(start, limit=page_size)
+        got += page
+        if len(page) < page_size:
+            return got
+        start = page[-1].position + 1
 
 
 async def test_read_all_filters(store: EventStore) -> None:
