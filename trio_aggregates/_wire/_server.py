@@ -1248,6 +1248,7 @@ class _Connection:
         stream = self.stream
         codec = self.codec
         server = self.server
+        lines = 0  # read from the last chunk
         with self.read_scope:
             while not self.stop_reading:
                 if self.closing and self.in_flight == 0:
@@ -1255,14 +1256,17 @@ class _Connection:
                 try:
                     data: bytes | bytearray
                     if self.raw is not None:
-                        data = await _receive(self.raw)
+                        # One request read last, and answered: the client
+                        # most likely waits for it, so wait for the socket first.
+                        data = await _receive(self.raw, lines == 1 and self.in_flight == 0)
                     else:
                         data = await stream.receive_some(_RECEIVE_SIZE)
                 except _CONNECTION_ERRORS:
                     self.broken = True
                     return
                 self.last_activity = trio.current_time()
-                for item in codec.receive_data(data):
+                lines = 0
+                for lines, item in enumerate(codec.receive_data(data), 1):
                     if self.in_flight >= server._max_in_flight:
                         if self.out:
                             await self._send()
@@ -1629,19 +1633,24 @@ class _Connection:
             self.read_scope.cancel()
 
 
-async def _receive(raw: socket.socket) -> bytes:
+async def _receive(raw: socket.socket, wait_first: bool) -> bytes:
     """``receive_some`` on the second handle: what trio's does, without its layers.
 
     A checkpoint: it waits for the socket (cancellable), or yields once when
-    data was there already.
+    data was there already. ``wait_first``: wait for the socket before the
+    first ``recv``, when it is most likely empty (every request answered: the
+    client waits for its answers). That saves the ``recv`` failing with
+    ``EAGAIN`` and the yield after a ``recv`` that found data (the wait was
+    the yield): about 7 us of a request at one in flight, measured.
     """
-    try:
-        data = raw.recv(_RECEIVE_SIZE)
-    except BlockingIOError:
-        pass
-    else:
-        await trio.lowlevel.checkpoint()
-        return data
+    if not wait_first:
+        try:
+            data = raw.recv(_RECEIVE_SIZE)
+        except BlockingIOError:
+            pass
+        else:
+            await trio.lowlevel.checkpoint()
+            return data
     while True:
         await trio.lowlevel.wait_readable(raw)
         try:
