@@ -1266,7 +1266,7 @@ class _Connection:
                     return
                 self.last_activity = trio.current_time()
                 lines = 0
-                for lines, item in enumerate(codec.receive_data(data), 1):
+                for lines, item in enumerate(codec.receive_data(data), 1):  # noqa: B007 (read after)
                     if self.in_flight >= server._max_in_flight:
                         if self.out:
                             await self._send()
