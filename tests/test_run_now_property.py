@@ -1,9 +1,9 @@
 """Random programs of commands through both paths: the inline runner and the task.
 
 Hypothesis draws a program of steps on a few bank accounts of the in-memory
-store: commands sent as the protocol server sends them (``_execute_soon``,
-answered at once by an idle aggregate, or queued; the server's fallback, a
-task, when the key is not live), commands from tasks of their own after a
+store: commands sent as the protocol server sends them (``_run_here``, run
+at once by an idle aggregate, else ``_execute_soon``, queued; the server's
+fallback, a task, when the key is not live), commands from tasks of their own after a
 random delay (``_execute_detailed``), a command sent right after a task's
 (its aggregate is often busy with it: the call queues), deposits appended by
 "another writer" straight into the store (the live state is then behind: the
@@ -22,12 +22,16 @@ stored in its event. At the end, for every account:
   decided on the state the store had when it was appended;
 * a refusal given to a callback names the balance the store held when it was
   given (it was decided on fresh state);
+* the commands that reached the aggregate's mailbox (run at once or queued)
+  were applied in the order they reached it;
 * the live state equals a replay of the stream.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -38,6 +42,8 @@ from _examples import bank
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from trio_aggregates import InMemoryEventStore, NewEvent, open_aggregates
+from trio_aggregates._core._registry import Call
+from trio_aggregates._runtime._command import EXISTING
 
 KEYS = ("a", "b", "c")
 IDLE = 10.0  # the idle timeout: a "tick" of 15 passivates every idle account
@@ -82,6 +88,9 @@ class Sent:
     #: For a refusal given to a callback: its index in ``answers``, and the
     #: stream's balance right then.
     balances_at_refusal: dict[int, int] = attrs.field(factory=dict)
+    #: For a command that reached the aggregate's mailbox (run at once or
+    #: queued) when first sent: its place among all such sends.
+    mailbox_order: int | None = None
 
 
 def balance_now(store: InMemoryEventStore, key: str) -> int:
@@ -94,10 +103,26 @@ def balance_now(store: InMemoryEventStore, key: str) -> int:
     return balance
 
 
+class Ran:
+    """What ``_run_here`` answers (as the server's ``_Ran``): to a callback, as an outcome."""
+
+    def __init__(self, message: Any, answered: Callable[[outcome.Outcome[Any]], None]) -> None:
+        self.message = message
+        self._answered = answered
+
+    def reply(self, value: Any = None) -> None:
+        self._answered(outcome.Value(value))
+
+    def fail(self, exception: BaseException) -> None:
+        self._answered(outcome.Error(exception))
+
+
 async def run_program(program: list[Step]) -> None:
     store = InMemoryEventStore()
     sent: dict[str, Sent] = {}
     external: dict[str, list[tuple[str, int]]] = defaultdict(list)
+
+    mailbox_order = itertools.count()
 
     async with open_aggregates(bank.Account, store, idle_timeout=IDLE) as repo:
         for key in KEYS:
@@ -125,16 +150,34 @@ async def run_program(program: list[Step]) -> None:
                     entry.balances_at_refusal[len(entry.answers)] = balance_now(store, entry.key)
                 entry.answers.append(result)
 
+            if entry.command_id is None:
+                # As the server runs a request without a command_id: at once
+                # in this task if the aggregate is idle (_run_here), else
+                # through a callback.
+                request = repo._detailed_request(
+                    entry.command, EXISTING, None, False, None, None, None, None
+                )
+                if repo._run_here(entry.key, Ran(request, answered)):
+                    assert len(entry.answers) == before + 1
+                    event("here: answered at once")
+                    reached_mailbox(entry)
+                    return
             call = repo._execute_soon(
                 entry.key, entry.command, answered, command_id=entry.command_id
             )
             if call is None:  # not live: the server's fallback, a task
                 event("soon: not live, a task")
                 nursery.start_soon(via_task, tag, 0.0)
-            elif len(entry.answers) > before:
+                return
+            if len(entry.answers) > before:
                 event("soon: answered inline")
             else:
                 event("soon: queued")
+            reached_mailbox(entry)
+
+        def reached_mailbox(entry: Sent) -> None:
+            if entry.mailbox_order is None:
+                entry.mailbox_order = next(mailbox_order)
 
         async with trio.open_nursery() as nursery:
             for i, step in enumerate(program):
@@ -229,6 +272,19 @@ async def check_account(
         balance += -event_.amount if isinstance(event_, bank.Withdrawn) else event_.amount
         assert balance >= 0, f"{key} went below zero at version {record.version}"
     assert {t: v for t, v in stored.items() if t not in external} == acknowledged
+    # The mailbox order: commands that reached the aggregate's mailbox (run
+    # at once or queued) are applied in the order they reached it (those sent
+    # once: a retry's answer may be another send's).
+    in_mailbox_order = sorted(
+        (entry.mailbox_order, acknowledged[tag])
+        for tag, entry in sent.items()
+        if entry.key == key
+        and entry.mailbox_order is not None
+        and entry.sends == 1
+        and tag in acknowledged
+    )
+    versions = [version for _, version in in_mailbox_order]
+    assert versions == sorted(versions), f"{key}: applied out of mailbox order"
     assert set(external) <= set(stored)
 
     live = await repo.load(key)
@@ -245,3 +301,35 @@ async def check_account(
 @given(program=steps)
 def test_random_programs_through_the_inline_runner_and_the_task(program: list[Step]) -> None:
     trio.run(run_program, program, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def test_run_here_never_overtakes_a_call_in_the_mailbox() -> None:
+    """``_run_here`` runs a command at once only while the aggregate waits with
+    nothing queued: a call handed to its task (not yet run), or queued
+    behind one, makes it decline (nothing done), and the mailbox order holds."""
+    store = InMemoryEventStore()
+    async with open_aggregates(bank.Account, store) as repo:
+        await repo.create("a", bank.OpenAccount("owner"))
+        answers: list[outcome.Outcome[Any]] = []
+
+        def request(amount: int, reference: str) -> Any:
+            command = bank.Deposit(amount, reference)
+            return repo._detailed_request(command, EXISTING, None, False, None, None, None, None)
+
+        assert repo._run_here("a", Ran(request(1, "at once"), answers.append))
+        assert answers == [outcome.Value((2, None))]
+        # A call handed to the aggregate's task, which has not run yet.
+        handed = Call(request(2, "handed"))
+        repo.registry._live["a"].send_nowait(handed)
+        assert not repo._run_here("a", Ran(request(3, "declined"), answers.append))
+        queued = repo._execute_soon("a", bank.Deposit(4, "queued"), answers.append)
+        assert queued is not None
+        assert not repo._run_here("a", Ran(request(5, "declined"), answers.append))
+        assert len(answers) == 1
+        await trio.testing.wait_all_tasks_blocked()
+        assert handed.answered and len(answers) == 2
+        assert repo._run_here("a", Ran(request(6, "after"), answers.append))
+        records = await store.read(bank.Account.stream_name("a"))
+        codec = bank.Account.codec()
+        references = [codec.decode(r.type, r.data).reference for r in records[1:]]
+        assert references == ["at once", "handed", "queued", "after"]

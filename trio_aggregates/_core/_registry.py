@@ -134,6 +134,17 @@ class AggregateFunction(Protocol):
 # -- calls ------------------------------------------------------------------
 
 
+class Answerable(Protocol):
+    """What a mailbox's runner answers (``Mailbox._runner``): a :class:`Call`,
+    or a caller's own record of the answer (``Registry._ran_here``)."""
+
+    message: Any
+
+    def reply(self, value: Any = None) -> None: ...
+
+    def fail(self, exception: BaseException) -> None: ...
+
+
 @final
 class Call:
     """The envelope :meth:`Registry.call` puts in a mailbox.
@@ -336,7 +347,7 @@ class Mailbox(trio.abc.ReceiveChannel[Any]):
         #: (the runtime's, on the in-memory store): runs a call to its answer
         #: in the caller's task; False if it must be queued. Used only while
         #: the aggregate waits in receive with nothing queued (_call_soon).
-        self._runner: Callable[[Call], bool] | None = None
+        self._runner: Callable[[Answerable], bool] | None = None
 
     def __repr__(self) -> str:
         return f"<Mailbox of {self.key!r} ({self._state})>"
@@ -1310,20 +1321,34 @@ class Registry:
             return None
         call = Call(message)
         call._callback = callback
-        mailbox = self._tasks[key]
-        runner = mailbox._runner
-        if runner is not None and mailbox._is_idle() and runner(call):
-            # Answered here: as if the aggregate had taken it and gone back
-            # to its mailbox (no other task ran in between).
-            mailbox._took_any = True
-            if mailbox._idle_timeout is not None:
-                mailbox._idle_since = trio.current_time()
+        if self._tasks[key]._runner is not None and self._ran_here(key, call):
             return call
         try:
             send.send_nowait(call)
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             return None
         return call
+
+    def _ran_here(self, key: Hashable, call: Answerable) -> bool:
+        """Answer ``call`` in the calling task through the aggregate's runner
+        (``Mailbox._runner``), if ``key`` has a live activation that has one
+        and waits in ``receive`` with nothing queued; ``False`` (nothing
+        done) otherwise. Never waits, never a checkpoint.
+
+        Internal (the protocol server's and _call_soon's hot path). Answered
+        here, it is as if the aggregate had taken the call and gone back to
+        its mailbox: no other task ran in between.
+        """
+        if key not in self._live:
+            return False
+        mailbox = self._tasks[key]
+        runner = mailbox._runner
+        if runner is None or not mailbox._is_idle() or not runner(call):
+            return False
+        mailbox._took_any = True
+        if mailbox._idle_timeout is not None:
+            mailbox._idle_since = trio.current_time()
+        return True
 
     async def _deliver(self, key: Any, call: Call, aggregate: AggregateFunction | None) -> None:
         """Put ``call`` in the mailbox of a live activation of ``key``: the slow path.

@@ -71,7 +71,7 @@ from .._core._exceptions import (
     WrongExpectedVersion,
     _copy_error,
 )
-from .._core._registry import Call, Mailbox, Registry, open_registry
+from .._core._registry import Answerable, Call, Mailbox, Registry, open_registry
 from .._stores._store import EventStore, InMemoryEventStore, Snapshot, read_stream
 from ._aggregate import Aggregate, canonical_key
 from ._codec import encode_json, type_name_of
@@ -381,6 +381,19 @@ class AggregateRepository(Generic[A]):
         """:meth:`_execute_soon` of a request made already (:meth:`_detailed_request`)."""
         return self.registry._call_soon(canonical_key(key), request, callback)
 
+    def _run_here(self, key: str | int | uuid.UUID, answer: Answerable) -> bool:
+        """Run ``answer.message`` (a request made already, :meth:`_detailed_request`)
+        to its outcome in the calling task, if its aggregate is live and idle
+        on the in-memory store (see :meth:`_run_now`): the outcome goes to
+        ``answer.reply`` (``(version, reply)``) or ``answer.fail``. ``False``,
+        having done nothing, when it cannot run here: then use
+        :meth:`_submit_soon` or :meth:`_submit`. Never a checkpoint.
+
+        Raises:
+            InvalidKey: as :meth:`execute`, at once.
+        """
+        return self.registry._ran_here(canonical_key(key), answer)
+
     async def _submit(self, key: str | int | uuid.UUID, request: Command) -> tuple[int, Any]:
         """:meth:`_execute_detailed` of a request made already (:meth:`_detailed_request`)."""
         return await self._send(key, request, None)  # type: ignore[no-any-return]
@@ -617,7 +630,7 @@ class AggregateRepository(Generic[A]):
                 except StoreError as exc:
                     action = live.failed(exc)
 
-    def _run_now(self, live: LiveAggregate[A], stream: str, call: Call) -> bool:
+    def _run_now(self, live: LiveAggregate[A], stream: str, call: Answerable) -> bool:
         """Run ``call`` to its answer in the calling task; ``False``: not here, queue it.
 
         The registry calls this (``Mailbox._runner``) instead of queueing a

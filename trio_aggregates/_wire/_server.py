@@ -1056,6 +1056,25 @@ class _Entry:
 
 
 @final
+class _Ran:
+    """A request run to its answer in the reader's task (``_Connection._start_fast``,
+    through ``AggregateRepository._run_here``): the answer, kept for the reader."""
+
+    __slots__ = ("error", "message", "value")
+
+    def __init__(self, message: Command) -> None:
+        self.message = message
+        self.value: Any = None  # (version, reply)
+        self.error: BaseException | None = None
+
+    def reply(self, value: Any = None) -> None:
+        self.value = value
+
+    def fail(self, exception: BaseException) -> None:
+        self.error = exception
+
+
+@final
 class _Connection:
     """One client connection: a reader, a sender, a watchdog, and the requests in flight.
 
@@ -1318,18 +1337,23 @@ class _Connection:
             self.out.append(codec.encode_ok(item.id, server._hello))
         elif op == "stats":
             self.out.append(codec.encode_ok(item.id, server._stats()))
+        elif (
+            (op == "execute" or op == "create")
+            and (server._cluster is None or server._is_local(server._cluster, item))
+            and self._start_fast(item)
+        ):
+            return
         else:
-            token = self.next_token
-            self.next_token = token + 1
-            entry = self.running[token] = _Entry(item, self.last_activity, token)
-            if (
-                (op == "execute" or op == "create")
-                and (server._cluster is None or server._is_local(server._cluster, item))
-                and self._start_fast(entry)
-            ):
-                return
+            entry = self._new_entry(item)
             entry.scope = trio.CancelScope()
             self.tasks.start_soon(self._run_task, entry)
+
+    def _new_entry(self, request: Request) -> _Entry:
+        """A request in flight, for the watchdog, shutdown and its answer."""
+        token = self.next_token
+        self.next_token = token + 1
+        entry = self.running[token] = _Entry(request, self.last_activity, token)
+        return entry
 
     def _authenticate(self, request: Request) -> None:
         server = self.server
@@ -1352,14 +1376,17 @@ class _Connection:
 
     # -- running ----------------------------------------------------------------------
 
-    def _start_fast(self, entry: _Entry) -> bool:
+    def _start_fast(self, request: Request) -> bool:
         """Start an execute or create on the fast path; ``False`` if it needs a task.
 
-        True when the command went into a live aggregate's mailbox, or was
-        answered here (a command ``data`` that does not decode, a bad key).
+        From the reader, while it dispatches (its answers go out together
+        once it has started all it read). True when the request was answered
+        here: run to its answer at once by an idle live aggregate on the
+        in-memory store (``_run_here``: no entry, call or callback), or
+        refused (a command ``data`` that does not decode, a bad key); or when
+        it went into a live aggregate's mailbox, with a completion callback.
         """
         server = self.server
-        request = entry.request
         route = server._routes.get(request.type)  # type: ignore[arg-type]
         name = request.command
         if route is None or request.key is None or name is None:
@@ -1368,6 +1395,7 @@ class _Connection:
         if found is None:
             return False
         key = None
+        entry = None
         command_id = request.command_id
         try:
             if command_id is not None and not request.dry_run:
@@ -1378,36 +1406,54 @@ class _Connection:
             try:
                 command = structure(request.data if request.data is not None else {}, cls)
             except Exception as exc:
-                self._answer(
-                    entry,
+                self.out.append(
                     server._encode_error(
                         self.codec, request.id, ErrorCode.BAD_REQUEST, _structure_error(exc)
-                    ),
+                    )
                 )
                 return True
+            submitted = server._command_request(route, request, command)
+            if key is None:  # (a command_id's answer is kept: the callback path does that)
+                ran = _Ran(submitted)
+                if route.repository._run_here(request.key, ran):
+                    if ran.error is None:
+                        try:
+                            answer = server._executed(route, request, *ran.value)
+                        except Exception as exc:
+                            answer = self._failed(request, exc)
+                    else:
+                        answer = self._failed(request, ran.error)
+                    self.out.append(server._encode_outcome(self.codec, request.id, answer))
+                    return True
             # Ready for the answer before the call: it may come before
-            # _submit_soon returns (an idle aggregate on the in-memory store
-            # runs the command in this task).
+            # _submit_soon returns.
+            entry = self._new_entry(request)
             entry.route = route
             if key is not None:
                 entry.key = key
                 entry.pending = server._pending[key] = _Pending()
             call = route.repository._submit_soon(
-                request.key,
-                server._command_request(route, request, command),
-                functools.partial(self._fast_done, entry),
+                request.key, submitted, functools.partial(self._fast_done, entry)
             )
         except Exception as exc:
-            self._unstart(entry)
-            self._answer(
-                entry, server._encode_outcome(self.codec, request.id, server._failure(request, exc))
-            )
+            line = server._encode_outcome(self.codec, request.id, server._failure(request, exc))
+            if entry is None:
+                self.out.append(line)
+            else:
+                self._unstart(entry)
+                self._answer(entry, line)
             return True
         if call is None:
             self._unstart(entry)
+            del self.running[entry.token]  # the task that runs it makes its own
             return False
         entry.call = call
         return True
+
+    def _failed(self, request: Request, exc: BaseException) -> _Outcome:
+        """The answer to an execute or create that raised ``exc``."""
+        _name_key_as_given(exc, request.key, canonical_key(request.key))
+        return self.server._failure(request, exc)
 
     def _unstart(self, entry: _Entry) -> None:
         """Undo what _start_fast prepared for a call that was not made."""
@@ -1432,8 +1478,7 @@ class _Connection:
                 return
             answer = server._failure(request, exc)
         except Exception as exc:
-            _name_key_as_given(exc, request.key, canonical_key(request.key))
-            answer = server._failure(request, exc)
+            answer = self._failed(request, exc)
         pending = entry.pending
         if pending is not None:
             assert entry.key is not None
