@@ -745,6 +745,7 @@ class Registry:
         "_idle_timeout",
         "_live",
         "_mailbox_size",
+        "_now",
         "_nursery",
         "_reaper",
         "_shutdown_timeout",
@@ -764,6 +765,8 @@ class Registry:
         self._mailbox_size = mailbox_size
         self._idle_timeout = idle_timeout
         self._shutdown_timeout = shutdown_timeout
+        # trio.current_time() without its two wrappers (the hot paths' clock).
+        self._now = trio.lowlevel.current_clock().current_time
         # Invariant: _tasks maps each key that has an aggregate task (starting,
         # live, closing or winding down) to that task's mailbox, so a key never
         # has two; _live maps exactly the keys whose mailbox is live to its send
@@ -1347,7 +1350,7 @@ class Registry:
             return False
         mailbox._took_any = True
         if mailbox._idle_timeout is not None:
-            mailbox._idle_since = trio.current_time()
+            mailbox._idle_since = self._now()
         return True
 
     async def _deliver(self, key: Any, call: Call, aggregate: AggregateFunction | None) -> None:

@@ -191,7 +191,9 @@ class EventCodec:
 
     def encode(self, event: object) -> tuple[str, bytes]:
         """Return ``(type name, JSON bytes)`` for ``event``."""
-        name = self.name_for(event)
+        name = self._by_type.get(type(event))
+        if name is None:
+            name = self.name_for(event)  # raises TypeError
         return name, encode_json(self._converter.unstructure(event))
 
     def decode(self, name: str, data: bytes, *, where: str = "") -> Any:

@@ -697,7 +697,7 @@ class AggregateRepository(Generic[A]):
         result = live.result
         live.result = None
         call.reply(result)
-        if live.snapshot_due():
+        if self._type.snapshot_every and live.snapshot_due():
             snapshot = self._snapshot_of(live, stream)
             if snapshot is not None:
                 try:

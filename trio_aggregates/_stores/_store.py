@@ -476,7 +476,8 @@ class InMemoryEventStore:
                 self._log_streams.extend([entry] * count)
                 self._log_versions.extend(range(version + 1, version + count + 1))
                 version += count
-            self._append_signal.notify()
+            if self._append_signal._event is not None:  # someone waits (see notify)
+                self._append_signal.notify()
         if command_id is not None:
             if entry.commands is None:
                 entry.commands = {}
