@@ -404,6 +404,24 @@ async def test_a_retry_after_a_reconnect_gets_the_original_answer() -> None:
     assert await events_in(store, "Counter-c") == 2
 
 
+async def test_a_retry_of_a_request_run_at_once_gets_the_original_answer() -> None:
+    """A request with a command_id for a live, idle aggregate on the in-memory
+    store runs straight from the reader; its answer is kept all the same: a
+    retry gets it, result included, and nothing is applied twice."""
+    store = InMemoryEventStore()
+    async with serving(store) as server:
+        request = {"type": "Counter", "key": "c", "command": "Add", "data": {"amount": 5},
+                   "command_id": "add-2"}  # fmt: skip
+        async with client_of(server) as c:
+            await c.ok(type="Counter", key="c", command="Add", data={"amount": 1}, create=True)
+            first = await c.ok(id=7, **request)
+            await c.ok(type="Counter", key="c", command="Add", data={"amount": 1})
+            retry = await c.ok(id=7, **request)
+        assert retry == first == {"id": 7, "ok": True, "version": 2, "result": {"total": 6}}
+        assert server.statistics().replayed == 1
+    assert await events_in(store, "Counter-c") == 3
+
+
 async def test_a_retry_across_a_server_restart_on_sqlite(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'server.db'}"
     request = {"id": 1, "type": "Counter", "key": "c", "command": "Add", "data": {"amount": 5},

@@ -767,13 +767,18 @@ class AggregateServer:
         ``outcome`` is ``None`` when it was withdrawn (cancelled, timed
         out): the identical ones waiting then run it themselves.
         """
-        if outcome is not None and outcome[0] == "ok":
-            self._finished[key] = outcome
-            if len(self._finished) > _FINISHED_ANSWERS:
-                self._finished.popitem(last=False)
+        if outcome is not None:
+            self._keep(key, outcome)
         if self._pending.get(key) is pending:
             del self._pending[key]
         pending.finish(outcome)
+
+    def _keep(self, key: _Key, outcome: _Outcome) -> None:
+        """Keep the answer of a request with a ``command_id``, if a success (for retries)."""
+        if outcome[0] == "ok":
+            self._finished[key] = outcome
+            if len(self._finished) > _FINISHED_ANSWERS:
+                self._finished.popitem(last=False)
 
     def _command_request(self, route: _Route, request: Request, command: object) -> Command:
         """The repository's request for an execute or create, made as
@@ -1387,6 +1392,8 @@ class _Connection:
         in-memory store (``_run_here``: no entry, call or callback), or
         refused (a command ``data`` that does not decode, a bad key); or when
         it went into a live aggregate's mailbox, with a completion callback.
+        A request with a ``command_id`` the server has answered, or has in
+        flight, goes to a task (it gets that answer).
         """
         server = self.server
         route = server._routes.get(request.type)  # type: ignore[arg-type]
@@ -1415,18 +1422,21 @@ class _Connection:
                 )
                 return True
             submitted = server._command_request(route, request, command)
-            if key is None:  # (a command_id's answer is kept: the callback path does that)
-                ran = _Ran(submitted)
-                if route.repository._run_here(request.key, ran):
-                    if ran.error is None:
-                        try:
-                            answer = server._executed(route, request, *ran.value)
-                        except Exception as exc:
-                            answer = self._failed(request, exc)
-                    else:
-                        answer = self._failed(request, ran.error)
-                    self.out.append(server._encode_outcome(self.codec, request.id, answer))
-                    return True
+            ran = _Ran(submitted)
+            if route.repository._run_here(request.key, ran):
+                if ran.error is None:
+                    try:
+                        answer = server._executed(route, request, *ran.value)
+                    except Exception as exc:
+                        answer = self._failed(request, exc)
+                else:
+                    answer = self._failed(request, ran.error)
+                if key is not None:
+                    # Run to its end here: no identical request could come
+                    # in meanwhile (no _pending needed); kept for retries.
+                    server._keep(key, answer)
+                self.out.append(server._encode_outcome(self.codec, request.id, answer))
+                return True
             # Ready for the answer before the call: it may come before
             # _submit_soon returns.
             entry = self._new_entry(request)
