@@ -1324,7 +1324,7 @@ class Registry:
             return None
         call = Call(message)
         call._callback = callback
-        if self._tasks[key]._runner is not None and self._ran_here(key, call):
+        if self._ran_here(key, call):
             return call
         try:
             send.send_nowait(call)
