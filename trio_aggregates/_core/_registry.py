@@ -1305,7 +1305,12 @@ class Registry:
         return await trio.lowlevel.wait_task_rescheduled(call._abort)
 
     def _call_soon(
-        self, key: Hashable, message: Any, callback: Callable[[outcome.Outcome[Any]], None]
+        self,
+        key: Hashable,
+        message: Any,
+        callback: Callable[[outcome.Outcome[Any]], None],
+        *,
+        run_here: bool = True,
     ) -> Call | None:
         """Put a :class:`Call` in a live aggregate's mailbox, if it has room; never waits.
 
@@ -1317,14 +1322,15 @@ class Registry:
         set its ``_abandoned``: a mailbox skips it if the aggregate has not
         taken it, else the callback still runs. Returns ``None`` (and puts
         nothing anywhere) when ``key`` has no live activation or its mailbox
-        is full: the caller then uses :meth:`call`.
+        is full: the caller then uses :meth:`call`. ``run_here=False``: only
+        queue it (the caller has just tried :meth:`_ran_here` itself).
         """
         send = self._live.get(key)
         if send is None:
             return None
         call = Call(message)
         call._callback = callback
-        if self._ran_here(key, call):
+        if run_here and self._ran_here(key, call):
             return call
         try:
             send.send_nowait(call)

@@ -377,9 +377,14 @@ class AggregateRepository(Generic[A]):
         key: str | int | uuid.UUID,
         request: Command,
         callback: Callable[[outcome.Outcome[Any]], None],
+        *,
+        run_here: bool = True,
     ) -> Call | None:
-        """:meth:`_execute_soon` of a request made already (:meth:`_detailed_request`)."""
-        return self.registry._call_soon(canonical_key(key), request, callback)
+        """:meth:`_execute_soon` of a request made already (:meth:`_detailed_request`).
+
+        ``run_here=False``: only queue it (the caller has just tried :meth:`_run_here`).
+        """
+        return self.registry._call_soon(canonical_key(key), request, callback, run_here=run_here)
 
     def _run_here(self, key: str | int | uuid.UUID, answer: Answerable) -> bool:
         """Run ``answer.message`` (a request made already, :meth:`_detailed_request`)

@@ -1437,15 +1437,16 @@ class _Connection:
                     server._keep(key, answer)
                 self.out.append(server._encode_outcome(self.codec, request.id, answer))
                 return True
-            # Ready for the answer before the call: it may come before
-            # _submit_soon returns.
+            # Not run here (a busy aggregate, or another store): into the
+            # mailbox, with the entry its callback answers (not tried here
+            # again: nothing ran since _run_here declined).
             entry = self._new_entry(request)
             entry.route = route
             if key is not None:
                 entry.key = key
                 entry.pending = server._pending[key] = _Pending()
             call = route.repository._submit_soon(
-                request.key, submitted, functools.partial(self._fast_done, entry)
+                request.key, submitted, functools.partial(self._fast_done, entry), run_here=False
             )
         except Exception as exc:
             line = server._encode_outcome(self.codec, request.id, server._failure(request, exc))
