@@ -641,6 +641,94 @@ def test_encode_request() -> None:
         codec.encode_request(data=float("nan"))
 
 
+# -- the fast path: the same answers as the careful one -----------------------------
+
+_JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=2**63 - 2, max_value=2**64 + 2)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+#: Each field: values of the right type (valid or not by the value rules) or anything.
+_FIELD_VALUES: dict[str, Any] = {
+    "id": st.integers() | st.text(max_size=4),
+    "op": st.sampled_from([*OPS, "nope", "Execute"]),
+    "type": st.just("Account") | st.text(max_size=3),
+    "key": st.integers(min_value=-3, max_value=3) | st.text(max_size=3),
+    "command": st.just("Deposit"),
+    "data": st.dictionaries(st.text(max_size=4), _JSON_VALUES, max_size=3),
+    "expected_version": st.integers(min_value=-2, max_value=5),
+    "dry_run": st.booleans(),
+    "command_id": st.text(max_size=3) | st.just("c" * 200) | st.just("c" * 201),
+    "metadata": st.dictionaries(
+        st.sampled_from(["user", "correlation_id", "causation_id", "command_id", "at"]),
+        _JSON_VALUES,
+        max_size=3,
+    ),
+    "create": st.booleans(),
+    "token": st.text(max_size=3),
+    "forwarded": st.booleans(),
+}
+
+
+@st.composite
+def _request_lines(draw: st.DrawFn) -> bytes:
+    fields = {
+        # Mostly of the right type: the value rules are what the test is about.
+        name: draw(_JSON_VALUES if draw(st.integers(0, 15)) == 0 else values)
+        for name, values in _FIELD_VALUES.items()
+        if draw(st.booleans())
+    }
+    if draw(st.integers(0, 9)) == 0:
+        fields[draw(st.text(max_size=4))] = draw(_JSON_VALUES)  # unknown (or a known one again)
+    text = json.dumps(fields, ensure_ascii=draw(st.booleans()))
+    if draw(st.booleans()):
+        text = " " + text.replace(":", " : ").replace(",", " ,") + "\t"
+    return text.encode("utf-8", "surrogatepass")  # a lone surrogate: invalid UTF-8
+
+
+@settings(max_examples=1000)
+@given(line=_request_lines() | st.binary(max_size=40))
+def test_fast_path_gives_the_careful_paths_request_or_declines(line: bytes) -> None:
+    """``_fast_request`` (msgspec) either declines a line, leaving it to the careful
+    path's error or request, or gives exactly the careful path's request: the same
+    field values with the same types (``repr`` tells 1 from 1.0 and True, -0.0 from 0)."""
+    parsed = _protocol._parse_object(line)
+    careful = _protocol._request_from(parsed) if isinstance(parsed, dict) else parsed
+    fast = _protocol._fast_request(line)
+    if fast is not None:
+        assert isinstance(careful, Request), (careful, fast)
+        assert repr(fast) == repr(careful)
+        assert fast.token == careful.token
+    elif isinstance(careful, Request) and line.isascii() and b"\\u" not in line:
+        # Only a field it does not know makes it decline a line like these.
+        assert isinstance(parsed, dict)
+        assert set(parsed) - set(_FIELD_VALUES)
+
+
+def test_fast_path_takes_the_common_lines() -> None:
+    """The canonical requests go the fast way (else it would be dead code)."""
+    lines = [
+        b'{"id":1,"op":"execute","type":"Account","key":"a","command":"Deposit","data":{"x":1}}',
+        b'{"id":"r","type":"Account","key":7,"command":"Deposit","command_id":"c1",'
+        b'"metadata":{"correlation_id":"k"},"expected_version":3,"create":true}',
+        b'{"op":"ping"}',
+        b'{"op":"hello","token":"t"}',
+        b' {"id": 2, "op": "load", "type": "Account", "key": "\\u00e9"} ',
+    ]
+    for text in lines:
+        fast = _protocol._fast_request(text)
+        assert fast is not None, text
+        assert fast == one(text + b"\n")
+
+
 # -- client side ---------------------------------------------------------------
 
 
