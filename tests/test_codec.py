@@ -14,9 +14,10 @@ from __future__ import annotations
 import datetime
 import decimal
 import enum
+import json
 import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import attrs
 import trio
@@ -31,6 +32,8 @@ from trio_aggregates import (
     handles,
     open_aggregates,
 )
+from trio_aggregates._runtime import _codec
+from trio_aggregates._runtime._codec import encode_json
 
 
 class Colour(enum.Enum):
@@ -175,6 +178,63 @@ def test_uuid_and_decimal_are_stored_as_their_canonical_strings() -> None:
     c.register(Paid)
     _, data = c.encode(Paid(uuid.UUID(int=1), decimal.Decimal("10.50")))
     assert data == b'{"id":"00000000-0000-0000-0000-000000000001","amount":"10.50"}'
+
+
+# -- encode_json: msgspec for flat objects, the same bytes as the standard library ------
+
+_SCALARS = (
+    st.text()  # lone surrogates included: both raise UnicodeEncodeError
+    | st.integers()
+    | st.integers(min_value=2**63 - 3, max_value=2**64 + 3).map(lambda n: n * (-1) ** (n % 2))
+    | st.booleans()
+    | st.none()
+    | st.floats(allow_nan=True, allow_infinity=True)  # the standard library's way
+    | st.sampled_from([Level.LOW, Colour.RED])  # subclasses: its way too (or TypeError)
+)
+
+
+@settings(max_examples=500)
+@given(
+    value=st.dictionaries(st.text() | st.integers() | st.booleans(), _SCALARS, max_size=5)
+    | st.lists(_SCALARS, max_size=3)
+    | st.dictionaries(st.text(max_size=3), st.dictionaries(st.text(max_size=3), _SCALARS))
+)
+def test_encode_json_writes_what_the_standard_library_writes(value: object) -> None:
+    """Events are stored as ``json.dumps`` (compact, UTF-8, NaN allowed) writes them,
+    whichever encoder ran: the bytes of a stream do not depend on the version
+    that wrote them."""
+    try:
+        expected: bytes | type[Exception] = json.dumps(
+            value, ensure_ascii=False, separators=(",", ":")
+        ).encode()
+    except (UnicodeEncodeError, TypeError) as exc:
+        expected = type(exc)
+    try:
+        got: bytes | type[Exception] = encode_json(value)
+    except (UnicodeEncodeError, TypeError) as exc:
+        got = type(exc)
+    assert got == expected
+
+
+def test_encode_json_takes_msgspecs_way_for_flat_objects_only(monkeypatch: Any) -> None:
+    """The fast path runs for a flat object of plain values, and only for it."""
+    calls: list[object] = []
+    real = _codec._msgspec_encode
+
+    def spy(value: object) -> bytes:
+        calls.append(value)
+        return real(value)
+
+    monkeypatch.setattr(_codec, "_msgspec_encode", spy)
+    assert encode_json({"amount": 5, "note": "é", "ok": True, "x": None}) == (
+        '{"amount":5,"note":"é","ok":true,"x":null}'.encode()
+    )
+    assert len(calls) == 1
+    assert encode_json({"x": float("nan")}) == b'{"x":NaN}'
+    assert encode_json({"x": 1e16}) == b'{"x":1e+16}'
+    assert encode_json({1: 2}) == b'{"1":2}'
+    assert encode_json({"x": [1]}) == b'{"x":[1]}'
+    assert len(calls) == 1
 
 
 # -- a UUID field through the whole runtime, on SQLite -------------------------

@@ -41,6 +41,7 @@ from typing import Any, Final, TypeVar, final
 
 import attrs
 import cattrs
+import msgspec
 from cattrs.preconf.json import make_converter
 
 from .._core._exceptions import EventDecodeError, UnknownEventType
@@ -125,8 +126,29 @@ def type_name_of(cls: type[Any]) -> str:
     return name if isinstance(name, str) else cls.__name__
 
 
+_msgspec_encode: Final = msgspec.json.Encoder().encode
+#: The value types msgspec writes exactly as the standard library does. Not
+#: float: msgspec writes NaN and the infinities as null, and 1e16 as 1e16.
+_PLAIN: Final = frozenset({str, int, bool, type(None)})
+
+
 def encode_json(value: Any) -> bytes:
-    """Compact UTF-8 JSON."""
+    """Compact UTF-8 JSON, NaN and the infinities as the standard library writes them.
+
+    A flat object of strings, integers, booleans and nulls (most events) is
+    written by msgspec, in C; anything else by the standard library's C
+    encoder. Both write the same bytes for such an object.
+
+    Raises:
+        TypeError: a value JSON cannot hold.
+        UnicodeEncodeError: a string with a lone surrogate.
+    """
+    if type(value) is dict:
+        for name, field in value.items():
+            if type(name) is not str or type(field) not in _PLAIN:
+                break
+        else:
+            return _msgspec_encode(value)
     if _c_encode is not None:
         return "".join(_c_encode(value, 0)).encode()
     return _encoder.encode(value).encode()  # pragma: no cover (no C accelerator)
