@@ -307,6 +307,10 @@ async def test_postgres_read_all_names_streams_and_skips_deleted_ones_in_long_pa
             assert [e for e in every if e.stream == "acct-5"] == await one.read("acct-5")
             assert await one.read_all(categories=["acct", "other"], limit=None) == every
             assert await one.read_all(event_types=["Happened"], limit=None) == every
+            # Pages of up to _HERE_ROWS are read from the Trio thread, longer
+            # ones (and limit=None) in a worker thread: the same records.
+            assert await one.read_all(event_types=["Happened"], limit=1000) == every
+            assert await two.read_all(limit=_postgres._HERE_ROWS + 1) == every
             assert await one.read_all(event_types=["Other"]) == []
 
 

@@ -1,4 +1,4 @@
-"""The PostgreSQL store's hot write, sent from the Trio thread.
+"""The PostgreSQL store's hot write and read_all pages, sent from the Trio thread.
 
 The store runs psycopg's synchronous API in worker threads (see
 ``_postgres.py``), but the write that group commit repeats most, one run of
@@ -16,6 +16,12 @@ which psycopg never uses) and their parameters sent in binary: one-dimension
 arrays of ``text``, ``bytea``, ``bigint`` and ``integer``, encoded here
 (the format is PostgreSQL's ``array_send``). Answers come back as text.
 
+A read_all page of at most 2,000 events takes the same way (:func:`query`):
+its rows come back in binary and psycopg's own loaders (in C) make them
+tuples, as a psycopg cursor would. Measured on 100,000 events in pages of
+1,000: 1.17x the events/s of the same pages through a worker thread (the
+median of 7 paired runs).
+
 This module only talks to the server; what to do on an error (write the ops
 again in a worker thread, one transaction each, through the proven path) and
 the bounds (the store's ``timeout``) are the store's (``_postgres.py``).
@@ -31,6 +37,7 @@ import psycopg
 import psycopg.errors
 import trio
 from psycopg import pq
+from psycopg.adapt import Transformer
 
 __all__: list[str] = []
 
@@ -43,6 +50,11 @@ _TEXT_ARRAY: Final = 1009
 _BYTEA_ARRAY: Final = 1001
 _INT8_ARRAY: Final = 1016
 _INT4_ARRAY: Final = 1007
+
+#: The parameter types the store's statements use (:class:`Prepared`).
+INT8: Final = _INT8
+TEXT_ARRAY: Final = _TEXT_ARRAY
+INT8_ARRAY: Final = _INT8_ARRAY
 
 _BINARY: Final = pq.Format.BINARY
 _ARRAY_HEADER = struct.Struct("!iiiii").pack  # ndim, has nulls, element type, length, lower bound
@@ -152,6 +164,38 @@ async def execute(
         psycopg.Error: the server refused the statement (the connection stays
             usable unless ``conn.broken``), or the connection failed.
     """
+    result = await _run(conn, prepared_names, statement, params, pq.Format.TEXT)
+    if result.ntuples < 1:
+        raise psycopg.InterfaceError("the statement returned no row")
+    return tuple(parse_ints(result.get_value(0, i)) for i in range(result.nfields))
+
+
+async def query(
+    conn: psycopg.Connection[Any],
+    prepared_names: set[bytes],
+    statement: Prepared,
+    params: Sequence[bytes | None],
+) -> list[tuple[Any, ...]]:
+    """Run ``statement`` on ``conn`` as :func:`execute` does; return all its rows,
+    loaded from binary as a psycopg cursor with ``binary=True`` loads them
+    (psycopg's own loaders, in C: ``bytea`` as ``bytes``, ``float8`` as ``float``).
+
+    Cancellation and errors: as :func:`execute`.
+    """
+    result = await _run(conn, prepared_names, statement, params, _BINARY)
+    transformer = Transformer(conn)
+    transformer.set_pgresult(result)
+    return transformer.load_rows(0, result.ntuples, tuple)
+
+
+async def _run(
+    conn: psycopg.Connection[Any],
+    prepared_names: set[bytes],
+    statement: Prepared,
+    params: Sequence[bytes | None],
+    result_format: pq.Format,
+) -> pq.abc.PGresult:
+    """Prepare ``statement`` on ``conn`` if needed, run it, and return its rows' result."""
     pgconn = conn.pgconn
     if pgconn.transaction_status != pq.TransactionStatus.IDLE:
         raise psycopg.InterfaceError("the connection is not idle")
@@ -163,11 +207,13 @@ async def execute(
         if result.status != pq.ExecStatus.COMMAND_OK:
             raise psycopg.InterfaceError(f"preparing a statement returned {result.status!r}")
         prepared_names.add(statement.name)
-    pgconn.send_query_prepared(statement.name, params, param_formats=[_BINARY] * len(params))
+    pgconn.send_query_prepared(
+        statement.name, params, param_formats=[_BINARY] * len(params), result_format=result_format
+    )
     result = await _answer(pgconn, encoding)
-    if result.status != pq.ExecStatus.TUPLES_OK or result.ntuples < 1:
-        raise psycopg.InterfaceError(f"the statement returned {result.status!r} and no row")
-    return tuple(parse_ints(result.get_value(0, i)) for i in range(result.nfields))
+    if result.status != pq.ExecStatus.TUPLES_OK:
+        raise psycopg.InterfaceError(f"the statement returned {result.status!r}")
+    return result
 
 
 async def _answer(pgconn: pq.abc.PGconn, encoding: str) -> pq.abc.PGresult:
