@@ -43,7 +43,6 @@ acknowledging comes last. Idle aggregates are passivated (``idle_timeout``,
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import logging
 import uuid
@@ -93,10 +92,6 @@ __all__ = ["AggregateRepository", "StoredEvent", "open_aggregates"]
 
 logger = logging.getLogger("trio_aggregates.repository")
 
-# Command ids, when the caller gives none: unique without a uuid4 per command
-# (2 µs): 64 random bits per process, then a counter.
-_ID_PREFIX: Final = uuid.uuid4().hex[:16]
-_id_counter = itertools.count()
 #: A command class -> the end of its metadata head (its name, then "at"). A
 #: plain dict: command classes live as long as their modules.
 _command_tails: dict[type, str] = {}
@@ -505,7 +500,7 @@ class AggregateRepository(Generic[A]):
         ):
             raise InvalidArgument(f"expected_version must be an int >= 0, not {expected_version!r}")
         if command_id is None:
-            head = f'{{"command_id":"{_ID_PREFIX}{next(_id_counter):016x}"'
+            head = ""  # the id is made with the events (see LiveAggregate._decide)
         elif isinstance(command_id, str) and command_id:
             head = f'{{"command_id":{_json_str(command_id)}'
         else:
