@@ -17,6 +17,13 @@ Servers:
   ``json.dumps`` it, and write the chunk's replies in one ``send_all``. It
   does no work for the request beyond parsing it: every figure against it
   measures what the library adds.
+* ``bare`` (a context row, run with ``memory``): the same domain work
+  hand-written with no runtime (:func:`bare_connection`): the echo server's
+  framing, ``json.loads``, ``cattrs`` structures the command, the bank's own
+  ``Account`` handler and applier, the event's JSON appended to a list. No
+  validation beyond the workloads' needs, no idempotency, no limits. The
+  library against it is what the runtime costs beyond the domain work; it
+  against the echo server, what the domain work itself costs.
 * ``memory``: ``open_aggregate_server(app, "memory://", port=0)`` serving
   ``examples/bank.py``'s app (its ``Account``).
 * ``sqlite``: the same on ``sqlite:///<temporary directory>/bench.db``.
@@ -96,7 +103,12 @@ WORKLOADS = ("deposit", "balance", "ping")
 STORES = ("memory", "sqlite")
 ACCOUNTS = 1000
 #: The workloads each server kind runs (ping is store-independent).
-STORE_WORKLOADS = {"echo": WORKLOADS, "memory": WORKLOADS, "sqlite": ("deposit", "balance")}
+STORE_WORKLOADS = {
+    "echo": WORKLOADS,
+    "bare": ("deposit", "balance"),
+    "memory": WORKLOADS,
+    "sqlite": ("deposit", "balance"),
+}
 TARGET = 0.5
 nan = float("nan")
 _RECEIVE_SIZE = 65536
@@ -124,7 +136,7 @@ def serve_main(argv: Sequence[str]) -> None:
     import trio
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["echo", "aggregates"])
+    parser.add_argument("kind", choices=["echo", "bare", "aggregates"])
     parser.add_argument("store")
     parser.add_argument("--cprofile", metavar="PATH")
     parser.add_argument("--gc-log", metavar="PATH")
@@ -164,6 +176,21 @@ def serve_main(argv: Sequence[str]) -> None:
             await until_signalled()
             nursery.cancel_scope.cancel()
 
+    async def bare_main() -> None:
+        from trio_aggregates._wire._cli import SERVE_GC_THRESHOLD, tune_gc
+
+        _, wire = load_bank_app()
+        handler = functools.partial(bare_connection, BareBank(sys.modules["bank"]))
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(
+                functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1")
+            )
+            # The library's server's garbage-collector setting (as below).
+            tune_gc(SERVE_GC_THRESHOLD if args.gc_threshold is None else args.gc_threshold)
+            announce(listeners[0].socket.getsockname()[1], wire)
+            await until_signalled()
+            nursery.cancel_scope.cancel()
+
     async def aggregates_main() -> None:
         try:
             from trio_aggregates import open_aggregate_server  # type: ignore[attr-defined]
@@ -179,7 +206,7 @@ def serve_main(argv: Sequence[str]) -> None:
             announce(server.port, wire)
             await until_signalled()
 
-    main = echo_main if args.kind == "echo" else aggregates_main
+    main = {"echo": echo_main, "bare": bare_main}.get(args.kind, aggregates_main)
     profiler = None
     if args.cprofile:
         import cProfile
@@ -311,6 +338,87 @@ async def echo_connection(stream: Any) -> None:
         return
 
 
+class BareBank:
+    """The bank's accounts without the library's runtime: what a hand-written
+    server doing the same domain work keeps (see :func:`bare_connection`)."""
+
+    def __init__(self, bank: Any) -> None:
+        import cattrs
+
+        self.bank = bank
+        self.converter = cattrs.Converter()
+        self.accounts: dict[str, list[Any]] = {}  # key -> [Account state, version]
+        self.events: list[tuple[str, str, bytes, bytes]] = []  # (key, type, data, metadata)
+        account = bank.Account
+        self.commands = {
+            "OpenAccount": (bank.OpenAccount, account.open),
+            "Deposit": (bank.Deposit, account.deposit),
+            "GetBalance": (bank.GetBalance, account.get_balance),
+        }
+
+    def answer(self, request: dict[str, Any]) -> str:
+        id_ = request.get("id")
+        cls, handle = self.commands[request["command"]]
+        command = self.converter.structure(request.get("data") or {}, cls)
+        key = request["key"]
+        entry = self.accounts.get(key)
+        if request.get("op") == "create":
+            if entry is not None:
+                return bare_error(id_, "already_exists")
+            entry = [self.bank.Account(), 0]
+        elif entry is None:
+            return bare_error(id_, "not_found")
+        try:
+            decided = handle(entry[0], command)
+        except self.bank.CommandRejected:
+            return bare_error(id_, "rejected")
+        if isinstance(decided, self.bank.Decision):
+            return json.dumps({"id": id_, "ok": True, "version": entry[1], "result": decided.reply})
+        data = _compact(self.converter.unstructure(decided)).encode()
+        metadata = f'{{"command":{request["command"]!r},"at":{time.time()!r}}}'.encode()
+        self.events.append((key, type(decided).__name__, data, metadata))
+        entry[0].apply(decided)
+        entry[1] += 1
+        self.accounts[key] = entry
+        return json.dumps({"id": id_, "ok": True, "version": entry[1], "result": None})
+
+
+_compact = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def bare_error(id_: Any, code: str) -> str:
+    return json.dumps({"id": id_, "ok": False, "error": {"code": code, "message": code}})
+
+
+async def bare_connection(bank: BareBank, stream: Any) -> None:
+    """A context row's server: what the library's server does for these
+    workloads, hand-written with no runtime. The echo server's framing; per
+    line ``json.loads``, ``cattrs`` structures the command, the bank's own
+    ``Account`` handler decides and its applier applies, the event's JSON (and
+    a metadata line) is appended to a list; no validation beyond what the
+    workloads need, no idempotency, no limits. The library's figure against it
+    is what its runtime costs beyond the domain work itself."""
+    import trio
+
+    loads = json.loads
+    buf = b""
+    try:
+        while True:
+            data = await stream.receive_some(_RECEIVE_SIZE)
+            if not data:
+                return
+            if buf:
+                data = buf + data
+            lines = data.split(b"\n")
+            buf = lines.pop()
+            out = [bank.answer(loads(line)) for line in lines if line.strip()]
+            if out:
+                out.append("")
+                await stream.send_all("\n".join(out).encode())
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return
+
+
 # == the orchestration ================================================================
 
 
@@ -329,7 +437,7 @@ class Server:
         profile_path: Path | None = None,
     ) -> None:
         self.kind = kind
-        serve_kind = "echo" if kind == "echo" else "aggregates"
+        serve_kind = kind if kind in ("echo", "bare") else "aggregates"
         self.gc_log = workdir / f"gc-{kind}-{time.monotonic_ns()}.json"
         command = [sys.executable, str(Path(__file__).resolve()), "_serve", serve_kind, store]
         command += ["--gc-log", str(self.gc_log)]
@@ -498,7 +606,7 @@ def session(
     profile_path: Path | None = None,
 ) -> Iterator[tuple[Server, Clients]]:  # fmt: skip
     """A fresh server (and store) with its clients connected and the accounts created."""
-    if kind == "echo":
+    if kind in ("echo", "bare"):
         store = "-"
     elif kind == "memory":
         store = "memory://"
@@ -779,7 +887,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = parameters(args, extra)
     report = Report("bench_server", quick=args.quick, parameters=p, baseline_label="echo server")
 
-    kinds = ["echo", *p["stores"]]
+    # The bare server (a context row) runs with the memory store's figures.
+    kinds = ["echo", *(["bare"] if "memory" in p["stores"] else []), *p["stores"]]
     cells: dict[tuple[str, str, int], list[dict[str, Any]]] = collections.defaultdict(list)
     checks: list[dict[str, Any]] = []
     floors: dict[int, list[dict[str, float]]] = collections.defaultdict(list)
@@ -830,6 +939,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                     lib,
                     target=target,
                 )
+    for workload in STORE_WORKLOADS["bare"]:
+        for depth in p["depths"]:
+            bare = cells.get(("bare", workload, depth))
+            library = cells.get(("memory", workload, depth))
+            if not bare:
+                continue
+            echo_best = max((c["rate"] for c in cells["echo", workload, depth]), default=nan)
+            bare_best = max(c["rate"] for c in bare)
+            report.add_context(
+                f"bare_{workload}_d{depth}",
+                f"  hand-written server, the same domain work, no runtime: {workload},"
+                f" {p['connections']} conns x {depth} (requests/s; {bare_best / echo_best:.2f}x"
+                " echo)",
+                "ops/s",
+                "higher",
+                [c["rate"] for c in bare],
+                relative_to=("library", max(c["rate"] for c in library)) if library else None,
+            )
     for depth, samples in floors.items():
         library = cells.get(("memory", "deposit", depth))
         callers = p["connections"] * depth
