@@ -678,11 +678,16 @@ _FIELD_VALUES: dict[str, Any] = {
 }
 
 
+def _mostly(draw: st.DrawFn, right: st.SearchStrategy[Any]) -> Any:
+    """A value of the right type, or now and then any JSON value."""
+    return draw(_JSON_VALUES if draw(st.integers(0, 15)) == 0 else right)
+
+
 @st.composite
 def _request_lines(draw: st.DrawFn) -> bytes:
     fields = {
         # Mostly of the right type: the value rules are what the test is about.
-        name: draw(_JSON_VALUES if draw(st.integers(0, 15)) == 0 else values)
+        name: _mostly(draw, values)
         for name, values in _FIELD_VALUES.items()
         if draw(st.booleans())
     }
@@ -727,6 +732,61 @@ def test_fast_path_takes_the_common_lines() -> None:
         fast = _protocol._fast_request(text)
         assert fast is not None, text
         assert fast == one(text + b"\n")
+
+
+@st.composite
+def _reply_lines(draw: st.DrawFn) -> bytes:
+    error: dict[str, Any] = {}
+    error_members: list[tuple[str, st.SearchStrategy[Any]]] = [
+        ("code", st.text(max_size=4)),
+        ("message", st.text(max_size=4)),
+        ("reason", st.text(max_size=4) | st.none()),
+    ]
+    for name, right in error_members:
+        if draw(st.integers(0, 7)):
+            error[name] = _mostly(draw, right)
+    fields: dict[str, Any] = {}
+    members: list[tuple[str, st.SearchStrategy[Any]]] = [
+        ("id", st.integers() | st.text(max_size=4) | st.none()),
+        ("ok", st.booleans()),
+        ("version", st.integers(min_value=0) | st.none()),
+        ("result", _JSON_VALUES),
+        ("error", st.just(error)),
+    ]
+    for name, right in members:
+        if draw(st.integers(0, 7)):
+            fields[name] = _mostly(draw, right)
+    if draw(st.integers(0, 9)) == 0:
+        fields[draw(st.text(max_size=4))] = draw(_JSON_VALUES)  # unknown (or a known one again)
+    text = json.dumps(fields, ensure_ascii=draw(st.booleans()))
+    return text.encode("utf-8", "surrogatepass")
+
+
+@settings(max_examples=1000)
+@given(line=_reply_lines() | st.binary(max_size=40))
+def test_client_fast_path_gives_the_careful_paths_response_or_declines(line: bytes) -> None:
+    """The client's ``_fast_response`` (msgspec) gives exactly the careful path's
+    reply, or declines the line and leaves it to the careful path."""
+    parsed = _protocol._parse_object(line)
+    careful = _protocol._response_from(parsed) if isinstance(parsed, dict) else parsed
+    fast = _protocol._fast_response(line)
+    if fast is not None:
+        assert isinstance(careful, Response), (careful, fast)
+        assert repr(fast) == repr(careful)
+
+
+def test_client_fast_path_takes_the_servers_replies() -> None:
+    server = ServerCodec()
+    for data in (
+        server.encode_ok(1, None, 3),
+        server.encode_ok("a", {"balance": 5, "é": [1.5, None]}, 2),
+        server.encode_ok(None, "pong"),
+        server.encode_error(4, ErrorCode.REJECTED, "no", "InsufficientFunds"),
+        server.encode_error(None, ErrorCode.TOO_LARGE, "too long"),
+    ):
+        fast = _protocol._fast_response(data.rstrip(b"\n"))
+        assert fast is not None, data
+        assert [fast] == ClientCodec().receive_data(data)
 
 
 # -- client side ---------------------------------------------------------------
