@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -699,15 +700,23 @@ def _request_lines(draw: st.DrawFn) -> bytes:
     return text.encode("utf-8", "surrogatepass")  # a lone surrogate: invalid UTF-8
 
 
+def _both_paths(
+    line: bytes, validate: Callable[[dict[str, Any]], Any], fast_path: Callable[[bytes], Any]
+) -> tuple[Any, Any, Any]:
+    """A line's parsed object, the careful path's result for it (an item or why
+    not), and the fast path's (an item or ``None``)."""
+    parsed = _protocol._parse_object(line)
+    careful = validate(parsed) if isinstance(parsed, dict) else parsed
+    return parsed, careful, fast_path(line)
+
+
 @settings(max_examples=1000)
 @given(line=_request_lines() | st.binary(max_size=40))
 def test_fast_path_gives_the_careful_paths_request_or_declines(line: bytes) -> None:
     """``_fast_request`` (msgspec) either declines a line, leaving it to the careful
     path's error or request, or gives exactly the careful path's request: the same
     field values with the same types (``repr`` tells 1 from 1.0 and True, -0.0 from 0)."""
-    parsed = _protocol._parse_object(line)
-    careful = _protocol._request_from(parsed) if isinstance(parsed, dict) else parsed
-    fast = _protocol._fast_request(line)
+    parsed, careful, fast = _both_paths(line, _protocol._request_from, _protocol._fast_request)
     if fast is not None:
         assert isinstance(careful, Request), (careful, fast)
         assert repr(fast) == repr(careful)
@@ -767,9 +776,7 @@ def _reply_lines(draw: st.DrawFn) -> bytes:
 def test_client_fast_path_gives_the_careful_paths_response_or_declines(line: bytes) -> None:
     """The client's ``_fast_response`` (msgspec) gives exactly the careful path's
     reply, or declines the line and leaves it to the careful path."""
-    parsed = _protocol._parse_object(line)
-    careful = _protocol._response_from(parsed) if isinstance(parsed, dict) else parsed
-    fast = _protocol._fast_response(line)
+    _, careful, fast = _both_paths(line, _protocol._response_from, _protocol._fast_response)
     if fast is not None:
         assert isinstance(careful, Response), (careful, fast)
         assert repr(fast) == repr(careful)
