@@ -130,7 +130,7 @@ class Command:
     #: The events' metadata as JSON, but for the time of the append:
     #: ``{"command_id": ..., ..., "at": `` (closed with the time and ``}``);
     #: without its start, ``{"command_id": ...``, when ``command_id`` is
-    #: ``None`` (the id is made with the events: see :func:`_metadata`).
+    #: ``None`` (the id is made with the events, in :meth:`LiveAggregate._decide`).
     metadata_head: str
     #: Answer ``(version, reply)`` (``reply`` ``None`` when the handler chose
     #: none; the events for a verbose dry run) instead of the version *or*

@@ -599,9 +599,9 @@ def _fast_request(line: bytes) -> Request | None:
     on their values are checked here. Anything it does not accept (bad JSON,
     a wrong type, a bad value, a blank line, even a valid line msgspec reads
     differently, such as a lone surrogate) takes the careful path
-    (:func:`_parse_object`, :func:`_request_from`), which says what is wrong.
-    Both accept exactly the same lines with the same values (a property test
-    holds them to it).
+    (:func:`_parse_object`, :func:`_request_from`), which says what is wrong
+    or accepts it. What this accepts, the careful path accepts with the same
+    values (a property test holds them to it).
     """
     try:
         typed = _decode_typed(line)
