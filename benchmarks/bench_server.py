@@ -93,7 +93,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -308,11 +308,12 @@ def run_floor(callers: int, total: int, pin: bool) -> dict[str, float]:
     return result
 
 
-async def echo_connection(stream: Any) -> None:
-    """The baseline: the same framing as the library's server, no work."""
+async def serve_lines(stream: Any, answer: Callable[[list[bytes]], list[str]]) -> None:
+    """The framing of the echo and bare servers (the library's, by hand): read a
+    chunk (64 KiB), split the lines, ``answer`` the complete ones, and write
+    the chunk's replies in one ``send_all``."""
     import trio
 
-    loads, dumps = json.loads, json.dumps
     buf = b""
     try:
         while True:
@@ -323,19 +324,29 @@ async def echo_connection(stream: Any) -> None:
                 data = buf + data
             lines = data.split(b"\n")
             buf = lines.pop()
-            out = []
-            for line in lines:
-                if not line.strip():
-                    continue
-                request = loads(line)
-                out.append(
-                    dumps({"id": request.get("id"), "ok": True, "version": 1, "result": None})
-                )
+            out = answer(lines)
             if out:
                 out.append("")
                 await stream.send_all("\n".join(out).encode())
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         return
+
+
+def echo_answers(lines: list[bytes]) -> list[str]:
+    """The baseline's work: parse each request, answer it without doing it."""
+    loads, dumps = json.loads, json.dumps
+    out = []
+    for line in lines:
+        if not line.strip():
+            continue
+        request = loads(line)
+        out.append(dumps({"id": request.get("id"), "ok": True, "version": 1, "result": None}))
+    return out
+
+
+async def echo_connection(stream: Any) -> None:
+    """The baseline: the same framing as the library's server, no work."""
+    await serve_lines(stream, echo_answers)
 
 
 class BareBank:
@@ -398,25 +409,8 @@ async def bare_connection(bank: BareBank, stream: Any) -> None:
     a metadata line) is appended to a list; no validation beyond what the
     workloads need, no idempotency, no limits. The library's figure against it
     is what its runtime costs beyond the domain work itself."""
-    import trio
-
-    loads = json.loads
-    buf = b""
-    try:
-        while True:
-            data = await stream.receive_some(_RECEIVE_SIZE)
-            if not data:
-                return
-            if buf:
-                data = buf + data
-            lines = data.split(b"\n")
-            buf = lines.pop()
-            out = [bank.answer(loads(line)) for line in lines if line.strip()]
-            if out:
-                out.append("")
-                await stream.send_all("\n".join(out).encode())
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        return
+    loads, answer = json.loads, bank.answer
+    await serve_lines(stream, lambda lines: [answer(loads(line)) for line in lines if line.strip()])
 
 
 # == the orchestration ================================================================
