@@ -933,10 +933,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     lib,
                     target=target,
                 )
+
+    def against_library(workload: str, depth: int) -> tuple[str, float] | None:
+        """The memory server's best requests/s, for a context row's "library vs this"."""
+        library = cells.get(("memory", workload, depth))
+        return ("library", max(c["rate"] for c in library)) if library else None
+
     for workload in STORE_WORKLOADS["bare"]:
         for depth in p["depths"]:
             bare = cells.get(("bare", workload, depth))
-            library = cells.get(("memory", workload, depth))
             if not bare:
                 continue
             echo_best = max((c["rate"] for c in cells["echo", workload, depth]), default=nan)
@@ -949,10 +954,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "ops/s",
                 "higher",
                 [c["rate"] for c in bare],
-                relative_to=("library", max(c["rate"] for c in library)) if library else None,
+                relative_to=against_library(workload, depth),
             )
     for depth, samples in floors.items():
-        library = cells.get(("memory", "deposit", depth))
         callers = p["connections"] * depth
         report.add_context(
             f"floor_execute_d{depth}",
@@ -961,7 +965,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "ops/s",
             "higher",
             [x["rate"] for x in samples],
-            relative_to=("library", max(c["rate"] for c in library)) if library else None,
+            relative_to=against_library("deposit", depth),
             note=f"{min(x['us_per_command'] for x in samples):.1f} µs CPU per command",
         )
     print()
