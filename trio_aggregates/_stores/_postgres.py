@@ -154,13 +154,11 @@ from ._durable import (
 )
 from ._groupcommit import _BatchResult
 from ._store import (
-    _BY_COLUMNS_FROM,
     RecordedEvent,
     Snapshot,
     _check_command_id,
     _check_read_all,
-    _columns_of,
-    _records_from_columns,
+    _records_of,
 )
 
 __all__ = ["PostgresEventStore", "open_postgres_store"]
@@ -1449,14 +1447,6 @@ def _is_fenced(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.Error) and exc.sqlstate == _FENCED
 
 
-def _records_of_rows(rows: list[Any]) -> list[RecordedEvent]:
-    """Records from rows of their seven fields in order (a long page is built
-    column by column, see ``_records_from_columns``)."""
-    if len(rows) < _BY_COLUMNS_FROM:
-        return [RecordedEvent(*row) for row in rows]
-    return _records_from_columns(_columns_of(rows, 7))
-
-
 def _names_lacking(rows: list[Any], cache: dict[int, str]) -> tuple[dict[int, str], list[int]]:
     """The names of the streams of rows of _READ_ALL_LIVE (the stream's id first)
     that ``cache`` has, and the ids it lacks (read them with _STREAM_NAMES)."""
@@ -1483,11 +1473,9 @@ def _remember_names(cache: dict[int, str], rows: list[Any]) -> dict[int, str]:
 
 def _named_records(rows: list[Any], names: dict[int, str]) -> list[RecordedEvent]:
     """Records from rows of _READ_ALL_LIVE, their streams named by ``names``."""
-    if len(rows) < _BY_COLUMNS_FROM:
-        return [RecordedEvent(names[row[0]], *row[1:]) for row in rows]
-    columns = _columns_of(rows, 7)
-    columns[0] = list(map(names.__getitem__, columns[0]))
-    return _records_from_columns(columns)
+    return [
+        RecordedEvent(names[stream_id], v, t, d, m, at, p) for stream_id, v, t, d, m, at, p in rows
+    ]
 
 
 def _write_here(
@@ -1922,7 +1910,7 @@ class PostgresEventStore(_DurableStore):
             # The columns are in RecordedEvent's field order, NOT NULL and typed
             # (bytea loads as bytes): the records are built in the worker thread.
             records: list[RecordedEvent] = await self._query(
-                query, tuple(params), "read all streams", convert=_records_of_rows
+                query, tuple(params), "read all streams", convert=_records_of
             )
             return records
         cache = self._stream_names

@@ -109,13 +109,12 @@ from ._durable import (
 )
 from ._groupcommit import _BatchResult
 from ._store import (
-    _BY_COLUMNS_FROM,
     RecordedEvent,
     Snapshot,
     _check_command_id,
     _check_read_all,
-    _columns_of,
-    _records_from_columns,
+    _checked,
+    _checked_records,
 )
 
 __all__ = ["SQLiteEventStore", "open_sqlite_store"]
@@ -746,77 +745,30 @@ def _read_events(
         # Text that is not UTF-8 cannot be fetched as str; anything else
         # fails again, and is reported, in the careful path.
         return _careful_events(db, stream, params)
-    count = len(rows)
-    if count < _BY_COLUMNS_FROM:
-        if not all(_typed(v, t, d, m, r) for v, t, d, m, r, _ in rows):
-            return _careful_events(db, stream, params)
-        return [RecordedEvent(stream, v, t, d, m, r, p) for v, t, d, m, r, p in rows]
-    # A long page (loading an aggregate): checked and built column by column,
-    # as a read_all page (see _read_all_page).
-    versions, types, data, metadata, recorded_at, positions = _columns_of(rows, 6)
-    if _typed_columns(versions, types, data, metadata, recorded_at):
-        return _records_from_columns(
-            [[stream] * count, versions, types, data, metadata, recorded_at, positions]
-        )
-    return _careful_events(db, stream, params)
+    checked = _checked(rows, _STREAM_ROWS)
+    if checked is None:
+        return _careful_events(db, stream, params)
+    return [RecordedEvent(stream, v, t, d, m, at, p) for v, t, d, m, at, p in checked]
+
+
+#: The rows of _READ_EVENTS, as :func:`_checked` checks them.
+_STREAM_ROWS: Final = list[tuple[int, str, bytes, bytes, float, int]]
 
 
 def _read_all_page(db: sqlite3.Connection, params: list[Any], sql: str, raw_sql: str) -> list[Any]:
     """A read_all page: the fast path, or the careful one for rows the store did not write.
 
-    The fast path checks each column's Python types at once (``set(map(type,
-    column))``) and builds the records column by column
-    (:func:`_records_from_columns`): the per-event work runs in C. A short
-    page (a live subscription's, often of one event) goes row by row: the
-    column path's fixed cost makes it dearer below ``_BY_COLUMNS_FROM`` rows.
+    The fast path checks the whole page's Python types and builds its records
+    in C (:func:`_checked_records`).
     """
     try:
         rows = db.execute(sql, params).fetchall()
     except sqlite3.OperationalError:
         return _careful_all(db, params, raw_sql)
-    if len(rows) < _BY_COLUMNS_FROM:
-        if not all(_typed(v, t, d, m, r) for _, v, t, d, m, r, _ in rows):
-            return _careful_all(db, params, raw_sql)
-        return [RecordedEvent(*row) for row in rows]
-    columns = _columns_of(rows, 7)
-    _, versions, types, data, metadata, recorded_at, _ = columns
-    if _typed_columns(versions, types, data, metadata, recorded_at):
-        return _records_from_columns(columns)
-    return _careful_all(db, params, raw_sql)
-
-
-def _typed(version: object, type_: object, data: object, metadata: object, at: object) -> bool:
-    """Whether a row's columns hold what the store writes (else: the careful path)."""
-    return (
-        type(version) is int
-        and type(type_) is str
-        and type(data) is bytes
-        and type(metadata) is bytes
-        and type(at) is float
-    )
-
-
-def _typed_columns(
-    versions: list[Any],
-    types: list[Any],
-    data: list[Any],
-    metadata: list[Any],
-    recorded_at: list[Any],
-) -> bool:
-    """:func:`_typed` for whole columns at once (``set(map(type, column))``)."""
-    return (
-        set(map(type, versions)) == _INT
-        and set(map(type, types)) == _STR
-        and set(map(type, data)) == _BYTES
-        and set(map(type, metadata)) == _BYTES
-        and set(map(type, recorded_at)) == _FLOAT
-    )
-
-
-_INT: Final = {int}
-_STR: Final = {str}
-_BYTES: Final = {bytes}
-_FLOAT: Final = {float}
+    records = _checked_records(rows)
+    if records is None:
+        return _careful_all(db, params, raw_sql)
+    return records
 
 
 def _careful_all(db: sqlite3.Connection, params: list[Any], raw_sql: str) -> list[Any]:
