@@ -1471,6 +1471,16 @@ def _remember_names(cache: dict[int, str], rows: list[Any]) -> dict[int, str]:
     return found
 
 
+def _cached_records(rows: list[Any], cache: dict[int, str]) -> list[RecordedEvent] | None:
+    """Records from rows of _READ_ALL_LIVE if ``cache`` names every one's
+    stream (the common case: no set of the page's streams to make); ``None``
+    if it lacks one (then _names_lacking)."""
+    try:
+        return _named_records(rows, cache)
+    except KeyError:
+        return None
+
+
 def _named_records(rows: list[Any], names: dict[int, str]) -> list[RecordedEvent]:
     """Records from rows of _READ_ALL_LIVE, their streams named by ``names``."""
     return [
@@ -1943,6 +1953,9 @@ class PostgresEventStore(_DurableStore):
                 rows = await _pgwire.query(link.conn, link.prepared, statement, wire)
                 if not rows:
                     return []
+                records = _cached_records(rows, cache)
+                if records is not None:
+                    return records
                 names, missing = _names_lacking(rows, cache)
                 if missing:
                     found = await _pgwire.query(
@@ -1968,6 +1981,9 @@ class PostgresEventStore(_DurableStore):
                 rows = cursor.fetchall()
                 if not rows:
                     return []
+                records = _cached_records(rows, cache)
+                if records is not None:
+                    return records
                 names, missing = _names_lacking(rows, cache)
                 if missing:
                     cursor.execute(_STREAM_NAMES, (missing,))
