@@ -1653,9 +1653,10 @@ ORDER BY e.position LIMIT %s
 # stops at the limit. Measured on pages of 1,000 events (psycopg, binary rows,
 # per event): with no deleted stream 1.3-1.6 us against 1.4-2.2 us for the
 # anti-join this replaces (NOT EXISTS alone); with 5% of 300,000 streams
-# deleted about the same (2.6-3.3 us); with half of them deleted 4.5-5.8 us,
-# where the anti-join's plan became a merge of every event with every deleted
-# stream and a sort (23-39 us).
+# deleted about the same (2.6-3.3 us); with all but the 1,000 the events
+# belong to deleted (and half of those), 4.5-5.8 us, where the anti-join's
+# plan became a merge of every event with every deleted stream and a sort
+# (23-39 us).
 _READ_ALL_LIVE = """
 SELECT e.stream_id, e.version, e.type, e.data, e.metadata,
     date_part('epoch', e.recorded_at), e.position
