@@ -80,6 +80,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeAlias, final
 
 import attrs
 import cattrs
+import msgspec
 import outcome
 import trio
 
@@ -870,7 +871,7 @@ def _with_command_id(request: Request) -> Request:
     so that forwarding it, or trying it again, applies it once."""
     if request.command_id is not None or request.dry_run or request.op not in ("execute", "create"):
         return request
-    return attrs.evolve(request, command_id=f"cluster-{uuid.uuid4().hex}")
+    return msgspec.structs.replace(request, command_id=f"cluster-{uuid.uuid4().hex}")
 
 
 def _split_address(address: str) -> tuple[str, int]:
