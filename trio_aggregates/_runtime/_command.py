@@ -66,6 +66,7 @@ from collections.abc import Sequence
 from typing import Any, Final, Generic, TypeVar, final
 
 import attrs
+import msgspec
 
 from .._core._exceptions import (
     AggregateCrashed,
@@ -112,12 +113,11 @@ EXISTING: Final = 1
 NEW: Final = 2
 
 
-@attrs.define(eq=False)
-class Command:
+class Command(msgspec.Struct, frozen=True, eq=False):
     """A command for a live aggregate, as :meth:`AggregateRepository.execute` sends it.
 
-    Never changed once made (not frozen only because a frozen class's
-    ``__init__`` costs twice as much, and one is made per command).
+    Never changed once made. A :class:`msgspec.Struct`: one is made per
+    command, in C (half the cost of an attrs class's ``__init__``).
     """
 
     command: object
