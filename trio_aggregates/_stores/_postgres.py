@@ -1952,9 +1952,7 @@ class PostgresEventStore(_DurableStore):
 
             async def read_here(link: _Link) -> list[RecordedEvent]:
                 rows = await _pgwire.query(link.conn, link.prepared, statement, wire)
-                if not rows:
-                    return []
-                records = _cached_records(rows, cache)
+                records = _cached_records(rows, cache)  # [] for no rows
                 if records is not None:
                     return records
                 names, missing = _names_lacking(rows, cache)
@@ -1980,9 +1978,7 @@ class PostgresEventStore(_DurableStore):
             with conn.cursor(binary=True) as cursor:
                 cursor.execute(query, params)
                 rows = cursor.fetchall()
-                if not rows:
-                    return []
-                records = _cached_records(rows, cache)
+                records = _cached_records(rows, cache)  # [] for no rows
                 if records is not None:
                     return records
                 names, missing = _names_lacking(rows, cache)
