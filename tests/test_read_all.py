@@ -338,7 +338,7 @@ async def test_postgres_read_all_plan_is_a_position_scan_whatever_is_deleted(
     guesses that few events match and may sort those it finds (as it did
     with the anti-join): only the absence of a merge or hash is held there.
     """
-    from trio_aggregates._stores._postgres import _READ_ALL_LIVE
+    from trio_aggregates._stores._postgres import _READ_ALL_LIVE, _numbered
 
     async with open_postgres_store_for(postgres_database) as store:
         for n in range(40):  # enough events that a sort of them would cost
@@ -356,7 +356,7 @@ async def test_postgres_read_all_plan_is_a_position_scan_whatever_is_deleted(
             sql = _READ_ALL_LIVE.format(event_filter=event_filter)
             custom = sql.replace("%s", "{}").format(*values)
             found.append((bool(n), explain(conn, f"EXPLAIN {custom}")))
-            conn.execute(f"PREPARE read_all_{n} AS {_numbered_for_test(sql)}")
+            conn.execute(f"PREPARE read_all_{n} AS {_numbered(sql)}")
             conn.execute("SET plan_cache_mode = force_generic_plan")
             generic = f"EXPLAIN EXECUTE read_all_{n} ({', '.join(values)})"
             found.append((bool(n), explain(conn, generic)))
@@ -392,9 +392,3 @@ async def test_postgres_read_all_plan_is_a_position_scan_whatever_is_deleted(
 
 def explain(conn: Any, statement: str) -> str:
     return "\n".join(row[0] for row in conn.execute(statement))
-
-
-def _numbered_for_test(sql: str) -> str:
-    from trio_aggregates._stores._postgres import _numbered
-
-    return _numbered(sql)

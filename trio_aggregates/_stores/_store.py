@@ -144,7 +144,7 @@ def _checked_records(rows: list[Any]) -> list[RecordedEvent] | None:
     its field's type; ``None`` if any is not (then read the page carefully).
     """
     checked = _checked(rows, _ROWS)
-    return None if checked is None else list(starmap(RecordedEvent, checked))
+    return None if checked is None else _records_of(checked)
 
 
 def _checked(rows: list[Any], row_type: Any) -> list[Any] | None:
