@@ -86,7 +86,7 @@ def command(
     verbose: bool = False,
     detailed: bool = False,
 ) -> Command:
-    return Command(cmd, mode, expected, dry_run, verbose, command_id, '{"at":', detailed)
+    return Command(cmd, mode, expected, dry_run, verbose, command_id, b'{"at":', detailed)
 
 
 def live_at(*events: object, cls: Any = Account, retries: int = 3) -> LiveAggregate[Any]:

@@ -127,11 +127,11 @@ class Command(msgspec.Struct, frozen=True, eq=False):
     verbose: bool
     #: The caller's own command id (``None`` for an id the runtime made: unique).
     command_id: str | None
-    #: The events' metadata as JSON, but for the time of the append:
+    #: The events' metadata as UTF-8 JSON, but for the time of the append:
     #: ``{"command_id": ..., ..., "at": `` (closed with the time and ``}``);
     #: without its start, ``{"command_id": ...``, when ``command_id`` is
     #: ``None`` (the id is made with the events, in :meth:`LiveAggregate._decide`).
-    metadata_head: str
+    metadata_head: bytes
     #: Answer ``(version, reply)`` (``reply`` ``None`` when the handler chose
     #: none; the events for a verbose dry run) instead of the version *or*
     #: the reply. The protocol server's form: it sends both.
@@ -150,8 +150,13 @@ class Inspect:
 # Command ids, when the caller gives none: unique without a uuid4 per command
 # (2 µs): 64 random bits per process, then a counter. Made only for a command
 # that has events to store.
-_AUTO_ID: Final = '{"command_id":"' + uuid.uuid4().hex[:16]
+_AUTO_ID: Final = b'{"command_id":"' + uuid.uuid4().hex[:16].encode()
 _id_counter = itertools.count()
+
+#: The time of an append in the metadata, as JSON: msgspec writes a float's
+#: shortest round-trip digits as ``repr`` does, at a tenth of its cost
+#: (0.09 us against 0.9-1.5). Only ever given ``time.time()``: finite.
+_json_time: Final = msgspec.json.encode
 
 
 # -- actions ---------------------------------------------------------------------
@@ -480,9 +485,9 @@ class LiveAggregate(Generic[A]):
             return self._answer(self.version, reply)
         head = request.metadata_head
         if request.command_id is None:
-            metadata = f'{_AUTO_ID}{next(_id_counter):016x}"{head}{time.time()!r}}}'.encode()
+            metadata = b'%b%016x"%b%b}' % (_AUTO_ID, next(_id_counter), head, _json_time(time.time()))
         else:
-            metadata = f"{head}{time.time()!r}}}".encode()
+            metadata = head + _json_time(time.time()) + b"}"
         self.new_events = [NewEvent(*codec.encode(event), metadata) for event in events]
         self.expected = self.version
         self.append_id = request.command_id

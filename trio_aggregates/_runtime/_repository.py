@@ -94,7 +94,7 @@ logger = logging.getLogger("trio_aggregates.repository")
 
 #: A command class -> the end of its metadata head (its name, then "at"). A
 #: plain dict: command classes live as long as their modules.
-_command_tails: dict[type, str] = {}
+_command_tails: dict[type, bytes] = {}
 _json_str: Final = json.encoder.encode_basestring_ascii
 
 A = TypeVar("A", bound=Aggregate)
@@ -514,10 +514,12 @@ class AggregateRepository(Generic[A]):
         cls = type(command)
         tail = _command_tails.get(cls)
         if tail is None:
-            tail = _command_tails[cls] = f',"command":{_json_str(type_name_of(cls))},"at":'
-        head += tail
+            name = _json_str(type_name_of(cls))
+            tail = _command_tails[cls] = f',"command":{name},"at":'.encode()
+        # The commonest request (no id, no metadata) makes no string at all.
+        metadata_head = head.encode() + tail if head else tail
         return Command(
-            command, mode, expected_version, dry_run, verbose, command_id, head, detailed
+            command, mode, expected_version, dry_run, verbose, command_id, metadata_head, detailed
         )
 
     async def _send(self, key: Any, request: object, timeout: float | None) -> Any:
