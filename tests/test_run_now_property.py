@@ -1,7 +1,7 @@
 """Random programs of commands through both paths: the inline runner and the task.
 
 Hypothesis draws a program of steps on a few bank accounts of the in-memory
-store: commands sent as the protocol server sends them (``_run_here``, run
+store: commands sent as the protocol server sends them (``run_here``, run
 at once by an idle aggregate, else ``_execute_soon``, queued; the server's
 fallback, a task, when the key is not live), commands from tasks of their own after a
 random delay (``_execute_detailed``), a command sent right after a task's
@@ -41,8 +41,9 @@ import trio.testing
 from _examples import bank
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
-from trio_aggregates import InMemoryEventStore, NewEvent, open_aggregates
+from trio_aggregates import AggregateRepository, InMemoryEventStore, NewEvent, open_aggregates
 from trio_aggregates._core._registry import Call
+from trio_aggregates._runtime._aggregate import canonical_key
 from trio_aggregates._runtime._command import EXISTING
 
 KEYS = ("a", "b", "c")
@@ -103,8 +104,14 @@ def balance_now(store: InMemoryEventStore, key: str) -> int:
     return balance
 
 
+def run_here(repo: AggregateRepository[Any], key: str, ran: Ran) -> bool:
+    """Run ``ran.message`` at once if the aggregate is live and idle, as the
+    protocol server does (``_Connection._start_fast``)."""
+    return repo.registry._ran_here(canonical_key(key), ran)
+
+
 class Ran:
-    """What ``_run_here`` answers (as the server's ``_Ran``): to a callback, as an outcome."""
+    """What ``run_here`` answers (as the server's ``_Ran``): to a callback, as an outcome."""
 
     def __init__(self, message: Any, answered: Callable[[outcome.Outcome[Any]], None]) -> None:
         self.message = message
@@ -151,13 +158,13 @@ async def run_program(program: list[Step]) -> None:
                 entry.answers.append(result)
 
             # As the server runs a request: at once in this task if the
-            # aggregate is idle (_run_here), else through a callback. Without
+            # aggregate is idle (run_here), else through a callback. Without
             # ``here``, straight through the callback path (which runs an
             # idle aggregate's command inline too).
             request = repo._detailed_request(
                 entry.command, EXISTING, None, False, entry.command_id, None, None, None
             )
-            if here and repo._run_here(entry.key, Ran(request, answered)):
+            if here and run_here(repo, entry.key, Ran(request, answered)):
                 assert len(entry.answers) == before + 1
                 event("here: answered at once")
                 reached_mailbox(entry)
@@ -304,7 +311,7 @@ def test_random_programs_through_the_inline_runner_and_the_task(program: list[St
 
 
 async def test_run_here_never_overtakes_a_call_in_the_mailbox() -> None:
-    """``_run_here`` runs a command at once only while the aggregate waits with
+    """``run_here`` runs a command at once only while the aggregate waits with
     nothing queued: a call handed to its task (not yet run), or queued
     behind one, makes it decline (nothing done), and the mailbox order holds."""
     store = InMemoryEventStore()
@@ -316,19 +323,19 @@ async def test_run_here_never_overtakes_a_call_in_the_mailbox() -> None:
             command = bank.Deposit(amount, reference)
             return repo._detailed_request(command, EXISTING, None, False, None, None, None, None)
 
-        assert repo._run_here("a", Ran(request(1, "at once"), answers.append))
+        assert run_here(repo, "a", Ran(request(1, "at once"), answers.append))
         assert answers == [outcome.Value((2, None))]
         # A call handed to the aggregate's task, which has not run yet.
         handed = Call(request(2, "handed"))
         repo.registry._live["a"].send_nowait(handed)
-        assert not repo._run_here("a", Ran(request(3, "declined"), answers.append))
+        assert not run_here(repo, "a", Ran(request(3, "declined"), answers.append))
         queued = repo._execute_soon("a", bank.Deposit(4, "queued"), answers.append)
         assert queued is not None
-        assert not repo._run_here("a", Ran(request(5, "declined"), answers.append))
+        assert not run_here(repo, "a", Ran(request(5, "declined"), answers.append))
         assert len(answers) == 1
         await trio.testing.wait_all_tasks_blocked()
         assert handed.answered and len(answers) == 2
-        assert repo._run_here("a", Ran(request(6, "after"), answers.append))
+        assert run_here(repo, "a", Ran(request(6, "after"), answers.append))
         records = await store.read(bank.Account.stream_name("a"))
         codec = bank.Account.codec()
         references = [codec.decode(r.type, r.data).reference for r in records[1:]]

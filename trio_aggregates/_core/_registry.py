@@ -285,6 +285,7 @@ class Mailbox(trio.abc.ReceiveChannel[Any]):
     __slots__ = (
         "_carry",
         "_changed",
+        "_channel",
         "_ended_by",
         "_error",
         "_fn",
@@ -315,6 +316,13 @@ class Mailbox(trio.abc.ReceiveChannel[Any]):
         send, receive = trio.open_memory_channel(registry._mailbox_size)
         self._send = send
         self._receive = receive
+        # The channel's shared state, read by _is_idle and _ran_here: the one
+        # Trio's memory channel has had since 0.12 (statistics() makes an
+        # object, on _call_soon's hot path); None with another channel.
+        channel = getattr(receive, "_state", None)
+        if not (hasattr(channel, "receive_tasks") and hasattr(channel, "data")):
+            channel = None  # pragma: no cover - another Trio's channel
+        self._channel: Any = channel
         self._idle_timeout = idle_timeout
         self._idle_since = 0.0
         self._heap_seq = 0  # the seq of its live entry in the reaper's heap; 0: none
@@ -392,16 +400,13 @@ class Mailbox(trio.abc.ReceiveChannel[Any]):
     def _is_idle(self) -> bool:
         """Whether the aggregate waits in ``receive`` with nothing queued.
 
-        Read from the channel's state when Trio's memory channel has the
-        one it has had since 0.12 (``statistics()`` makes an object: this
-        is _call_soon's hot path), else from its statistics.
+        Read from the channel's state (``_channel``), else from its statistics.
         """
-        state = getattr(self._receive, "_state", None)
-        try:
-            return bool(state.receive_tasks) and not state.data  # type: ignore[union-attr]
-        except AttributeError:  # pragma: no cover - another Trio's channel
-            stats = self._receive.statistics()
-            return stats.tasks_waiting_receive > 0 and stats.current_buffer_used == 0
+        channel = self._channel
+        if channel is not None:
+            return bool(channel.receive_tasks) and not channel.data
+        stats = self._receive.statistics()  # pragma: no cover - another Trio's channel
+        return stats.tasks_waiting_receive > 0 and not stats.current_buffer_used  # pragma: no cover
 
     def _put_down(self) -> None:
         """The aggregate goes back to its mailbox: keep the last call only if unanswered."""
@@ -1352,7 +1357,15 @@ class Registry:
             return False
         mailbox = self._tasks[key]
         runner = mailbox._runner
-        if runner is None or not mailbox._is_idle() or not runner(call):
+        if runner is None:
+            return False
+        channel = mailbox._channel  # _is_idle, inline
+        if channel is None:
+            if not mailbox._is_idle():  # pragma: no cover - another Trio's channel
+                return False
+        elif not channel.receive_tasks or channel.data:
+            return False
+        if not runner(call):
             return False
         mailbox._took_any = True
         if mailbox._idle_timeout is not None:

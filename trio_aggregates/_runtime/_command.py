@@ -485,7 +485,8 @@ class LiveAggregate(Generic[A]):
             return self._answer(self.version, reply)
         head = request.metadata_head
         if request.command_id is None:
-            metadata = b'%b%016x"%b%b}' % (_AUTO_ID, next(_id_counter), head, _json_time(time.time()))
+            at = _json_time(time.time())
+            metadata = b'%b%016x"%b%b}' % (_AUTO_ID, next(_id_counter), head, at)
         else:
             metadata = head + _json_time(time.time()) + b"}"
         self.new_events = [NewEvent(*codec.encode(event), metadata) for event in events]

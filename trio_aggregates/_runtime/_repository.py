@@ -377,22 +377,10 @@ class AggregateRepository(Generic[A]):
     ) -> Call | None:
         """:meth:`_execute_soon` of a request made already (:meth:`_detailed_request`).
 
-        ``run_here=False``: only queue it (the caller has just tried :meth:`_run_here`).
+        ``run_here=False``: only queue it (the caller has just tried
+        ``Registry._ran_here``).
         """
         return self.registry._call_soon(canonical_key(key), request, callback, run_here=run_here)
-
-    def _run_here(self, key: str | int | uuid.UUID, answer: Answerable) -> bool:
-        """Run ``answer.message`` (a request made already, :meth:`_detailed_request`)
-        to its outcome in the calling task, if its aggregate is live and idle
-        on the in-memory store (see :meth:`_run_now`): the outcome goes to
-        ``answer.reply`` (``(version, reply)``) or ``answer.fail``. ``False``,
-        having done nothing, when it cannot run here: then use
-        :meth:`_submit_soon` or :meth:`_submit`. Never a checkpoint.
-
-        Raises:
-            InvalidKey: as :meth:`execute`, at once.
-        """
-        return self.registry._ran_here(canonical_key(key), answer)
 
     async def _submit(self, key: str | int | uuid.UUID, request: Command) -> tuple[int, Any]:
         """:meth:`_execute_detailed` of a request made already (:meth:`_detailed_request`)."""
@@ -411,6 +399,17 @@ class AggregateRepository(Generic[A]):
     ) -> Command:
         if mode == NEW:
             expected_version = 0
+        elif (
+            expected_version is None
+            and command_id is None
+            and correlation_id is None
+            and causation_id is None
+            and metadata is None
+        ):
+            # The commonest request: nothing to check, its metadata head made.
+            tail = _command_tails.get(type(command))
+            if tail is not None:
+                return Command(command, mode, None, dry_run, dry_run, None, tail, True)
         return self._request(
             command, mode, expected_version, dry_run, dry_run,
             command_id, correlation_id, causation_id, metadata, detailed=True,

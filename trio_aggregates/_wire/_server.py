@@ -95,7 +95,7 @@ from .._core._exceptions import (
     TrioAggregatesError,
 )
 from .._core._options import check_count, check_seconds
-from .._core._registry import Call
+from .._core._registry import Call, Registry
 from .._runtime._aggregate import Aggregate, canonical_key
 from .._runtime._command import ANY, EXISTING, NEW, Command, Inspect
 from .._runtime._repository import AggregateRepository, _name_key_as_given, open_aggregates
@@ -233,6 +233,8 @@ class _Route:
     converter: cattrs.Converter
     #: command name -> (class, structure hook)
     commands: dict[str, tuple[type[Any], Callable[[Any, Any], Any]]]
+    #: The repository's registry (its property, read once).
+    registry: Registry
 
 
 @final
@@ -1064,7 +1066,7 @@ class _Entry:
 @final
 class _Ran:
     """A request run to its answer in the reader's task (``_Connection._start_fast``,
-    through ``AggregateRepository._run_here``): the answer, kept for the reader."""
+    through ``Registry._ran_here``): the answer, kept for the reader."""
 
     __slots__ = ("error", "message", "value")
 
@@ -1390,7 +1392,7 @@ class _Connection:
         From the reader, while it dispatches (its answers go out together
         once it has started all it read). True when the request was answered
         here: run to its answer at once by an idle live aggregate on the
-        in-memory store (``_run_here``: no entry, call or callback), or
+        in-memory store (``Registry._ran_here``: no entry, call or callback), or
         refused (a command ``data`` that does not decode, a bad key); or when
         it went into a live aggregate's mailbox, with a completion callback.
         A request with a ``command_id`` the server has answered, or has in
@@ -1424,7 +1426,9 @@ class _Connection:
                 return True
             submitted = server._command_request(route, request, command)
             ran = _Ran(submitted)
-            if route.repository._run_here(request.key, ran):
+            # The aggregate runs it here if it is live, idle and on the
+            # in-memory store (AggregateRepository._run_now).
+            if route.registry._ran_here(canonical_key(request.key), ran):
                 if ran.error is None:
                     try:
                         answer = server._executed(route, request, *ran.value)
@@ -1440,7 +1444,7 @@ class _Connection:
                 return True
             # Not run here (a busy aggregate, or another store): into the
             # mailbox, with the entry its callback answers (not tried here
-            # again: nothing ran since _run_here declined).
+            # again: nothing ran since _ran_here declined).
             entry = self._new_entry(request)
             entry.route = route
             if key is not None:
@@ -1931,7 +1935,9 @@ async def _open_server(
                     shutdown_timeout=max(grace_period, 0.1),
                 )
             )
-            routes[name] = _Route(name, repository, cls.codec().converter, commands[name])
+            routes[name] = _Route(
+                name, repository, cls.codec().converter, commands[name], repository.registry
+            )
         listeners: list[Any] = list(await trio.open_tcp_listeners(port, host=host))
         if ssl_context is not None:
             listeners = [
