@@ -1429,6 +1429,11 @@ class _Connection:
             # The aggregate runs it here if it is live, idle and on the
             # in-memory store (AggregateRepository._run_now).
             if route.registry._ran_here(canonical_key(request.key), ran):
+                if key is None and ran.error is None and not request.dry_run:
+                    version, reply = ran.value
+                    if reply is None:  # the commonest answer: no outcome to keep
+                        self.out.append(self.codec.encode_ok(request.id, None, version))
+                        return True
                 if ran.error is None:
                     try:
                         answer = server._executed(route, request, *ran.value)
