@@ -309,7 +309,8 @@ class Aggregate:
         return result if isinstance(result, Decision) else Decision(events=result)
 
     def _handle(self, command: object) -> Decision | tuple[object, ...]:
-        """Run the handler: a Decision, or just the events (the runtime's fast path)."""
+        """Run the handler: a Decision, or just the events (the runtime's fast path),
+        as a plain tuple."""
         handler = self._handlers.get(type(command))
         if handler is None:
             handler = self._lookup(self._handlers, type(command))
@@ -318,13 +319,12 @@ class Aggregate:
                     f"{type(self).__name__} has no handler for {type(command).__qualname__}"
                 )
         result = handler(self, command)
+        cls = type(result)
+        if cls is tuple or cls is Decision:  # Decision is final
+            return result  # type: ignore[no-any-return]
         if result is None:
             return ()
-        if isinstance(result, Decision):
-            return result
-        if isinstance(result, tuple):
-            return result
-        if isinstance(result, list):
+        if isinstance(result, (tuple, list)):
             return tuple(result)
         return (result,)
 

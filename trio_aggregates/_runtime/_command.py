@@ -472,7 +472,7 @@ class LiveAggregate(Generic[A]):
             return self._refuse(exc)
         except UnknownCommand as exc:
             return self._fail(exc)  # depends on no state
-        if isinstance(decided, Decision):
+        if type(decided) is Decision:  # final: no subclass
             events, reply = decided.events, decided.reply
         else:
             events, reply = decided, NO_REPLY

@@ -418,8 +418,10 @@ class InMemoryEventStore:
         expected_version: int | None,
         command_id: str | None,
     ) -> int:
-        self._check(stream)
-        _check_command_id(command_id)
+        if type(stream) is not str or stream in self._tombstones:
+            self._check(stream)  # raises, but for a subclass of str
+        if command_id is not None and type(command_id) is not str:
+            _check_command_id(command_id)  # raises, but for a subclass of str
         entry = self._streams.get(stream)
         if command_id is not None and entry is not None and entry.commands is not None:
             applied = entry.commands.get(command_id)
