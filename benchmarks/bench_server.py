@@ -192,11 +192,7 @@ def serve_main(argv: Sequence[str]) -> None:
             nursery.cancel_scope.cancel()
 
     async def aggregates_main() -> None:
-        try:
-            from trio_aggregates import open_aggregate_server  # type: ignore[attr-defined]
-        except ImportError:  # not exported yet
-            from trio_aggregates._wire._server import open_aggregate_server
-
+        from trio_aggregates import open_aggregate_server
         from trio_aggregates._wire._cli import SERVE_GC_THRESHOLD, tune_gc
 
         app, wire = load_bank_app()
@@ -472,7 +468,7 @@ class Server:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the {self.kind} server wrote no garbage-collection log")
             time.sleep(0.005)
-        return [tuple(x) for x in json.loads(self.gc_log.read_text())]  # type: ignore[misc]
+        return [tuple(x) for x in json.loads(self.gc_log.read_text())]
 
     def stop(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -956,7 +952,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 [c["rate"] for c in bare],
                 relative_to=against_library(workload, depth),
             )
-    for depth, samples in floors.items():
+    for depth, floor_samples in floors.items():
         callers = p["connections"] * depth
         report.add_context(
             f"floor_execute_d{depth}",
@@ -964,9 +960,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             " _execute_detailed callers, no network (commands/s)",
             "ops/s",
             "higher",
-            [x["rate"] for x in samples],
+            [x["rate"] for x in floor_samples],
             relative_to=against_library("deposit", depth),
-            note=f"{min(x['us_per_command'] for x in samples):.1f} µs CPU per command",
+            note=f"{min(x['us_per_command'] for x in floor_samples):.1f} µs CPU per command",
         )
     print()
     report.print_table()
