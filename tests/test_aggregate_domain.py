@@ -330,6 +330,35 @@ def test_aggregate_subclass_inherits_and_overrides_handlers() -> None:
     assert Forms().decide(Ping(2)).events == (Pong(2),)  # the base is untouched
 
 
+def test_the_runtime_gets_a_handlers_events_as_a_plain_tuple() -> None:
+    """``_handle`` (the runtime's path) gives a ``Decision`` as it is, and
+    events in any of the accepted forms as a plain tuple (a tuple subclass
+    too: the runtime tells the two apart by exact type)."""
+
+    class Pair(typing.NamedTuple):
+        first: object
+        second: object
+
+    @attrs.define
+    class Paired(Forms):
+        @handles(Ping)
+        def ping(self, command):  # type: ignore[no-untyped-def]
+            return Pair(Pong(command.n), Pong(command.n + 1))
+
+    cases: list[tuple[Aggregate, object, tuple[object, ...]]] = [
+        (Paired(), Ping(1), (Pong(1), Pong(2))),
+        (Forms(), Many(2), (Pong(0), Pong(1))),
+        (Forms(), Ping(3), (Pong(3),)),
+        (Forms(), Nothing(), ()),
+    ]
+    for state, command, events in cases:
+        result = state._handle(command)
+        assert type(result) is tuple and result == events
+        assert state.decide(command).events == events
+    decision = Forms()._handle(Ask())
+    assert type(decision) is Decision and decision.reply == ("answer", 0)
+
+
 def test_handler_without_annotation_is_refused_at_class_creation() -> None:
     with pytest.raises(TypeError, match="exactly one annotated parameter"):
 

@@ -403,10 +403,10 @@ class Mailbox(trio.abc.ReceiveChannel[Any]):
         Read from the channel's state (``_channel``), else from its statistics.
         """
         channel = self._channel
-        if channel is not None:
-            return bool(channel.receive_tasks) and not channel.data
-        stats = self._receive.statistics()  # pragma: no cover - another Trio's channel
-        return stats.tasks_waiting_receive > 0 and not stats.current_buffer_used  # pragma: no cover
+        if channel is None:  # pragma: no cover - another Trio's channel
+            stats = self._receive.statistics()
+            return stats.tasks_waiting_receive > 0 and stats.current_buffer_used == 0
+        return bool(channel.receive_tasks) and not channel.data
 
     def _put_down(self) -> None:
         """The aggregate goes back to its mailbox: keep the last call only if unanswered."""

@@ -309,8 +309,8 @@ class Aggregate:
         return result if isinstance(result, Decision) else Decision(events=result)
 
     def _handle(self, command: object) -> Decision | tuple[object, ...]:
-        """Run the handler: a Decision, or just the events (the runtime's fast path),
-        as a plain tuple."""
+        """Run the handler: a Decision, or just the events as a plain tuple
+        (the runtime's fast path, which tells the two apart by exact type)."""
         handler = self._handlers.get(type(command))
         if handler is None:
             handler = self._lookup(self._handlers, type(command))
