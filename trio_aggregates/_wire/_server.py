@@ -1066,12 +1066,13 @@ class _Entry:
 @final
 class _Ran:
     """A request run to its answer in the reader's task (``_Connection._start_fast``,
-    through ``Registry._ran_here``): the answer, kept for the reader."""
+    through ``Registry._ran_here``): the answer, kept for the reader. One per
+    connection, reused: only its reader runs requests this way, one at a time."""
 
     __slots__ = ("error", "message", "value")
 
-    def __init__(self, message: Command) -> None:
-        self.message = message
+    def __init__(self) -> None:
+        self.message: Command | None = None
         self.value: Any = None  # (version, reply)
         self.error: BaseException | None = None
 
@@ -1124,6 +1125,7 @@ class _Connection:
         self.running: dict[int, _Entry] = {}
         self.next_token = 0
         self.out: list[bytes] = []
+        self.ran = _Ran()
         self.sending = False
         # True while the reader starts a request: an answer given then (a
         # command run in the reader's task) waits for the reader's batch.
@@ -1425,14 +1427,16 @@ class _Connection:
                 )
                 return True
             submitted = server._command_request(route, request, command)
-            ran = _Ran(submitted)
+            ran = self.ran
+            ran.message = submitted
+            ran.value = ran.error = None
             # The aggregate runs it here if it is live, idle and on the
             # in-memory store (AggregateRepository._run_now).
             if route.registry._ran_here(canonical_key(request.key), ran):
                 if key is None and ran.error is None and not request.dry_run:
                     version, reply = ran.value
-                    if reply is None:  # the commonest answer: no outcome to keep
-                        self.out.append(self.codec.encode_ok(request.id, None, version))
+                    if reply is None or type(reply) is int:  # no outcome to keep
+                        self.out.append(self.codec.encode_ok(request.id, reply, version))
                         return True
                 if ran.error is None:
                     try:
