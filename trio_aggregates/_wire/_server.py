@@ -1435,7 +1435,7 @@ class _Connection:
             if route.registry._ran_here(canonical_key(request.key), ran):
                 if key is None and ran.error is None and not request.dry_run:
                     version, reply = ran.value
-                    if reply is None or type(reply) is int:  # no outcome to keep
+                    if reply is None or type(reply) is int:  # as _executed would, no outcome kept
                         self.out.append(self.codec.encode_ok(request.id, reply, version))
                         return True
                 if ran.error is None:
