@@ -20,14 +20,17 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import attrs
+import msgspec
 import pytest
 import trio
 import trio.testing
 from _examples import bank
+from hypothesis import given, strategies as st
 
 from trio_aggregates import (
     AggregateCrashed,
     AggregateNotFound,
+    AggregateRepository,
     AlreadyExists,
     CallTimeout,
     CommandRejected,
@@ -51,7 +54,7 @@ from trio_aggregates import (
     handles,
     open_aggregates,
 )
-from trio_aggregates._runtime._command import ANY, NEW
+from trio_aggregates._runtime._command import ANY, EXISTING, NEW
 from trio_aggregates.testing import FaultyStore, Repositories
 
 Account = bank.Account
@@ -1524,3 +1527,41 @@ async def test_execute_detailed_gives_the_version_and_the_reply(target: Any) -> 
         assert await repo._execute_detailed("t", Deposit(1), command_id="d") == (4, 6)
         assert await repo._execute_detailed("t", Deposit(1), command_id="d") == (4, None)
         assert await repo.version("t") == 4
+
+
+@given(
+    command=st.sampled_from(
+        [bank.Deposit(1, "r"), bank.Withdraw(2, None), bank.OpenAccount("o"), bank.GetBalance()]
+    ),
+    mode=st.sampled_from([EXISTING, ANY, NEW]),
+    expected=st.none() | st.integers(0, 5),
+    dry_run=st.booleans(),
+    command_id=st.none() | st.text(min_size=1, max_size=5),
+    correlation_id=st.none() | st.text(max_size=5),
+    causation_id=st.none() | st.text(max_size=5),
+    metadata=st.none() | st.dictionaries(st.sampled_from(["who", "why"]), st.text(max_size=3)),
+)
+def test_the_plain_request_shortcut_makes_what_request_makes(
+    command: object,
+    mode: int,
+    expected: int | None,
+    dry_run: bool,
+    command_id: str | None,
+    correlation_id: str | None,
+    causation_id: str | None,
+    metadata: dict[str, str] | None,
+) -> None:
+    """``_detailed_request`` (the protocol server's) skips ``_request`` for a
+    request with no id, metadata or expected version, once its command class
+    is known: the record it makes is the one ``_request`` would."""
+    make = AggregateRepository._request
+    make(command, EXISTING, None, False, False, None, None, None)  # the class is known
+    repository = AggregateRepository.__new__(AggregateRepository)  # uses no state
+    made = repository._detailed_request(
+        command, mode, expected, dry_run, command_id, correlation_id, causation_id, metadata
+    )
+    wanted = make(
+        command, mode, 0 if mode == NEW else expected, dry_run, dry_run,
+        command_id, correlation_id, causation_id, metadata, detailed=True,
+    )  # fmt: skip
+    assert msgspec.structs.astuple(made) == msgspec.structs.astuple(wanted)
