@@ -55,6 +55,7 @@ Usage (from the project root)::
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -121,7 +122,7 @@ class EsAccount(EsAggregate):
         self.balance += amount
 
 
-class EsBank(Application):
+class EsBank(Application[uuid.UUID]):
     def open_account(self, owner: str) -> uuid.UUID:
         account = EsAccount(owner)
         self.save(account)
@@ -185,7 +186,7 @@ def check_es_environment() -> None:
         )
 
 
-def es_settings(app: Application) -> dict[str, Any]:
+def es_settings(app: Application[Any]) -> dict[str, Any]:
     """The settings an eventsourcing Application actually runs with."""
     repo = app.repository
     return {
@@ -251,9 +252,8 @@ async def bare_account(*, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_I
 def bare_caller(table: list[trio.MemorySendChannel[Any]]) -> Callable[[list[int]], Awaitable[Any]]:
     async def run(keys: list[int]) -> Any:
         answer = None
-        open_channel = trio.open_memory_channel
         for key in keys:
-            reply_send, reply_receive = open_channel[Any](1)
+            reply_send, reply_receive = trio.open_memory_channel[Any](1)
             await table[key].send((1, reply_send))
             answer = await reply_receive.receive()
         return answer
@@ -409,7 +409,7 @@ async def bench_warm(report: Report, p: dict[str, Any]) -> None:
         for w in loads:
             print(f"  warm, {w.id}: {w.description} ...", flush=True)
             variants: dict[str, Callable[[], Awaitable[float]]] = {
-                "bare": lambda kl=w.key_lists: time_callers(bare_call, kl),
+                "bare": functools.partial(time_callers, bare_call, w.key_lists),
                 "library": library_runner(w),
             }
             for config in w.es_configs:
@@ -467,7 +467,7 @@ class ColdAccount(Account):
     """
 
     category = "Account"
-    snapshot_every = None
+    snapshot_every = None  # type: ignore[assignment]  # never (bank.Account says 50, an int)
 
 
 def _stream_records(events: int) -> list[NewEvent]:
@@ -525,7 +525,7 @@ async def bench_rehydrate(report: Report, p: dict[str, Any]) -> None:
         get = app.repository.get
         start = perf_counter()
         for account_id in es_ids:
-            account = get(account_id)
+            account: EsAccount = get(account_id)
         elapsed = perf_counter() - start
         assert account.balance == n_events - 1
         return total / elapsed

@@ -264,7 +264,7 @@ async def forward_cost(url: str, count: int) -> dict[str, Any]:
             await open_accounts(to_a, [key])
             out: dict[str, Any] = {}
             for command in ("GetBalance", "Deposit"):
-                fields = {"type": "Account", "key": key, "command": command}
+                fields: dict[str, Any] = {"type": "Account", "key": key, "command": command}
                 data = {"amount": 1} if command == "Deposit" else None
                 if data is not None:
                     fields["data"] = data

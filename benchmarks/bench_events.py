@@ -599,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
                     steps.append(
                         (
                             f"catch-up on {name}",
-                            lambda n=name, u=url, e=env: bench_catchup(report, p, n, u, e),
+                            functools.partial(bench_catchup, report, p, name, url, env),
                         )
                     )
             if "latency" in args.only:

@@ -347,10 +347,11 @@ async def bench_commands(report: Report, p: dict[str, Any], backend: Backend) ->
                 config: es_commands(app, lists, expected) for config, app in apps.items()
             }
             variants["library"] = our_commands(repo, lists, expected)
-            before = store.statistics() if hasattr(store, "statistics") else None
+            statistics = getattr(store, "statistics", None)
+            before = statistics() if statistics is not None else None
             s = await interleaved_async(p["reps_commands"], variants)
-            if before is not None:
-                after = store.statistics()
+            if statistics is not None and before is not None:
+                after = statistics()
                 appends = after.appends - before.appends
                 commits = max(after.transactions - before.transactions, 1)
                 group = f"{appends:,} appends in {commits:,} transactions"
